@@ -101,7 +101,7 @@ def _cifar_resnet(name: str, widths: tuple[int, ...], blocks: tuple[int, ...],
     g = _Graph()
     g.conv_bn_relu("", "1", widths[0], 3)
     cin = widths[0]
-    for stage, (w, nb) in enumerate(zip(widths, blocks), start=1):
+    for stage, (w, nb) in enumerate(zip(widths, blocks, strict=True), start=1):
         for b in range(nb):
             stride = 2 if (stage > 1 and b == 0) else 1
             _basic_block(g, f"layer{stage}.{b}.", cin, w, stride)

@@ -1,0 +1,1 @@
+"""Numba layers: one module per layer family, each with forward and backward side by side."""

@@ -1,0 +1,1 @@
+"""fl_core — the server side of sparsefl: data, strategies, clients, federation loop, reports, CLI."""
