@@ -76,7 +76,7 @@ class DeviceProfile:
     battery_wh: float | None = None
     sources: dict[str, str] = field(default_factory=dict)
     fitted: tuple[str, ...] = ()
-    path: str = ""  # the TOML file it was loaded from
+    path: str = field(default="", compare=False)  # the TOML file it was loaded from (not identity)
 
     @property
     def cluster(self) -> Cluster:
