@@ -1,0 +1,293 @@
+"""Batch norm and group norm (torch semantics), forward and backward side by side.
+
+Statistics accumulate in float64 over one channel (BN) or one (sample, group) block (GN) in a
+fixed serial order inside each parallel work item, so results do not depend on the thread
+count. Backward recomputes x̂ from the saved input view instead of storing it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+from embedded.kernels.elementwise import dual, pick
+from embedded.layers.base import Layer
+
+
+# ----------------------------------------------------------------------------- batch norm
+def _bn_fwd_train(x, gamma, beta, eps, y, mean, invstd, rmean, rvar, momentum):
+    n, c, hw = x.shape
+    cnt = n * hw
+    for ch in prange(c):
+        s = 0.0
+        s2 = 0.0
+        for i in range(n):
+            for j in range(hw):
+                v = np.float64(x[i, ch, j])
+                s += v
+                s2 += v * v
+        m = s / cnt
+        var = s2 / cnt - m * m
+        if var < 0.0:
+            var = 0.0
+        inv = 1.0 / math.sqrt(var + eps)
+        mean[ch] = m
+        invstd[ch] = inv
+        a = np.float32(gamma[ch] * inv)
+        b = np.float32(beta[ch] - gamma[ch] * inv * m)
+        for i in range(n):
+            for j in range(hw):
+                y[i, ch, j] = x[i, ch, j] * a + b
+        # torch: running stats use the unbiased variance; momentum weights the new value.
+        unbiased = var * cnt / (cnt - 1)
+        rmean[ch] = np.float32((1.0 - momentum) * rmean[ch] + momentum * m)
+        rvar[ch] = np.float32((1.0 - momentum) * rvar[ch] + momentum * unbiased)
+
+
+def _bn_fwd_eval(x, gamma, beta, eps, y, mean, invstd, rmean, rvar):
+    n, c, hw = x.shape
+    for ch in prange(c):
+        m = np.float64(rmean[ch])
+        inv = 1.0 / math.sqrt(np.float64(rvar[ch]) + eps)
+        mean[ch] = m
+        invstd[ch] = inv
+        a = np.float32(gamma[ch] * inv)
+        b = np.float32(beta[ch] - gamma[ch] * inv * m)
+        for i in range(n):
+            for j in range(hw):
+                y[i, ch, j] = x[i, ch, j] * a + b
+
+
+def _bn_bwd(x, gy, gamma, mean, invstd, gx, dgamma, dbeta, training, need_gx):
+    n, c, hw = x.shape
+    cnt = n * hw
+    for ch in prange(c):
+        m = mean[ch]
+        inv = invstd[ch]
+        sg = 0.0
+        sgx = 0.0
+        for i in range(n):
+            for j in range(hw):
+                g = np.float64(gy[i, ch, j])
+                sg += g
+                sgx += g * (np.float64(x[i, ch, j]) - m)
+        dbeta[ch] = np.float32(sg)
+        dgamma[ch] = np.float32(sgx * inv)
+        if not need_gx:
+            continue
+        if training:
+            # dx = γ·inv/cnt · (cnt·g − Σg − x̂·Σ(g·x̂))
+            k = np.float64(gamma[ch]) * inv
+            a = sg / cnt
+            b = sgx * inv * inv / cnt
+            for i in range(n):
+                for j in range(hw):
+                    xm = np.float64(x[i, ch, j]) - m
+                    gx[i, ch, j] = np.float32(k * (np.float64(gy[i, ch, j]) - a - xm * b))
+        else:
+            k32 = np.float32(np.float64(gamma[ch]) * inv)
+            for i in range(n):
+                for j in range(hw):
+                    gx[i, ch, j] = gy[i, ch, j] * k32
+
+
+BN_FWD_TRAIN = dual(_bn_fwd_train)
+BN_FWD_EVAL = dual(_bn_fwd_eval)
+BN_BWD = dual(_bn_bwd)
+
+
+class BatchNorm2d(Layer):
+    """``torch.nn.BatchNorm2d`` (affine, track_running_stats, momentum from the node)."""
+
+    def __init__(self, node, in_shapes, out_shape):
+        super().__init__(node.name, in_shapes[0], out_shape)
+        c = self.in_shape[0]
+        self.eps = float(node.attrs["eps"])
+        self.momentum = float(node.attrs["momentum"])
+        self.params = {"weight": np.ones(c, np.float32), "bias": np.zeros(c, np.float32)}
+        self.grads = {"weight": np.zeros(c, np.float32), "bias": np.zeros(c, np.float32)}
+        self.buffers = {"running_mean": np.zeros(c, np.float32),
+                        "running_var": np.ones(c, np.float32),
+                        "num_batches_tracked": np.zeros((), np.int64)}
+        self._mean = np.zeros(c, np.float64)
+        self._invstd = np.ones(c, np.float64)
+        self._x = None
+        self._training = True
+
+    def init_params(self, rng: np.random.Generator) -> None:
+        """torch's init: weight 1, bias 0, running mean 0, running var 1, counter 0."""
+        self.params["weight"][:] = 1.0
+        self.params["bias"][:] = 0.0
+        self.buffers["running_mean"][:] = 0.0
+        self.buffers["running_var"][:] = 1.0
+        self.buffers["num_batches_tracked"][...] = 0
+
+    def setup(self, max_batch: int) -> None:
+        super().setup(max_batch)
+        self._y = np.empty((max_batch, *self.out_shape), np.float32)
+        self._gx = np.empty((max_batch, *self.in_shape), np.float32)
+
+    def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
+        n, c = x.shape[0], x.shape[1]
+        hw = x.shape[2] * x.shape[3]
+        x3 = x.reshape(n, c, hw)
+        y = self._y[:n]
+        y3 = y.reshape(n, c, hw)
+        p = self.params
+        if training:
+            if n * hw < 2:
+                raise ValueError(f"layer {self.name!r} (batchnorm2d): training needs more than "
+                                 f"one value per channel, got input shape {x.shape}")
+            b = self.buffers
+            pick(BN_FWD_TRAIN, x.size)(x3, p["weight"], p["bias"], self.eps, y3, self._mean,
+                                       self._invstd, b["running_mean"], b["running_var"],
+                                       self.momentum)
+            b["num_batches_tracked"] += 1
+        else:
+            b = self.buffers
+            pick(BN_FWD_EVAL, x.size)(x3, p["weight"], p["bias"], self.eps, y3, self._mean,
+                                      self._invstd, b["running_mean"], b["running_var"])
+        self._x = x3
+        self._training = training
+        return y
+
+    def backward(self, gy: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
+        x3 = self._x
+        n, c, hw = x3.shape
+        gx = self._gx[:n]
+        pick(BN_BWD, x3.size)(x3, gy.reshape(n, c, hw), self.params["weight"], self._mean,
+                              self._invstd, gx.reshape(n, c, hw), self.grads["weight"],
+                              self.grads["bias"], self._training, need_input_grad)
+        return gx if need_input_grad else None
+
+
+# ----------------------------------------------------------------------------- group norm
+def _gn_fwd(x, gamma, beta, groups, eps, y, mean, invstd):
+    # x (N, C, HW); mean/invstd (N, G)
+    n, c, hw = x.shape
+    cg = c // groups
+    cnt = cg * hw
+    for it in prange(n * groups):
+        i = it // groups
+        g = it % groups
+        s = 0.0
+        s2 = 0.0
+        for ch in range(g * cg, (g + 1) * cg):
+            for j in range(hw):
+                v = np.float64(x[i, ch, j])
+                s += v
+                s2 += v * v
+        m = s / cnt
+        var = s2 / cnt - m * m
+        if var < 0.0:
+            var = 0.0
+        inv = 1.0 / math.sqrt(var + eps)
+        mean[i, g] = m
+        invstd[i, g] = inv
+        for ch in range(g * cg, (g + 1) * cg):
+            a = np.float32(gamma[ch] * inv)
+            b = np.float32(beta[ch] - gamma[ch] * inv * m)
+            for j in range(hw):
+                y[i, ch, j] = x[i, ch, j] * a + b
+
+
+def _gn_bwd(x, gy, gamma, groups, mean, invstd, gx, pg, pgx, need_gx):
+    # pg/pgx (N, C): per-sample partial sums of g and g·x̂, reduced over N by the caller's
+    # second kernel in a fixed order.
+    n, c, hw = x.shape
+    cg = c // groups
+    cnt = cg * hw
+    for it in prange(n * groups):
+        i = it // groups
+        g = it % groups
+        m = mean[i, g]
+        inv = invstd[i, g]
+        s1 = 0.0  # Σ γ·g
+        s2 = 0.0  # Σ γ·g·x̂
+        for ch in range(g * cg, (g + 1) * cg):
+            a = 0.0
+            b = 0.0
+            for j in range(hw):
+                gv = np.float64(gy[i, ch, j])
+                xh = (np.float64(x[i, ch, j]) - m) * inv
+                a += gv
+                b += gv * xh
+            pg[i, ch] = a
+            pgx[i, ch] = b
+            s1 += np.float64(gamma[ch]) * a
+            s2 += np.float64(gamma[ch]) * b
+        if not need_gx:
+            continue
+        a1 = s1 / cnt
+        a2 = s2 / cnt
+        for ch in range(g * cg, (g + 1) * cg):
+            gm = np.float64(gamma[ch])
+            for j in range(hw):
+                xh = (np.float64(x[i, ch, j]) - m) * inv
+                gx[i, ch, j] = np.float32(inv * (gm * np.float64(gy[i, ch, j]) - a1 - xh * a2))
+
+
+def _reduce_rows(pg, pgx, dbeta, dgamma):
+    n, c = pg.shape
+    for ch in range(c):
+        a = 0.0
+        b = 0.0
+        for i in range(n):
+            a += pg[i, ch]
+            b += pgx[i, ch]
+        dbeta[ch] = np.float32(a)
+        dgamma[ch] = np.float32(b)
+
+
+GN_FWD = dual(_gn_fwd)
+GN_BWD = dual(_gn_bwd)
+REDUCE_ROWS = dual(_reduce_rows)
+
+
+class GroupNorm(Layer):
+    """``torch.nn.GroupNorm(num_groups, C)`` (affine); same in training and eval."""
+
+    def __init__(self, node, in_shapes, out_shape):
+        super().__init__(node.name, in_shapes[0], out_shape)
+        c = self.in_shape[0]
+        self.groups = int(node.attrs["num_groups"])
+        self.eps = float(node.attrs["eps"])
+        self.params = {"weight": np.ones(c, np.float32), "bias": np.zeros(c, np.float32)}
+        self.grads = {"weight": np.zeros(c, np.float32), "bias": np.zeros(c, np.float32)}
+        self._x = None
+
+    def init_params(self, rng: np.random.Generator) -> None:
+        self.params["weight"][:] = 1.0
+        self.params["bias"][:] = 0.0
+
+    def setup(self, max_batch: int) -> None:
+        super().setup(max_batch)
+        c = self.in_shape[0]
+        self._y = np.empty((max_batch, *self.out_shape), np.float32)
+        self._gx = np.empty((max_batch, *self.in_shape), np.float32)
+        self._mean = np.zeros((max_batch, self.groups), np.float64)
+        self._invstd = np.zeros((max_batch, self.groups), np.float64)
+        self._pg = np.zeros((max_batch, c), np.float64)
+        self._pgx = np.zeros((max_batch, c), np.float64)
+
+    def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
+        n, c = x.shape[0], x.shape[1]
+        hw = x.shape[2] * x.shape[3]
+        x3 = x.reshape(n, c, hw)
+        y = self._y[:n]
+        pick(GN_FWD, x.size)(x3, self.params["weight"], self.params["bias"], self.groups,
+                             self.eps, y.reshape(n, c, hw), self._mean[:n], self._invstd[:n])
+        self._x = x3
+        return y
+
+    def backward(self, gy: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
+        x3 = self._x
+        n, c, hw = x3.shape
+        gx = self._gx[:n]
+        pick(GN_BWD, x3.size)(x3, gy.reshape(n, c, hw), self.params["weight"], self.groups,
+                              self._mean[:n], self._invstd[:n], gx.reshape(n, c, hw),
+                              self._pg[:n], self._pgx[:n], need_input_grad)
+        REDUCE_ROWS[0](self._pg[:n], self._pgx[:n], self.grads["bias"], self.grads["weight"])
+        return gx if need_input_grad else None

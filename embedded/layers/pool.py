@@ -1,0 +1,230 @@
+"""Max pool, average pool and global average pool (torch semantics), forward and backward.
+
+Work is split over (sample, channel) planes; each plane is handled by one thread in a fixed
+order, so results (including the overlapping-window scatter of backward) are bitwise
+independent of the thread count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from embedded.kernels.elementwise import dual, pick
+from embedded.layers.base import Layer
+
+
+def _maxpool_fwd(x, kh, kw, sh, sw, ph, pw, y, idx):
+    n, c, h, w = x.shape
+    oh, ow = y.shape[2], y.shape[3]
+    for p in prange(n * c):
+        i = p // c
+        ch = p % c
+        for a in range(oh):
+            h0 = a * sh - ph
+            for b in range(ow):
+                w0 = b * sw - pw
+                # torch: start at -inf with the first valid position; take val if
+                # val > best or val is NaN (first maximum wins on ties).
+                best = np.float32(-np.inf)
+                bi = max(h0, 0) * w + max(w0, 0)
+                for u in range(kh):
+                    hh = h0 + u
+                    if hh < 0 or hh >= h:
+                        continue
+                    for v in range(kw):
+                        ww = w0 + v
+                        if ww < 0 or ww >= w:
+                            continue
+                        val = x[i, ch, hh, ww]
+                        if val > best or val != val:
+                            best = val
+                            bi = hh * w + ww
+                y[i, ch, a, b] = best
+                idx[i, ch, a, b] = bi
+
+
+def _maxpool_bwd(gy, idx, gx):
+    n, c, h, w = gx.shape
+    oh, ow = gy.shape[2], gy.shape[3]
+    for p in prange(n * c):
+        i = p // c
+        ch = p % c
+        plane = gx[i, ch].reshape(h * w)
+        for j in range(h * w):
+            plane[j] = 0.0
+        for a in range(oh):
+            for b in range(ow):
+                plane[idx[i, ch, a, b]] += gy[i, ch, a, b]
+
+
+def _avgpool_fwd(x, kh, kw, sh, sw, ph, pw, y):
+    n, c, h, w = x.shape
+    oh, ow = y.shape[2], y.shape[3]
+    # count_include_pad=True, ceil_mode=False: every window counts kh*kw positions.
+    inv = 1.0 / (kh * kw)
+    for p in prange(n * c):
+        i = p // c
+        ch = p % c
+        for a in range(oh):
+            h0 = a * sh - ph
+            for b in range(ow):
+                w0 = b * sw - pw
+                s = np.float32(0.0)
+                for u in range(kh):
+                    hh = h0 + u
+                    if hh < 0 or hh >= h:
+                        continue
+                    for v in range(kw):
+                        ww = w0 + v
+                        if ww < 0 or ww >= w:
+                            continue
+                        s += x[i, ch, hh, ww]
+                y[i, ch, a, b] = np.float32(s * inv)
+
+
+def _avgpool_bwd(gy, kh, kw, sh, sw, ph, pw, gx):
+    n, c, h, w = gx.shape
+    oh, ow = gy.shape[2], gy.shape[3]
+    inv = np.float32(1.0 / (kh * kw))
+    for p in prange(n * c):
+        i = p // c
+        ch = p % c
+        for a in range(h):
+            for b in range(w):
+                gx[i, ch, a, b] = 0.0
+        for a in range(oh):
+            h0 = a * sh - ph
+            for b in range(ow):
+                w0 = b * sw - pw
+                g = gy[i, ch, a, b] * inv
+                for u in range(kh):
+                    hh = h0 + u
+                    if hh < 0 or hh >= h:
+                        continue
+                    for v in range(kw):
+                        ww = w0 + v
+                        if ww < 0 or ww >= w:
+                            continue
+                        gx[i, ch, hh, ww] += g
+
+
+def _gap_fwd(x, y):
+    n, c, hw = x.shape
+    for p in prange(n * c):
+        i = p // c
+        ch = p % c
+        s = 0.0
+        for j in range(hw):
+            s += np.float64(x[i, ch, j])
+        y[i, ch] = np.float32(s / hw)
+
+
+def _gap_bwd(gy, gx):
+    n, c, hw = gx.shape
+    for p in prange(n * c):
+        i = p // c
+        ch = p % c
+        g = np.float32(gy[i, ch] / hw)
+        for j in range(hw):
+            gx[i, ch, j] = g
+
+
+MAXPOOL_FWD = dual(_maxpool_fwd)
+MAXPOOL_BWD = dual(_maxpool_bwd)
+AVGPOOL_FWD = dual(_avgpool_fwd)
+AVGPOOL_BWD = dual(_avgpool_bwd)
+GAP_FWD = dual(_gap_fwd)
+GAP_BWD = dual(_gap_bwd)
+
+
+class _Pool2d(Layer):
+    def __init__(self, node, in_shapes, out_shape):
+        super().__init__(node.name, in_shapes[0], out_shape)
+        self.kernel = tuple(node.attrs["kernel"])
+        self.stride = tuple(node.attrs["stride"])
+        self.padding = tuple(node.attrs["padding"])
+        self._n = 0
+
+    def init_params(self, rng: np.random.Generator) -> None:
+        """No parameters."""
+
+    def setup(self, max_batch: int) -> None:
+        super().setup(max_batch)
+        self._y = np.empty((max_batch, *self.out_shape), np.float32)
+        self._gx = np.empty((max_batch, *self.in_shape), np.float32)
+
+    def _geom(self):
+        return (*self.kernel, *self.stride, *self.padding)
+
+
+class MaxPool2d(_Pool2d):
+    """``torch.nn.MaxPool2d(kernel, stride, padding)``; argmax saved for backward."""
+
+    def setup(self, max_batch: int) -> None:
+        super().setup(max_batch)
+        self._idx = np.empty((max_batch, *self.out_shape), np.int32)
+
+    def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
+        n = x.shape[0]
+        y = self._y[:n]
+        pick(MAXPOOL_FWD, x.size)(x, *self._geom(), y, self._idx[:n])
+        self._n = n
+        return y
+
+    def backward(self, gy: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
+        if not need_input_grad:
+            return None
+        n = self._n
+        gx = self._gx[:n]
+        pick(MAXPOOL_BWD, gx.size)(gy, self._idx[:n], gx)
+        return gx
+
+
+class AvgPool2d(_Pool2d):
+    """``torch.nn.AvgPool2d(kernel, stride, padding)`` with count_include_pad=True."""
+
+    def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
+        n = x.shape[0]
+        y = self._y[:n]
+        pick(AVGPOOL_FWD, x.size)(x, *self._geom(), y)
+        self._n = n
+        return y
+
+    def backward(self, gy: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
+        if not need_input_grad:
+            return None
+        gx = self._gx[: self._n]
+        pick(AVGPOOL_BWD, gx.size)(gy, *self._geom(), gx)
+        return gx
+
+
+class GlobalAvgPool(Layer):
+    """Mean over H and W: (N, C, H, W) -> (N, C) (``adaptive_avg_pool2d(1)`` + flatten)."""
+
+    def __init__(self, node, in_shapes, out_shape):
+        super().__init__(node.name, in_shapes[0], out_shape)
+        self._n = 0
+
+    def init_params(self, rng: np.random.Generator) -> None:
+        """No parameters."""
+
+    def setup(self, max_batch: int) -> None:
+        super().setup(max_batch)
+        self._y = np.empty((max_batch, *self.out_shape), np.float32)
+        self._gx = np.empty((max_batch, *self.in_shape), np.float32)
+
+    def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
+        n, c = x.shape[0], x.shape[1]
+        y = self._y[:n]
+        pick(GAP_FWD, x.size)(x.reshape(n, c, -1), y)
+        self._n = n
+        return y
+
+    def backward(self, gy: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
+        if not need_input_grad:
+            return None
+        n = self._n
+        gx = self._gx[:n]
+        pick(GAP_BWD, gx.size)(gy, gx.reshape(n, gx.shape[1], -1))
+        return gx

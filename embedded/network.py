@@ -1,0 +1,411 @@
+"""The Numba network: a ModelSpec's DAG of layers, run forward and backward.
+
+``Network.from_spec(spec, seed)`` builds one layer object per node (conv2d/linear from
+``embedded.layers.conv``/``linear``, the rest from H4's layer modules), initialises the
+parameters like torch, and preallocates every buffer for the largest batch seen
+(:meth:`Network.setup`). A step allocates nothing: layers return views of their buffers, a
+smaller batch uses leading slices, and gradients of a node read by several consumers (a
+ResNet block input feeds both the block and its shortcut) are summed into a preallocated
+buffer in a fixed order. Results are bitwise reproducible for a seed and thread count.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from hwmodel.plan import SparsityPlan
+from hwmodel.spec import INPUT, WEIGHTED_OPS, ModelSpec
+
+from .kernels.elementwise import ACC, all_finite, pick
+from .kernels.loss import softmax_xent, xent_and_correct
+from .layers.activation import ReLU
+from .layers.norm import BatchNorm2d, GroupNorm
+from .layers.pool import AvgPool2d, GlobalAvgPool, MaxPool2d
+from .layers.shape import Add, Dropout, Flatten
+
+_H4_LAYERS = {
+    "batchnorm2d": BatchNorm2d,
+    "groupnorm": GroupNorm,
+    "relu": ReLU,
+    "maxpool2d": MaxPool2d,
+    "avgpool2d": AvgPool2d,
+    "global_avgpool": GlobalAvgPool,
+    "flatten": Flatten,
+    "add": Add,
+    "dropout": Dropout,
+}
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step and the first layer
+    whose output was non-finite."""
+
+
+def layer_class(op: str):
+    """The layer class of a node op (conv2d/linear imported lazily from H5's modules)."""
+    if op == "conv2d":
+        from .layers.conv import Conv2d
+
+        return Conv2d
+    if op == "linear":
+        from .layers.linear import Linear
+
+        return Linear
+    try:
+        return _H4_LAYERS[op]
+    except KeyError:
+        raise ValueError(f"no Numba layer for op {op!r}") from None
+
+
+def _owner(a: np.ndarray) -> np.ndarray:
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+class Network:
+    """A trainable Numba network built from a :class:`hwmodel.ModelSpec`."""
+
+    def __init__(self, spec: ModelSpec, layers: dict, seed: int = 0):
+        self.spec = spec
+        self.layers = layers
+        self.seed = seed
+        self.training = True
+        self.timing = True
+        self.plan: SparsityPlan = SparsityPlan.dense()
+        self.modes: dict[str, str] = {n: "dense" for n in spec.weighted_layers()}
+        self.max_batch = 0
+        self.nodes = list(spec.nodes)
+        consumers = spec.consumers()
+        self._n_consumers = {k: len(v) for k, v in consumers.items()}
+        # A node needs backward if it or any ancestor holds parameters.
+        req: dict[str, bool] = {INPUT: False}
+        for node in self.nodes:
+            req[node.name] = bool(layers[node.name].params) or any(req[s] for s in node.inputs)
+        self._requires_grad = req
+        self._need_in = {n.name: any(req[s] for s in n.inputs) for n in self.nodes}
+        self._outs: dict[str, np.ndarray] = {}
+        self._gacc: dict[str, np.ndarray] = {}
+        # last step's per-node timings: name -> {phase: seconds}
+        self.times: dict[str, dict[str, float]] = {n.name: {} for n in self.nodes}
+        self.reseed(seed)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, seed: int = 0) -> Network:
+        """Build layers for every node and initialise parameters (torch's default init) from
+        ``np.random.default_rng(seed)``, node by node in spec order."""
+        if not isinstance(spec, ModelSpec):
+            raise TypeError(f"Network.from_spec: expected a hwmodel.ModelSpec, got "
+                            f"{type(spec).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"Network.from_spec: seed must be a non-negative int, got {seed!r}")
+        layers = {}
+        rng = np.random.default_rng(int(seed))
+        for node in spec.nodes:
+            layer = layer_class(node.op)(node, spec.in_shapes[node.name], spec.shapes[node.name])
+            layer.init_params(rng)
+            layers[node.name] = layer
+        return cls(spec, layers, int(seed))
+
+    def reseed(self, seed: int) -> None:
+        """Restart the random streams of dropout layers (one independent stream per node)."""
+        ss = np.random.SeedSequence(int(seed))
+        kids = ss.spawn(len(self.nodes))
+        for node, kid in zip(self.nodes, kids, strict=True):
+            layer = self.layers[node.name]
+            if isinstance(layer, Dropout):
+                layer.reseed(kid)
+
+    def setup(self, max_batch: int) -> None:
+        """Preallocate every layer's and the network's buffers for batches up to ``max_batch``."""
+        max_batch = int(max_batch)
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        for node in self.nodes:
+            self.layers[node.name].setup(max_batch)
+        self._gacc = {
+            name: np.empty((max_batch, *self.spec.shapes[name]), np.float32)
+            for name, k in self._n_consumers.items()
+            if name != INPUT and k > 1 and self._requires_grad[name]
+        }
+        self._glogits = np.empty((max_batch, self.spec.num_classes), np.float32)
+        self.max_batch = max_batch
+
+    def _ensure(self, n: int) -> None:
+        if n > self.max_batch:
+            self.setup(n)
+
+    # ------------------------------------------------------------------ modes
+    def train(self) -> Network:
+        self.training = True
+        return self
+
+    def eval(self) -> Network:
+        self.training = False
+        return self
+
+    def set_plan(self, plan: SparsityPlan | None) -> None:
+        """Apply a SparsityPlan (None = dense) to the conv/linear layers; validated first."""
+        if plan is None:
+            plan = SparsityPlan.dense()
+        if not isinstance(plan, SparsityPlan):
+            raise TypeError(f"set_plan: expected a hwmodel.SparsityPlan or None, got "
+                            f"{type(plan).__name__}")
+        plan.check(self.spec)
+        for name in self.spec.weighted_layers():
+            ls = plan.layers.get(name)
+            mode = plan.mode if ls is not None else "dense"
+            self.layers[name].set_sparsity(mode, ls)
+            self.modes[name] = mode
+        self.plan = plan
+
+    # ------------------------------------------------------------------ state
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        out = {}
+        for key in self.spec.state_shapes():
+            node, _, attr = key.rpartition(".")
+            layer = self.layers[node]
+            out[key] = layer.params[attr] if attr in layer.params else layer.buffers[attr]
+        return out
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of parameters and buffers, named and ordered like torch's ``state_dict``."""
+        return {k: v.copy() for k, v in self._state_arrays().items()}
+
+    def load_state_dict(self, d: Mapping) -> None:
+        """Copy values in; names and shapes must match ``spec.state_shapes()`` exactly."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"load_state_dict: expected a mapping name -> array, got "
+                            f"{type(d).__name__}")
+        target = self._state_arrays()
+        missing = [k for k in target if k not in d]
+        unexpected = [k for k in d if k not in target]
+        if missing or unexpected:
+            raise KeyError(f"load_state_dict({self.spec.name}): missing keys {missing}, "
+                           f"unexpected keys {unexpected}")
+        vals = {}
+        for k, dst in target.items():
+            v = np.asarray(d[k])
+            if v.shape != dst.shape:
+                raise ValueError(f"load_state_dict: {k!r} has shape {v.shape}, expected "
+                                 f"{dst.shape}")
+            if not (np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.integer)):
+                raise TypeError(f"load_state_dict: {k!r} has dtype {v.dtype}, expected a number")
+            if dst.dtype == np.int64 and not np.issubdtype(v.dtype, np.integer):
+                raise TypeError(f"load_state_dict: {k!r} must be an integer counter, got "
+                                f"{v.dtype}")
+            vals[k] = v
+        for k, v in vals.items():  # all validated: now write
+            target[k][...] = v
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """Trainable parameters (live arrays), keyed like ``state_dict``."""
+        return {f"{n.name}.{k}": v for n in self.nodes for k, v in self.layers[n.name].params.items()}
+
+    @property
+    def grads(self) -> dict[str, np.ndarray]:
+        """Gradients of the last backward (live arrays), keyed like ``params``."""
+        return {f"{n.name}.{k}": v for n in self.nodes for k, v in self.layers[n.name].grads.items()}
+
+    def get_masks(self) -> dict[str, np.ndarray]:
+        """Masks of the conv/linear layers that have one (bool copies)."""
+        out = {}
+        for name in self.spec.weighted_layers():
+            m = getattr(self.layers[name], "mask", None)
+            if m is not None:
+                out[name] = np.asarray(m).astype(bool)
+        return out
+
+    def set_masks(self, masks: Mapping) -> None:
+        """Give layers their masks (weights outside a mask are zeroed by the layer)."""
+        if not isinstance(masks, Mapping):
+            raise TypeError(f"set_masks: expected a mapping layer -> mask, got {type(masks).__name__}")
+        weighted = self.spec.weighted_layers()
+        for name, m in masks.items():
+            if name not in weighted:
+                raise KeyError(f"set_masks: {name!r} is not a conv/linear layer of "
+                               f"{self.spec.name!r}; known: {', '.join(weighted)}")
+            if m is None:
+                continue
+            shape = self.layers[name].params["weight"].shape
+            m = np.asarray(m)
+            if m.shape != shape:
+                raise ValueError(f"set_masks: mask of {name!r} has shape {m.shape}, expected "
+                                 f"{shape}")
+        for name, m in masks.items():
+            self.layers[name].set_mask(None if m is None else np.ascontiguousarray(m))
+
+    # ------------------------------------------------------------------ input checks
+    def check_x(self, x, what: str = "input batch") -> np.ndarray:
+        """float32 C-contiguous (N, *input_shape); float64/float16 converted, else an error."""
+        want = self.spec.input_shape
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"{what}: expected a numpy array of shape (N, {', '.join(map(str, want))}), "
+                            f"got {type(x).__name__}")
+        if x.ndim != 1 + len(want) or tuple(x.shape[1:]) != want or x.shape[0] < 1:
+            layout = "NCHW" if len(want) == 3 else "NF"
+            raise ValueError(f"{what}: expected float32 {layout} shape (N, "
+                             f"{', '.join(map(str, want))}) with N >= 1, got shape {x.shape}")
+        if x.dtype != np.float32:
+            if not np.issubdtype(x.dtype, np.floating):
+                raise TypeError(f"{what}: expected float32 values, got dtype {x.dtype}")
+            x = x.astype(np.float32)
+        return np.ascontiguousarray(x)
+
+    def check_y(self, y, n: int, what: str = "labels") -> np.ndarray:
+        """int64 (n,) labels in [0, num_classes)."""
+        k = self.spec.num_classes
+        if not isinstance(y, np.ndarray):
+            raise TypeError(f"{what}: expected a numpy integer array, got {type(y).__name__}")
+        if not np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
+            raise TypeError(f"{what}: expected integer class labels, got dtype {y.dtype}")
+        if y.shape != (n,):
+            raise ValueError(f"{what}: expected shape ({n},) to match the batch, got {y.shape}")
+        if n and (int(y.min()) < 0 or int(y.max()) >= k):
+            bad = y[(y < 0) | (y >= k)][0]
+            raise ValueError(f"{what}: label {int(bad)} out of range [0, {k}) for "
+                             f"{self.spec.name!r}")
+        return np.ascontiguousarray(y, dtype=np.int64)
+
+    # ------------------------------------------------------------------ forward / backward
+    def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
+        """Run the DAG on a checked float32 batch; returns a view of the logits buffer."""
+        outs = self._outs
+        outs[INPUT] = x
+        timing = self.timing
+        for node in self.nodes:
+            layer = self.layers[node.name]
+            t0 = time.perf_counter() if timing else 0.0
+            if node.op == "add":
+                y = layer.forward(outs[node.inputs[0]], outs[node.inputs[1]], training)
+            else:
+                y = layer.forward(outs[node.inputs[0]], training)
+            outs[node.name] = y
+            if timing:
+                self.times[node.name]["forward"] = time.perf_counter() - t0
+        return outs[self.nodes[-1].name]
+
+    def backward(self, glogits: np.ndarray) -> None:
+        """Backpropagate d loss / d logits; parameter gradients land in ``layer.grads``."""
+        gout: dict[str, np.ndarray] = {self.nodes[-1].name: glogits}
+        started: set[str] = set()
+        timing = self.timing
+        for node in reversed(self.nodes):
+            name = node.name
+            if not self._requires_grad[name] or name not in gout:
+                continue
+            layer = self.layers[name]
+            need_in = self._need_in[name]
+            t0 = time.perf_counter() if timing else 0.0
+            gx = layer.backward(gout.pop(name), need_input_grad=need_in)
+            if timing:
+                phase = "backward_input" if need_in else "backward_weight"
+                self.times[name]["backward"] = time.perf_counter() - t0
+                self.times[name]["_bphase"] = phase
+            if gx is None:
+                continue
+            for src in node.inputs:
+                if src == INPUT or not self._requires_grad[src]:
+                    continue
+                if self._n_consumers[src] == 1:
+                    gout[src] = gx
+                    continue
+                acc = self._gacc[src][: gx.shape[0]]
+                if src in started:
+                    pick(ACC, acc.size)(acc.reshape(-1), gx.reshape(-1))
+                else:
+                    acc[...] = gx
+                    started.add(src)
+                    gout[src] = acc
+
+    def first_nonfinite(self) -> str | None:
+        """Name of the first node (in DAG order) whose last output holds NaN/inf, or None
+        ('input' if the batch itself is non-finite)."""
+        for name in [INPUT] + [n.name for n in self.nodes]:
+            a = self._outs.get(name)
+            if a is not None and not all_finite(np.ascontiguousarray(a).reshape(-1)):
+                return name
+        return None
+
+    def step_loss(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Forward + loss + backward on checked arrays (the training hot path)."""
+        n = x.shape[0]
+        logits = self.forward(x, self.training)
+        g = self._glogits[:n]
+        loss = softmax_xent(logits, y, g)
+        if not np.isfinite(loss):
+            return float(loss)
+        self.backward(g)
+        return float(loss)
+
+    # ------------------------------------------------------------------ public API
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray,
+                       plan: SparsityPlan | None = None) -> tuple[float, dict[str, np.ndarray]]:
+        """Mean cross-entropy of batch ``x`` against ``y`` and copies of all parameter
+        gradients keyed like ``state_dict``. ``plan`` (if given) is applied first; without it
+        the network's current plan is used. Runs in the current train/eval mode."""
+        if plan is not None:
+            self.set_plan(plan)
+        x = self.check_x(x)
+        y = self.check_y(y, x.shape[0])
+        self._ensure(x.shape[0])
+        loss = self.step_loss(x, y)
+        if not np.isfinite(loss):
+            return loss, {k: np.full_like(v, np.nan) for k, v in self.grads.items()}
+        return loss, {k: v.copy() for k, v in self.grads.items()}
+
+    def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Logits (N, classes) in inference mode (BN running stats, no dropout)."""
+        x = self.check_x(x)
+        n = x.shape[0]
+        bs = max(1, min(n, max(batch_size, self.max_batch)))
+        self._ensure(bs)
+        out = np.empty((n, self.spec.num_classes), np.float32)
+        for s in range(0, n, bs):
+            out[s:s + bs] = self.forward(x[s:s + bs], False)
+        return out
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> dict:
+        """Mean loss, accuracy and sample count in inference mode."""
+        x = self.check_x(x)
+        y = self.check_y(y, x.shape[0])
+        n = x.shape[0]
+        bs = max(1, min(n, max(batch_size, self.max_batch)))
+        self._ensure(bs)
+        total, correct = 0.0, 0
+        for s in range(0, n, bs):
+            t, c = xent_and_correct(self.forward(x[s:s + bs], False), y[s:s + bs])
+            total += t
+            correct += c
+        return {"loss": total / n, "accuracy": correct / n, "n": int(n)}
+
+    def memory_bytes(self) -> int:
+        """Bytes of every array the network holds (params, grads, buffers, activations),
+        each underlying allocation counted once."""
+        seen: dict[int, int] = {}
+
+        def visit(obj) -> None:
+            if isinstance(obj, np.ndarray):
+                o = _owner(obj)
+                seen[id(o)] = o.nbytes
+            elif isinstance(obj, dict):
+                for v in obj.values():
+                    visit(v)
+            elif isinstance(obj, (list, tuple)):
+                for v in obj:
+                    visit(v)
+
+        for layer in self.layers.values():
+            for v in vars(layer).values():
+                visit(v)
+        visit(self._gacc)
+        visit(getattr(self, "_glogits", None))
+        return int(sum(seen.values()))
+
+    def weighted_layer_ops(self) -> dict[str, str]:
+        return {n.name: n.op for n in self.nodes if n.op in WEIGHTED_OPS}
