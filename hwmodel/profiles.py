@@ -37,8 +37,8 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 __all__ = [
-    "ProfileError", "efficiency_at", "list_profiles", "load_profile", "profile_dir",
-    "profile_to_toml", "save_profile", "value_paths",
+    "ProfileError", "check_sparse_efficiency", "efficiency_at", "list_profiles", "load_profile",
+    "profile_dir", "profile_from_dict", "profile_to_toml", "save_profile", "value_paths",
 ]
 
 
