@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 import sys
 from dataclasses import dataclass
@@ -280,7 +281,7 @@ def check_sparse_efficiency(se: SparseEfficiency, where: str = "sparse_efficienc
             )
     for name, xs in (("densities", d), ("efficiency", e)):
         for i, x in enumerate(xs):
-            if not (isinstance(x, (int, float)) and 0 < x <= 1):
+            if isinstance(x, bool) or not isinstance(x, numbers.Real) or not 0 < x <= 1:
                 raise ProfileError(f"{where}.{name}[{i}]: expected a value in (0, 1], got {x!r}")
     if d[-1] == 1.0 and e[-1] != 1.0:
         raise ProfileError(
