@@ -23,7 +23,7 @@ Wire format: one state frame (``hwmodel/wire.py``) whose entries are
 * ``@uplink`` — int32 ``[version, kind index]`` (dense32, 12 body bytes);
 * ``<name>`` — a dense absolute tensor, full shape, ``dense32``;
 * ``<name>:topk`` — ``topk_weights``: the top-K absolute weights, full shape, zeros elsewhere,
-  encoded with ``codec`` (``"auto"`` = ``embedded.codec.best_codec`` per tensor);
+  encoded with ``codec`` (``"best"`` = ``embedded.codec.best_codec`` per tensor);
 * ``<name>:diff`` — the diff kinds: ``w_local - w_global`` at the K positions, full shape,
   zeros elsewhere, encoded with ``codec``;
 * ``<layer>.weight:values`` — masked kind: the weights at the mask's positions, row-major,
@@ -38,7 +38,6 @@ Float values use ``dtype`` (``f32`` or ``f16``); integers stay exact.
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -109,16 +108,15 @@ def unpack_mask(words: np.ndarray, shape: tuple[int, ...], what: str = "mask") -
 
 
 def encode_frame(entries: list[tuple[str, np.ndarray, str, str | None]]) -> bytes:
-    """A state frame (wire.py layout) from ``(name, array, codec, dtype)`` entries."""
+    """A state frame (``embedded.codec.encode_state``) from ``(name, array, codec, dtype)``."""
     from embedded import codec as _codec
 
-    parts = [struct.pack("<2sBBI", wire.STATE_MAGIC, wire.VERSION, 0, len(entries))]
-    for name, arr, cdc, dtype in entries:
-        nb = name.encode("utf-8")
-        frame = _codec.encode(arr, cdc, dtype)
-        parts.append(struct.pack("<H", len(nb)) + nb + struct.pack("<I", len(frame)))
-        parts.append(frame)
-    return b"".join(parts)
+    names = [e[0] for e in entries]
+    if len(set(names)) != len(names):
+        raise UplinkError(f"duplicate tensor names in an update: {names}")
+    return _codec.encode_state({n: a for n, a, _, _ in entries},
+                               codecs={n: c for n, _, c, _ in entries},
+                               dtype={n: d for n, _, _, d in entries if d is not None})
 
 
 def _value_dtype(arr: np.ndarray, dtype: str) -> str | None:
@@ -184,7 +182,7 @@ class UplinkRule:
     kind: str = "dense"
     mask_ratio: float = 0.0
     sparsity: float | None = None
-    codec: str = "auto"
+    codec: str = "best"
     dtype: str = "f32"
 
     def __post_init__(self) -> None:
@@ -196,8 +194,8 @@ class UplinkRule:
                                           or not 0.0 <= float(self.sparsity) < 1.0):
             raise UplinkError(f"sparsity: expected null or a number in [0, 1), "
                               f"got {self.sparsity!r}")
-        if self.codec != "auto" and self.codec not in wire.CODECS:
-            raise UplinkError(f"codec: expected 'auto' or one of {wire.CODECS}, got {self.codec!r}")
+        if self.codec != "best" and self.codec not in wire.CODECS:
+            raise UplinkError(f"codec: expected 'best' or one of {wire.CODECS}, got {self.codec!r}")
         if self.dtype not in ("f32", "f16"):
             raise UplinkError(f"dtype: expected 'f32' or 'f16', got {self.dtype!r}")
 
@@ -206,13 +204,6 @@ class UplinkRule:
         """Fraction of a sparse layer's weights sent by the top-K kinds."""
         sp = self.sparsity if self.sparsity is not None else 1.0 - plan.weight_density(layer)
         return min(1.0, 1.0 - float(sp) + float(self.mask_ratio))
-
-    def _codec_for(self, arr: np.ndarray) -> str:
-        if self.codec != "auto":
-            return self.codec
-        from embedded import codec as _codec
-
-        return _codec.best_codec(arr, self.dtype)
 
     def make_update(self, local_state: Mapping[str, np.ndarray],
                     global_state: Mapping[str, np.ndarray] | None, plan: Any,
@@ -268,7 +259,7 @@ class UplinkRule:
                 out, key = np.zeros(w.size, dtype=np.float32), f"{name}:diff"
                 out[idx] = d[idx]
             out = out.reshape(w.shape)
-            entries.append((key, out, self._codec_for(out), self.dtype))
+            entries.append((key, out, self.codec, self.dtype))
         return encode_frame(entries)
 
     # ------------------------------------------------------------------ JSON
