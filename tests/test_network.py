@@ -1,0 +1,339 @@
+"""H4's Numba layers and network against torch autograd (rtol 1e-4, atol 1e-5).
+
+Each layer is checked forward and backward (input gradient and parameter gradients) on awkward
+shapes: batch 1, odd channels, non-square maps, stride 2, padding, ties in max pooling; both the
+serial and the parallel kernel variants. Whole networks (femnist_cnn, resnet8) are checked
+through the torch twin of their ModelSpec (hwmodel.torch_twin) with the same weights loaded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import embedded.kernels.elementwise as ew  # noqa: E402
+from embedded.kernels.loss import softmax_xent, xent_and_correct  # noqa: E402
+from embedded.network import Network, layer_class  # noqa: E402
+from hwmodel import ModelSpec, SparsityPlan, build, make_node  # noqa: E402
+from hwmodel.plan import PlanError  # noqa: E402
+from hwmodel.torch_twin import to_torch  # noqa: E402
+
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def close(a, b, what=""):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL, err_msg=what)
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def variant(request, monkeypatch):
+    """Run a test with the serial kernels, then with the parallel ones forced on."""
+    if request.param == "parallel":
+        monkeypatch.setattr(ew, "PAR_MIN", 0)
+    else:
+        monkeypatch.setattr(ew, "PAR_MIN", 1 << 62)
+    return request.param
+
+
+def _one_layer(op: str, in_shape, inputs=("input",), **attrs):
+    """A layer object for one node, with its torch twin module (same parameters)."""
+    node = make_node("L", op, inputs if op == "add" else "input", **attrs)
+    spec = ModelSpec("one", in_shape, [node, make_node("flat", "flatten", "L")]) \
+        if op not in ("flatten", "global_avgpool") else ModelSpec("one", in_shape, [node])
+    layer = layer_class(op)(node, spec.in_shapes["L"], spec.shapes["L"])
+    layer.init_params(np.random.default_rng(0))
+    twin = to_torch(spec)
+    return layer, twin.L, spec
+
+
+def _randomise(layer, tmod, rng):
+    for k, p in layer.params.items():
+        p[...] = rng.standard_normal(p.shape).astype(np.float32)
+        getattr(tmod, k).data = torch.tensor(p.copy())
+
+
+def _check(layer, tmod, x, rng, training=True):
+    """Forward, then backward with a random upstream gradient, against torch."""
+    n = x.shape[0]
+    layer.setup(n + 2)  # a smaller batch than the buffers: views must work
+    tmod.train(training)
+    y = layer.forward(x, training).copy()
+    xt = torch.tensor(x, requires_grad=True)
+    yt = tmod(xt)
+    close(y, yt.detach().numpy(), f"{layer.name} forward")
+    gy = rng.standard_normal(y.shape).astype(np.float32)
+    gx = layer.backward(gy, need_input_grad=True)
+    (yt * torch.tensor(gy)).sum().backward()
+    close(gx, xt.grad.numpy(), "input gradient")
+    for k in layer.params:
+        close(layer.grads[k], getattr(tmod, k).grad.numpy(), f"grad {k}")
+
+
+BN_SHAPES = [((1, 3, 5, 7)), ((4, 5, 6, 6)), ((2, 1, 3, 9))]
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES)
+def test_batchnorm_train_matches_torch(shape, variant):
+    rng = np.random.default_rng(1)
+    layer, tmod, _ = _one_layer("batchnorm2d", shape[1:], momentum=0.3)
+    _randomise(layer, tmod, rng)
+    for _ in range(3):  # running stats after several steps
+        x = (rng.standard_normal(shape) * 3 + 1.5).astype(np.float32)
+        _check(layer, tmod, x, rng, training=True)
+        tmod.zero_grad()
+    close(layer.buffers["running_mean"], tmod.running_mean.numpy(), "running_mean")
+    close(layer.buffers["running_var"], tmod.running_var.numpy(), "running_var")
+    assert int(layer.buffers["num_batches_tracked"]) == int(tmod.num_batches_tracked) == 3
+
+
+def test_batchnorm_eval_uses_running_stats(variant):
+    rng = np.random.default_rng(2)
+    layer, tmod, _ = _one_layer("batchnorm2d", (5, 4, 3))
+    _randomise(layer, tmod, rng)
+    layer.buffers["running_mean"][:] = rng.standard_normal(5)
+    layer.buffers["running_var"][:] = rng.uniform(0.5, 2, 5)
+    tmod.running_mean.copy_(torch.tensor(layer.buffers["running_mean"]))
+    tmod.running_var.copy_(torch.tensor(layer.buffers["running_var"]))
+    _check(layer, tmod, rng.standard_normal((3, 5, 4, 3)).astype(np.float32), rng, training=False)
+    assert int(layer.buffers["num_batches_tracked"]) == 0
+
+
+def test_batchnorm_rejects_single_value_per_channel():
+    layer, _, _ = _one_layer("batchnorm2d", (3, 1, 1))
+    layer.setup(1)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        layer.forward(np.ones((1, 3, 1, 1), np.float32), True)
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 6, 5, 3), 3), ((1, 5, 4, 7), 1), ((3, 4, 2, 2), 4)])
+def test_groupnorm_matches_torch(shape, groups, variant):
+    rng = np.random.default_rng(3)
+    layer, tmod, _ = _one_layer("groupnorm", shape[1:], num_groups=groups)
+    _randomise(layer, tmod, rng)
+    _check(layer, tmod, (rng.standard_normal(shape) * 2 - 1).astype(np.float32), rng)
+
+
+def test_relu_matches_torch(variant):
+    rng = np.random.default_rng(4)
+    layer, tmod, _ = _one_layer("relu", (3, 5, 7))
+    x = rng.standard_normal((2, 3, 5, 7)).astype(np.float32)
+    x[0, 0, 0, :3] = 0.0  # gradient at exactly 0 is 0 in torch
+    _check(layer, tmod, x, rng)
+
+
+POOLS = [
+    dict(kernel=2),
+    dict(kernel=3, stride=2, padding=1),
+    dict(kernel=(2, 3), stride=(1, 2), padding=(1, 1)),
+    dict(kernel=3, stride=1, padding=0),
+]
+
+
+@pytest.mark.parametrize("attrs", POOLS)
+@pytest.mark.parametrize("op", ["maxpool2d", "avgpool2d"])
+def test_pools_match_torch(op, attrs, variant):
+    rng = np.random.default_rng(5)
+    layer, tmod, _ = _one_layer(op, (3, 7, 10), **attrs)
+    for n in (1, 3):
+        _check(layer, tmod, rng.standard_normal((n, 3, 7, 10)).astype(np.float32), rng)
+
+
+def test_maxpool_ties_pick_first_maximum_like_torch(variant):
+    rng = np.random.default_rng(6)
+    layer, tmod, _ = _one_layer("maxpool2d", (2, 6, 6), kernel=3, stride=1, padding=1)
+    # few distinct values: most windows hold ties; negative values meet the padding border
+    x = rng.integers(-2, 1, size=(2, 2, 6, 6)).astype(np.float32)
+    _check(layer, tmod, x, rng)
+
+
+def test_global_avgpool_and_flatten_match_torch(variant):
+    rng = np.random.default_rng(7)
+    for op in ("global_avgpool", "flatten"):
+        layer, tmod, _ = _one_layer(op, (5, 3, 4))
+        _check(layer, tmod, rng.standard_normal((2, 5, 3, 4)).astype(np.float32), rng)
+
+
+def test_add_backward_gives_same_gradient_to_both(variant):
+    node = make_node("L", "add", ("input", "input"))
+    layer = layer_class("add")(node, ((3, 4, 5), (3, 4, 5)), (3, 4, 5))
+    layer.setup(2)
+    rng = np.random.default_rng(8)
+    a, b = (rng.standard_normal((2, 3, 4, 5)).astype(np.float32) for _ in range(2))
+    close(layer.forward(a, b, True), a + b)
+    gy = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    assert np.array_equal(layer.backward(gy), gy)
+
+
+def test_dropout_scales_kept_units_and_is_identity_in_eval(variant):
+    layer, _, _ = _one_layer("dropout", (4, 5, 6), p=0.25)
+    layer.setup(3)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
+    y = layer.forward(x, True).copy()
+    keep = layer.keep_mask()
+    assert 0.6 < keep.mean() < 0.9
+    # torch reference with the same keep mask
+    xt = torch.tensor(x, requires_grad=True)
+    yt = xt * torch.tensor(keep) / 0.75
+    close(y, yt.detach().numpy())
+    gy = rng.standard_normal(y.shape).astype(np.float32)
+    (yt * torch.tensor(gy)).sum().backward()
+    close(layer.backward(gy), xt.grad.numpy())
+    # deterministic for a seed, different for another
+    layer.reseed(5)
+    m1 = (layer.forward(x, True).copy(), layer.keep_mask())
+    layer.reseed(5)
+    m2 = (layer.forward(x, True).copy(), layer.keep_mask())
+    assert np.array_equal(m1[0], m2[0]) and np.array_equal(m1[1], m2[1])
+    assert layer.forward(x, False) is x
+
+
+def test_softmax_xent_matches_torch():
+    rng = np.random.default_rng(10)
+    for scale in (1.0, 40.0):  # large logits: must not overflow
+        logits = (rng.standard_normal((5, 7)) * scale).astype(np.float32)
+        y = rng.integers(0, 7, 5)
+        g = np.empty_like(logits)
+        loss = softmax_xent(logits, y, g)
+        lt = torch.tensor(logits, requires_grad=True)
+        ref = torch.nn.functional.cross_entropy(lt, torch.tensor(y))
+        ref.backward()
+        assert abs(loss - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
+        close(g, lt.grad.numpy())
+        tot, correct = xent_and_correct(logits, y)
+        assert abs(tot / 5 - loss) < 1e-9
+        assert correct == int((logits.argmax(1) == y).sum())
+
+
+# ----------------------------------------------------------------------------- networks
+def _resnet_like_spec():
+    """A small DAG of H4 layers only, with fan-out (a node read by two consumers)."""
+    nodes = [
+        make_node("bn1", "batchnorm2d", "input"),
+        make_node("relu1", "relu", "bn1"),
+        make_node("pool1", "maxpool2d", "relu1", kernel=3, stride=2, padding=1),
+        make_node("gn", "groupnorm", "pool1", num_groups=2),
+        make_node("ap", "avgpool2d", "gn", kernel=3, stride=1, padding=1),
+        make_node("add", "add", ("ap", "pool1")),     # pool1 fans out to gn and add
+        make_node("bn2", "batchnorm2d", "add"),
+        make_node("add2", "add", ("bn2", "bn2")),     # one node read twice by one consumer
+        make_node("gap", "global_avgpool", "add2"),
+    ]
+    return ModelSpec("h4net", (4, 9, 7), nodes)
+
+
+def _random_state(net, rng):
+    sd = {}
+    for k, v in net.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            sd[k] = v
+        elif k.endswith("running_var"):
+            sd[k] = rng.uniform(0.5, 2.0, v.shape).astype(np.float32)
+        elif v.ndim > 1:  # conv/linear weights: torch's init scale, U(-1/sqrt(fan_in), ...)
+            bound = 1.0 / np.sqrt(np.prod(v.shape[1:]))
+            sd[k] = rng.uniform(-bound, bound, v.shape).astype(np.float32)
+        else:
+            sd[k] = rng.standard_normal(v.shape).astype(np.float32)
+    return sd
+
+
+def _compare_net(spec, x, y, rng, train=True, plan=None):
+    net = Network.from_spec(spec, seed=0)
+    sd = _random_state(net, rng)
+    net.load_state_dict(sd)
+    twin = to_torch(spec)
+    twin.load_state_dict({k: torch.tensor(v) for k, v in sd.items()})
+    twin.train(train)
+    net.train() if train else net.eval()
+    loss, grads = net.loss_and_grads(x, y, plan=plan)
+    lt = twin.loss(twin(torch.tensor(x)), torch.tensor(y))
+    lt.backward()
+    assert abs(loss - lt.item()) <= 1e-4 * abs(lt.item()) + 1e-5
+    named = dict(twin.named_parameters())
+    assert set(grads) == set(named)
+    for k, p in named.items():
+        close(grads[k], p.grad.numpy(), k)
+    ours = net.state_dict()
+    for k, v in twin.state_dict().items():
+        close(ours[k], v.numpy(), k)
+    return net
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_h4_dag_with_fanout_matches_torch(train, variant):
+    rng = np.random.default_rng(11)
+    spec = _resnet_like_spec()
+    x = rng.standard_normal((3, 4, 9, 7)).astype(np.float32)
+    y = rng.integers(0, 4, 3)
+    _compare_net(spec, x, y, rng, train)
+
+
+def test_state_dict_names_shapes_and_errors():
+    spec = _resnet_like_spec()
+    net = Network.from_spec(spec)
+    sd = net.state_dict()
+    assert list(sd) == list(spec.state_shapes())
+    assert all(sd[k].shape == s for k, s in spec.state_shapes().items())
+    assert sd["bn1.num_batches_tracked"].dtype == np.int64 and sd["bn1.weight"].dtype == np.float32
+    sd["bn1.weight"][:] = 7  # a copy: the network is unchanged
+    assert net.state_dict()["bn1.weight"][0] == 1.0
+    bad = dict(sd)
+    bad.pop("gn.bias")
+    bad["nope.weight"] = np.zeros(3)
+    with pytest.raises(KeyError, match="missing keys \\['gn.bias'\\].*unexpected keys \\['nope.weight'\\]"):
+        net.load_state_dict(bad)
+    bad = dict(sd)
+    bad["gn.bias"] = np.zeros(5, np.float32)
+    with pytest.raises(ValueError, match="'gn.bias' has shape \\(5,\\), expected \\(4,\\)"):
+        net.load_state_dict(bad)
+    bad = dict(sd)
+    bad["bn1.num_batches_tracked"] = np.array(1.5)
+    with pytest.raises(TypeError, match="integer counter"):
+        net.load_state_dict(bad)
+
+
+def test_bad_batches_and_labels_are_named():
+    net = Network.from_spec(_resnet_like_spec())
+    x = np.zeros((2, 4, 9, 7), np.float32)
+    with pytest.raises(ValueError, match=r"expected float32 NCHW shape \(N, 4, 9, 7\).*got shape \(2, 4, 7, 9\)"):
+        net.loss_and_grads(np.zeros((2, 4, 7, 9), np.float32), np.zeros(2, np.int64))
+    with pytest.raises(TypeError, match="float32 values, got dtype int32"):
+        net.predict(x.astype(np.int32))
+    with pytest.raises(ValueError, match=r"label 4 out of range \[0, 4\)"):
+        net.loss_and_grads(x, np.array([0, 4]))
+    with pytest.raises(TypeError, match="integer class labels"):
+        net.loss_and_grads(x, np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"expected shape \(2,\)"):
+        net.loss_and_grads(x, np.array([0, 1, 2]))
+    # float64 is accepted by converting once
+    l64, _ = net.loss_and_grads(x.astype(np.float64) + 0.5, np.array([0, 1]))
+    l32, _ = net.loss_and_grads(x + 0.5, np.array([0, 1]))
+    assert l64 == l32
+
+
+def test_plan_naming_unknown_layer_is_rejected():
+    spec = build("mlp", hidden=(8,), input_shape=(1, 4, 4))
+    plan = SparsityPlan("swat", {"fc9": __import__("hwmodel").LayerSparsity(0.5, 0.5)})
+    pytest.importorskip("embedded.layers.linear")
+    net = Network.from_spec(spec)
+    with pytest.raises(PlanError, match="'fc9'"):
+        net.set_plan(plan)
+
+
+# ----------------------------------------------------------------------------- with H5's layers
+def _need_conv_linear():
+    pytest.importorskip("embedded.layers.conv")
+    pytest.importorskip("embedded.layers.linear")
+
+
+@pytest.mark.parametrize("name,shape,classes", [("femnist_cnn", (1, 28, 28), 62),
+                                                 ("resnet8", (3, 32, 32), 10)])
+def test_whole_network_dense_matches_torch(name, shape, classes):
+    _need_conv_linear()
+    rng = np.random.default_rng(12)
+    spec = build(name)
+    x = rng.standard_normal((3, *shape)).astype(np.float32)
+    y = rng.integers(0, classes, 3)
+    _compare_net(spec, x, y, rng, train=True)
