@@ -1,0 +1,204 @@
+"""Conv2d and Linear (dense, swat, masked) against torch autograd on awkward shapes.
+
+For swat the reference builds its own masks with numpy's exact top-K (a full sort), so a
+wrong selection in the Numba radix select or the compression cannot pass.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from embedded.layers.conv import Conv2d
+from embedded.layers.linear import Linear
+from hwmodel.plan import LayerSparsity
+from hwmodel.spec import make_node
+
+RTOL, ATOL = 1e-4, 1e-5
+
+# (cin, cout, h, w, kernel, stride, padding, groups, bias, batch)
+CONV_CASES = [
+    (3, 5, 9, 7, (3, 3), (2, 2), (2, 2), 1, True, 2),     # stride 2, padding 2, non-square map
+    (4, 6, 8, 11, (3, 2), (1, 1), (1, 0), 2, False, 3),   # non-square kernel, groups 2
+    (5, 5, 7, 9, (3, 3), (1, 1), (1, 1), 5, True, 1),     # depthwise, batch 1
+    (6, 12, 9, 9, (3, 3), (2, 2), (1, 1), 6, False, 2),   # depthwise x2 multiplier, stride 2
+    (7, 9, 6, 5, (5, 5), (1, 1), (2, 2), 1, True, 3),     # odd channels, 5x5 'same'
+    (6, 4, 10, 10, (1, 1), (2, 2), (0, 0), 1, False, 2),  # 1x1 stride 2 (shortcut)
+]
+
+
+def _conv(case):
+    cin, cout, h, w, k, s, p, g, bias, n = case
+    node = make_node("c", "conv2d", "input", out_channels=cout, kernel=k, stride=s, padding=p,
+                     groups=g, bias=bias)
+    oh = (h + 2 * p[0] - k[0]) // s[0] + 1
+    ow = (w + 2 * p[1] - k[1]) // s[1] + 1
+    layer = Conv2d(node, ((cin, h, w),), (cout, oh, ow))
+    layer.init_params(np.random.default_rng(1))
+    layer.setup(n + 1)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((n, cin, h, w)).astype(np.float32)
+    gy = rng.standard_normal((n, cout, oh, ow)).astype(np.float32)
+    return layer, x, gy
+
+
+def _linear(fin=37, fout=23, n=5, bias=True):
+    node = make_node("fc", "linear", "input", out_features=fout, bias=bias)
+    layer = Linear(node, ((fin,),), (fout,))
+    layer.init_params(np.random.default_rng(3))
+    layer.setup(n + 2)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((n, fin)).astype(np.float32)
+    gy = rng.standard_normal((n, fout)).astype(np.float32)
+    return layer, x, gy
+
+
+def topk_mask(a: np.ndarray, density: float) -> np.ndarray:
+    """Exact top-K by magnitude via a full numpy sort (independent of the Numba code)."""
+    k = max(1, min(a.size, int(np.floor(density * a.size + 0.5))))
+    flat = np.abs(a).reshape(-1)
+    order = np.argsort(-flat, kind="stable")
+    m = np.zeros(a.size, dtype=bool)
+    m[order[:k]] = True
+    return m.reshape(a.shape)
+
+
+def torch_ref(layer, x, gy, w_fwd, x_for_wgrad):
+    """y and grad_x with weight w_fwd; grad_w from x_for_wgrad (torch autograd)."""
+    is_conv = isinstance(layer, Conv2d)
+    b = torch.tensor(layer.params["bias"]) if layer.has_bias else None
+
+    def op(inp, wt):
+        if is_conv:
+            return F.conv2d(inp, wt, b, stride=(layer.sh, layer.sw),
+                            padding=(layer.ph, layer.pw), groups=layer.groups)
+        return F.linear(inp, wt, b)
+
+    xt = torch.tensor(x, requires_grad=True)
+    y = op(xt, torch.tensor(w_fwd))
+    y.backward(torch.tensor(gy))
+    wt = torch.tensor(w_fwd, requires_grad=True)
+    op(torch.tensor(x_for_wgrad), wt).backward(torch.tensor(gy))
+    gb = torch.tensor(gy).sum(dim=(0, 2, 3) if is_conv else 0).numpy()
+    return y.detach().numpy(), xt.grad.numpy(), wt.grad.numpy(), gb
+
+
+def _check(layer, x, gy, w_fwd, x_wgrad):
+    y = layer.forward(x, training=True).copy()
+    gx = layer.backward(gy).copy()
+    ry, rgx, rgw, rgb = torch_ref(layer, x, gy, w_fwd, x_wgrad)
+    np.testing.assert_allclose(y, ry, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(gx, rgx, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(layer.grads["weight"], rgw, rtol=RTOL, atol=ATOL)
+    if layer.has_bias:
+        np.testing.assert_allclose(layer.grads["bias"], rgb, rtol=RTOL, atol=ATOL)
+    return rgw
+
+
+def _layers():
+    for case in CONV_CASES:
+        yield _conv(case)
+    yield _linear()
+    yield _linear(fin=64, fout=17, n=1, bias=False)
+
+
+@pytest.mark.parametrize("idx", range(len(CONV_CASES) + 2))
+def test_dense_matches_torch(idx):
+    layer, x, gy = list(_layers())[idx]
+    _check(layer, x, gy, layer.params["weight"], x)
+    assert layer.measured_density == 1.0
+    # a smaller batch through the same buffers
+    if x.shape[0] > 1:
+        _check(layer, x[:1].copy(), gy[:1].copy(), layer.params["weight"], x[:1].copy())
+
+
+@pytest.mark.parametrize("idx", range(len(CONV_CASES) + 2))
+@pytest.mark.parametrize("dw,da", [(0.1, 0.1), (0.3, 0.5)])
+def test_swat_matches_torch(idx, dw, da):
+    layer, x, gy = list(_layers())[idx]
+    layer.set_sparsity("swat", LayerSparsity(dw, da, 1))
+    w = layer.params["weight"]
+    mw = topk_mask(w, dw)
+    mx = topk_mask(x, da)
+    _check(layer, x, gy, w * mw, x * mx)
+    assert layer.measured_density == pytest.approx(mw.mean())
+    assert layer.measured_act_density == pytest.approx(mx.mean())
+
+
+def test_swat_threshold_reused_between_refreshes():
+    layer, x, gy = _conv(CONV_CASES[0])
+    layer.set_sparsity("swat", LayerSparsity(0.2, 0.2, 3))
+    w = layer.params["weight"]
+    thr = np.sort(np.abs(w).reshape(-1))[::-1][max(1, int(np.floor(0.2 * w.size + 0.5))) - 1]
+    _check(layer, x, gy, w * topk_mask(w, 0.2), x * topk_mask(x, 0.2))
+    rng = np.random.default_rng(9)
+    w += 0.3 * rng.standard_normal(w.shape).astype(np.float32)  # weights drift
+    keep = np.abs(w) >= thr
+    _check(layer, x, gy, w * keep, x * topk_mask(x, 0.2))
+    assert layer.measured_density == pytest.approx(keep.mean())
+    assert layer.measured_density != pytest.approx(0.2)
+    _check(layer, x, gy, w * keep, x * topk_mask(x, 0.2))
+    # the 4th training step refreshes: exact top-K again
+    _check(layer, x, gy, w * topk_mask(w, 0.2), x * topk_mask(x, 0.2))
+    assert layer.measured_density == pytest.approx(topk_mask(w, 0.2).mean())
+
+
+@pytest.mark.parametrize("idx", range(len(CONV_CASES) + 2))
+def test_masked_matches_torch(idx):
+    layer, x, gy = list(_layers())[idx]
+    w = layer.params["weight"]
+    mask = np.random.default_rng(5).random(w.shape) < 0.3
+    layer.set_sparsity("masked", None)
+    layer.set_mask(mask)
+    assert np.all(w[~mask] == 0)
+    dense_gw = _check_masked(layer, x, gy, mask)
+    assert layer.measured_density == pytest.approx(mask.mean())
+    # dense gradient on demand (FedDST regrow), masked grad unchanged
+    layer.want_dense_grad = True
+    _check_masked(layer, x, gy, mask)
+    np.testing.assert_allclose(layer.dense_grad, dense_gw, rtol=RTOL, atol=ATOL)
+    # the mask changes: the cached structure is rebuilt
+    mask2 = np.random.default_rng(6).random(w.shape) < 0.5
+    layer.want_dense_grad = False
+    layer.set_mask(mask2)
+    _check_masked(layer, x, gy, mask2)
+
+
+def _check_masked(layer, x, gy, mask):
+    w = layer.params["weight"].copy()
+    y = layer.forward(x, training=True).copy()
+    gx = layer.backward(gy).copy()
+    ry, rgx, rgw, rgb = torch_ref(layer, x, gy, w * mask, x)
+    np.testing.assert_allclose(y, ry, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(gx, rgx, rtol=RTOL, atol=ATOL)
+    gw = layer.grads["weight"]
+    assert np.all(gw[~mask] == 0)
+    np.testing.assert_allclose(gw, rgw * mask, rtol=RTOL, atol=ATOL)
+    return rgw
+
+
+def test_first_layer_skips_input_grad_and_bad_input():
+    layer, x, gy = _conv(CONV_CASES[0])
+    layer.forward(x, training=True)
+    assert layer.backward(gy, need_input_grad=False) is None
+    assert set(layer.phase_times) == {"forward", "backward_weight"}
+    with pytest.raises(ValueError, match="expected float32 input"):
+        layer.forward(x.astype(np.float64), training=True)
+    with pytest.raises(ValueError, match="max_batch"):
+        layer.forward(np.zeros((10,) + x.shape[1:], np.float32), training=True)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        layer.set_sparsity("sparse", None)
+    with pytest.raises(ValueError, match="mask shape"):
+        layer.set_mask(np.ones((2, 2), bool))
+
+
+def test_eval_forward_does_not_advance_refresh():
+    layer, x, gy = _linear()
+    layer.set_sparsity("swat", LayerSparsity(0.25, 0.5, 2))
+    w = layer.params["weight"]
+    y_eval = layer.forward(x, training=False).copy()
+    ref = x @ (w * topk_mask(w, 0.25)).T + layer.params["bias"]
+    np.testing.assert_allclose(y_eval, ref, rtol=RTOL, atol=ATOL)
+    assert layer._steps == 0
