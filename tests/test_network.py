@@ -337,3 +337,119 @@ def test_whole_network_dense_matches_torch(name, shape, classes):
     x = rng.standard_normal((3, *shape)).astype(np.float32)
     y = rng.integers(0, classes, 3)
     _compare_net(spec, x, y, rng, train=True)
+
+
+# ----------------------------------------------------------------------------- sparse modes
+def _kth_keep(a: np.ndarray, density: float) -> np.ndarray:
+    """Exact top-K of |a| by numpy (K = round(density * size), at least 1); exact zeros are
+    never kept (they contribute nothing)."""
+    flat = np.abs(a).reshape(-1)
+    k = max(1, min(flat.size, int(np.floor(density * flat.size + 0.5))))
+    t = np.partition(flat, flat.size - k)[flat.size - k]
+    return (np.abs(a) >= t) & (a != 0)
+
+
+def _swat_twin(twin, spec, plan):
+    """Patch the twin's sparse conv/linear modules with SWAT's forward/backward:
+    y = layer(x, W_s) with dense x; grad_x through W_s; grad_W (dense) from the top-K input."""
+    F = torch.nn.functional
+    for name, ls in plan.layers.items():
+        mod = twin.get_submodule(name)
+
+        def fwd(x, mod=mod, ls=ls):
+            w = mod.weight
+            ws = w.detach() * torch.tensor(_kth_keep(w.detach().numpy(), ls.weight_density))
+            xs = x.detach() * torch.tensor(_kth_keep(x.detach().numpy(), ls.act_density))
+            if isinstance(mod, torch.nn.Conv2d):
+                def op(a, b):
+                    return F.conv2d(a, b, None, mod.stride, mod.padding, 1, mod.groups)
+            else:
+                def op(a, b):
+                    return F.linear(a, b)
+            y = op(x, ws) + (op(xs, w) - op(xs, w).detach())
+            return y if mod.bias is None else y + mod.bias.view(1, -1, *([1] * (y.dim() - 2)))
+
+        mod.forward = fwd
+
+
+def _masked_twin(twin, masks):
+    """Forward with W⊙M; the effective weights are kept (retain_grad) so the test can read
+    the dense gradient w.r.t. W⊙M, which FedDST regrows by."""
+    F = torch.nn.functional
+    effective = {}
+    for name, m in masks.items():
+        mod = twin.get_submodule(name)
+        mt = torch.tensor(m.astype(np.float32))
+
+        def fwd(x, mod=mod, mt=mt, name=name):
+            we = mod.weight * mt
+            we.retain_grad()
+            effective[name] = we
+            if isinstance(mod, torch.nn.Conv2d):
+                return F.conv2d(x, we, mod.bias, mod.stride, mod.padding, 1, mod.groups)
+            return F.linear(x, we, mod.bias)
+
+        mod.forward = fwd
+    return effective
+
+
+@pytest.mark.parametrize("name,shape,classes", [("femnist_cnn", (1, 28, 28), 62),
+                                                 ("resnet8", (3, 32, 32), 10)])
+def test_whole_network_swat_matches_torch_topk_reference(name, shape, classes):
+    _need_conv_linear()
+    rng = np.random.default_rng(13)
+    spec = build(name)
+    plan = SparsityPlan.uniform(spec, 0.7, mode="swat", act_sparsity=0.5)
+    assert plan.layers
+    net = Network.from_spec(spec, seed=1)
+    sd = _random_state(net, rng)
+    net.load_state_dict(sd)
+    twin = to_torch(spec)
+    twin.load_state_dict({k: torch.tensor(v) for k, v in sd.items()})
+    _swat_twin(twin, spec, plan)
+    x = rng.standard_normal((2, *shape)).astype(np.float32)
+    y = rng.integers(0, classes, 2)
+    loss, grads = net.loss_and_grads(x, y, plan=plan)
+    lt = twin.loss(twin(torch.tensor(x)), torch.tensor(y))
+    lt.backward()
+    assert abs(loss - lt.item()) <= 1e-4 * abs(lt.item()) + 1e-5
+    for k, p in twin.named_parameters():
+        close(grads[k], p.grad.numpy(), k)
+    for layer, ls in plan.layers.items():
+        w = sd[f"{layer}.weight"]
+        assert net.layers[layer].measured_density == pytest.approx(
+            round(ls.weight_density * w.size) / w.size, abs=1e-9)
+
+
+@pytest.mark.parametrize("name,shape,classes", [("femnist_cnn", (1, 28, 28), 62),
+                                                 ("resnet8", (3, 32, 32), 10)])
+def test_whole_network_masked_matches_torch(name, shape, classes):
+    _need_conv_linear()
+    rng = np.random.default_rng(14)
+    spec = build(name)
+    plan = SparsityPlan.uniform(spec, 0.8, mode="masked", layers="all")
+    net = Network.from_spec(spec, seed=2)
+    sd = _random_state(net, rng)
+    masks = {n: rng.random(sd[f"{n}.weight"].shape) < 0.3 for n in plan.layers}
+    net.load_state_dict(sd)
+    net.set_plan(plan)
+    net.set_masks(masks)
+    got = net.get_masks()
+    assert set(got) == set(masks) and all(np.array_equal(got[k], masks[k]) for k in masks)
+    for n in masks:  # weights outside the mask are zeroed by set_masks
+        assert not net.state_dict()[f"{n}.weight"][~masks[n]].any()
+        net.layers[n].want_dense_grad = True
+    twin = to_torch(spec)
+    twin.load_state_dict({k: torch.tensor(v) for k, v in sd.items()})
+    effective = _masked_twin(twin, masks)
+    x = rng.standard_normal((2, *shape)).astype(np.float32)
+    y = rng.integers(0, classes, 2)
+    loss, grads = net.loss_and_grads(x, y)
+    lt = twin.loss(twin(torch.tensor(x)), torch.tensor(y))
+    lt.backward()
+    assert abs(loss - lt.item()) <= 1e-4 * abs(lt.item()) + 1e-5
+    for k, p in twin.named_parameters():
+        close(grads[k], p.grad.numpy(), k)  # torch's grad of W through W*M is masked
+    for n in masks:
+        assert not grads[f"{n}.weight"][~masks[n]].any()
+        close(net.layers[n].dense_grad, effective[n].grad.numpy(), f"{n} dense grad")
