@@ -28,6 +28,7 @@ sent) is reported beside it.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -530,8 +531,11 @@ class _Branch:
         """(N, R) values of a quantity for N clients at batch ``b`` and density ``d``."""
         c = self.coef[key] if rows is None else self.coef[key][:, rows]
         b = b[:, None]
-        d = d[:, None]
-        return c[0] + c[1] * b + c[2] * d + c[3] * b * d
+        out = c[0] + c[1] * b
+        if c[2].any() or c[3].any():  # most quantities do not depend on the density
+            d = d[:, None]
+            out = out + (c[2] + c[3] * b) * d
+        return out
 
     def sum_at(self, key: str, b: np.ndarray, d: np.ndarray) -> np.ndarray:
         """Sum over rows (the coefficients are summed first: the quantity is bilinear)."""
@@ -656,6 +660,28 @@ def _tables(spec: ModelSpec, mode: str, batch: int, optimizer: str, layers: Any)
     return t
 
 
+_PROFILE_CACHE: dict[str, tuple[DeviceProfile, int]] = {}
+
+
+def _cached_device(device: DeviceProfile | str) -> DeviceProfile:
+    """resolve_device, remembering profiles loaded by name/path while their file is unchanged."""
+    if not isinstance(device, str):
+        return resolve_device(device)
+    hit = _PROFILE_CACHE.get(device)
+    if hit is not None:
+        try:
+            if os.stat(hit[0].path).st_mtime_ns == hit[1]:
+                return hit[0]
+        except OSError:
+            pass
+    prof = resolve_device(device)
+    try:
+        _PROFILE_CACHE[device] = (prof, os.stat(prof.path).st_mtime_ns)
+    except OSError:
+        pass
+    return prof
+
+
 def _broadcast(x: Any, n: int, what: str, dtype: Any) -> np.ndarray:
     a = np.asarray(x, dtype=dtype)
     if a.ndim == 0:
@@ -702,7 +728,7 @@ def estimate_fleet(spec_or_name: ModelSpec | str, devices: Any, sparsity: Any = 
     uniq: dict[Any, DeviceProfile] = {}
     for k, dv in zip(keys, dev_list, strict=True):
         if k not in uniq:
-            uniq[k] = resolve_device(dv)
+            uniq[k] = _cached_device(dv)
     key_arr = np.empty(n, dtype=object)
     key_arr[:] = keys
 
