@@ -552,7 +552,10 @@ class SocketStream:
         self.sock = sock
         self.timeout = timeout
         self.write_timeout = write_timeout
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (e.g. a Unix socket pair)
         sock.setblocking(False)
         self.closed = False
 
