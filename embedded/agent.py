@@ -425,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-root", default=None, help="the only directory LOAD_DATA may read")
     ap.add_argument("--max-transfer", type=int, default=None, help="largest accepted transfer "
                     "(bytes; default min(256 MiB, free RAM / 4))")
+    ap.add_argument("--chunk-size", type=int, default=4096,
+                    help="chunk size of replies sent as transfers (smaller on noisy lines)")
+    ap.add_argument("--window", type=int, default=8, help="chunks in flight")
     args = ap.parse_args(argv)
 
     state_dir = args.state_dir or default_state_dir()
@@ -446,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     except SensorError as e:
         raise SystemExit(f"agent: {e}") from e
     agent = Agent(token, state_dir, data_root=args.data_root, sensor=sensor,
-                  max_transfer=args.max_transfer)
+                  max_transfer=args.max_transfer, chunk_size=args.chunk_size,
+                  window=args.window)
     stop = threading.Event()
     if args.listen:
         host, port = parse_listen(args.listen)
