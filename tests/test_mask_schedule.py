@@ -154,3 +154,111 @@ def test_schedule_json_roundtrip_and_validation():
         MaskSchedule.from_dict({"kind": "fixed", "beta": 1})
     with pytest.raises(ScheduleError, match="at_steps"):
         MaskSchedule.from_dict({"kind": "feddst", "at_steps": "last"})
+
+
+# ------------------------------------------------------------------------------ on a real network
+def _digits(n: int):
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return (x[:n] / 16.0).astype(np.float32).reshape(-1, 1, 8, 8), y[:n].astype(np.int64)
+
+
+def _masked_net(seed: int = 1):
+    import hwmodel
+    from embedded.network import Network
+
+    spec = hwmodel.build("mlp", input_shape=(1, 8, 8), hidden=(24, 16), num_classes=10)
+    net = Network.from_spec(spec, seed=seed)
+    plan = hwmodel.SparsityPlan.uniform(spec, 0.6, mode="masked", layers="all")
+    net.set_plan(plan)
+    masks = {}
+    for name in plan.layers:
+        w = net.layers[name].params["weight"]
+        k = int(round(plan.weight_density(name) * w.size))
+        keep = np.argsort(-np.abs(w).ravel(), kind="stable")[:k]
+        m = np.zeros(w.size, bool)
+        m[keep] = True
+        masks[name] = m.reshape(w.shape)
+    net.set_masks(masks)
+    return spec, net, plan, masks
+
+
+def test_feddst_hook_regrows_at_largest_dense_gradient_of_the_network():
+    from embedded.network import Network
+
+    spec, net, plan, masks = _masked_net()
+    xb, yb = _digits(32)
+    # independent reference gradient: a dense twin holding the same (masked) weights
+    twin = Network.from_spec(spec, seed=5)
+    twin.load_state_dict(net.state_dict())
+    twin.set_plan(None)
+    _, g = twin.loss_and_grads(xb, yb)
+    before = net.state_dict()
+
+    sched = MaskSchedule.feddst(0.25)                # default: after the last step
+    sched.begin(net, plan, total_steps=4)
+    for step in range(3):
+        sched.after_step(net, step, xb, yb)
+        for n, m in net.get_masks().items():
+            np.testing.assert_array_equal(m, masks[n])  # nothing before the readjust step
+    sched.after_step(net, 3, xb, yb)
+    new = net.get_masks()
+    after = net.state_dict()
+    assert {e["layer"] for e in sched.events} == set(plan.layers)
+    for n in plan.layers:
+        ref, grown = _feddst_reference(before[f"{n}.weight"], masks[n], g[f"{n}.weight"], 0.25)
+        np.testing.assert_array_equal(new[n], ref)
+        assert new[n].sum() == masks[n].sum()         # density preserved
+        w = after[f"{n}.weight"]
+        assert np.all(w.ravel()[grown] == 0)          # regrown weights start at 0
+        assert np.all(w[~new[n]] == 0)                # pruned weights are gone
+        kept = new[n] & masks[n]
+        np.testing.assert_array_equal(w[kept], before[f"{n}.weight"][kept])
+        assert not net.layers[n].want_dense_grad      # restored
+
+
+def test_feddst_without_readjust_and_fixed_do_nothing():
+    _, net, plan, masks = _masked_net()
+    xb, yb = _digits(16)
+    for sched in [MaskSchedule.feddst(0.3, readjust=False), MaskSchedule.fixed()]:
+        sched.begin(net, plan, 2)
+        sched.after_step(net, 0, xb, yb)
+        sched.after_step(net, 1, xb, yb)
+        assert sched.events == []
+        for n, m in net.get_masks().items():
+            np.testing.assert_array_equal(m, masks[n])
+
+
+def test_schedule_needs_masks_and_valid_steps():
+    from embedded.network import Network
+
+    spec, net, plan, _ = _masked_net()
+    bare = Network.from_spec(spec, seed=0)
+    bare.set_plan(plan)
+    with pytest.raises(ScheduleError, match="no mask"):
+        MaskSchedule.flash_dst().begin(bare, plan, 10)
+    with pytest.raises(ScheduleError, match="outside"):
+        MaskSchedule.feddst(0.2, at_steps=(10,)).begin(net, plan, 10)
+
+
+def test_flash_dst_inside_train_local_keeps_density_and_zeros():
+    from embedded.train import TrainConfig, train_local
+
+    _, net, plan, masks = _masked_net()
+    x, y = _digits(192)
+    sched = MaskSchedule.flash_dst(0.25, interval=2, seed=3)
+    train_local(net, x, y, TrainConfig(lr=0.05, batch_size=32, seed=0), mask_schedule=sched)
+    # 6 steps: updates after steps 1, 3, 5 at rate 0.25 * (1 + cos(pi * t / 6)) / 2, t = 2, 4, 6
+    steps = sorted({e["step"] for e in sched.events})
+    assert steps == [1, 3, 5]
+    for e in sched.events:
+        n = int(masks[e["layer"]].sum())
+        t = e["step"] + 1
+        assert e["pruned"] == e["grown"] == round(cosine_rate(0.25, t, 6) * n)
+    new = net.get_masks()
+    state = net.state_dict()
+    for n in plan.layers:
+        assert new[n].sum() == masks[n].sum()
+        assert np.all(state[f"{n}.weight"][~new[n]] == 0)
+        assert not np.array_equal(new[n], masks[n])
