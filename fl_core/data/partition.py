@@ -12,6 +12,11 @@ hold every training sample exactly once (``check_partition`` verifies this).
   renormalised (Flower's rule). Flower draws one sample at a time; here a client's remaining
   demand is drawn as one multinomial, capped by what each class has left, and the shortfall
   redrawn after the renormalisation — the same distribution up to the order of draws.
+  Flower's concentration is symmetric (``prior="uniform"``, the default), so on a dataset with
+  unequal class sizes even a huge alpha gives every client a uniform class mix until the small
+  classes run out, and the last clients get the leftovers; ``prior="global"`` draws
+  ``p_k ~ Dir(alpha * C * global_class_share)`` instead, which tends to the dataset's own class
+  mix as alpha grows (a sparsefl option, not in the papers).
 - ``per_class`` (FedDST): for every class ``q_c ~ Dir(alpha * 1_K)`` over the K clients; the
   class's (shuffled) samples are cut at ``floor(n_c * cumsum(q_c))``. Client sizes vary and a
   client may get nothing (FedDST then ignores it); ``min_size`` redraws until every client has
@@ -67,17 +72,25 @@ def iid(n: int, num_clients: int, seed: int = 0) -> list[np.ndarray]:
     return [np.sort(p).astype(np.int64) for p in np.array_split(perm, num_clients)]
 
 
-def lda(y: np.ndarray, num_clients: int, alpha: float, seed: int = 0) -> list[np.ndarray]:
-    """Equal-size clients, each with a class mix drawn from Dir(alpha) (ZeroFL/FLASH/Flower)."""
+def lda(
+    y: np.ndarray, num_clients: int, alpha: float, seed: int = 0, prior: str = "uniform"
+) -> list[np.ndarray]:
+    """Equal-size clients, each with a class mix drawn from Dir(alpha) (ZeroFL/FLASH/Flower).
+
+    ``prior="global"`` scales the concentration by the dataset's class shares (see module doc).
+    """
     y = np.asarray(y)
     _check_k(num_clients, y.size)
     alpha = _check_alpha(alpha)
+    if prior not in ("uniform", "global"):
+        raise ValueError(f"lda prior must be 'uniform' or 'global', got {prior!r}")
     rng = np.random.default_rng(seed)
     classes, yc = np.unique(y, return_inverse=True)
     c = classes.size
     pools = [rng.permutation(np.flatnonzero(yc == j)) for j in range(c)]
     left = np.array([p.size for p in pools], dtype=np.int64)
-    dist = rng.dirichlet(np.full(c, alpha), size=num_clients)
+    conc = np.full(c, alpha) if prior == "uniform" else alpha * c * left / left.sum()
+    dist = rng.dirichlet(conc, size=num_clients)
     dist = np.where(np.isfinite(dist), dist, 0.0)
     dist[dist.sum(axis=1) <= 0] = 1.0  # degenerate draws (tiny alpha): uniform
     dist /= dist.sum(axis=1, keepdims=True)
@@ -199,6 +212,7 @@ def make_partition(
     k: int | None = None,
     groups: np.ndarray | None = None,
     min_size: int = 0,
+    prior: str = "uniform",
 ) -> list[np.ndarray]:
     """Dispatch by scheme name (``iid``, ``lda``, ``per_class``, ``pathological``, ``natural``)."""
     if scheme == "natural":
@@ -208,7 +222,7 @@ def make_partition(
     if scheme == "iid":
         return iid(np.asarray(y).size, num_clients, seed)
     if scheme == "lda":
-        return lda(y, num_clients, alpha, seed)
+        return lda(y, num_clients, alpha, seed, prior=prior)
     if scheme == "per_class":
         return per_class(y, num_clients, alpha, seed, min_size=min_size)
     if scheme == "pathological":
