@@ -274,7 +274,7 @@ def plot_partition(
     title: str | None = None,
     max_clients: int = 100,
 ) -> str:
-    """Write a clients x classes heat map of sample counts to ``path`` (PNG); return the path.
+    """Write a classes x clients heat map of sample counts to ``path`` (PNG); return the path.
 
     Only the first ``max_clients`` clients are drawn (the title says so). matplotlib is
     imported here, with the Agg canvas (no display needed).
@@ -283,14 +283,14 @@ def plot_partition(
     from matplotlib.figure import Figure
 
     counts = class_counts(parts, y, num_classes)
-    shown = counts[:max_clients]
-    fig = Figure(figsize=(min(2 + 0.25 * counts.shape[1], 16), min(2 + 0.12 * len(shown), 14)))
+    shown = counts[:max_clients].T  # rows = classes, columns = clients
+    fig = Figure(figsize=(min(4 + 0.09 * shown.shape[1], 16), min(2 + 0.25 * shown.shape[0], 10)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap="viridis")
+    im = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap="viridis", origin="lower")
     fig.colorbar(im, ax=ax, label="samples")
-    ax.set_xlabel("class")
-    ax.set_ylabel("client")
+    ax.set_xlabel("client")
+    ax.set_ylabel("class")
     t = title or "samples per class per client"
     if len(counts) > max_clients:
         t += f" (first {max_clients} of {len(counts)} clients)"
