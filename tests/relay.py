@@ -88,7 +88,12 @@ class _Direction:
         """Write what may leave now; return seconds until something more may leave."""
         rate = self.rate
         if rate:
-            self.credit = min(self.credit + (now - self.last) * rate, max(64.0, rate * 0.005))
+            # a UART with bytes waiting keeps sending even when this process is descheduled;
+            # an idle line saves up no more than a small burst
+            busy = bool(self.queue) and self.queue[0][0] <= self.last
+            self.credit += (now - self.last) * rate
+            if not busy:
+                self.credit = min(self.credit, max(64.0, rate * 0.002))
         self.last = now
         out = bytearray()
         while self.queue and self.queue[0][0] <= now:

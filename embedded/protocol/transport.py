@@ -143,7 +143,7 @@ class Link:
 
     def __init__(self, stream: Any, *, max_payload: int = MAX_PAYLOAD,
                  max_transfer: int = MAX_TRANSFER, chunk_size: int = 4096, window: int = 8,
-                 timeout: float = 2.0, retries: int = 8, min_rto: float = 0.05,
+                 timeout: float = 2.0, retries: int = 8, min_rto: float = 0.2,
                  read_timeout: float = 0.01, inbox_size: int = 256) -> None:
         if not 16 <= chunk_size <= max_payload - CHUNK_HEAD.size:
             raise ValueError(f"link: chunk_size must be in 16..{max_payload - CHUNK_HEAD.size}, "
