@@ -279,8 +279,11 @@ def plot_partition(
     Only the first ``max_clients`` clients are drawn (the title says so). matplotlib is
     imported here, with the Agg canvas (no display needed).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("plot_partition needs matplotlib (pip install 'sparsefl[plot]')") from e
 
     counts = class_counts(parts, y, num_classes)
     shown = counts[:max_clients].T  # rows = classes, columns = clients

@@ -34,6 +34,7 @@ import re
 import struct
 
 import numpy as np
+from scipy import fft as scipy_fft
 
 from .base import DataError, Dataset
 
@@ -97,13 +98,15 @@ _WIN = hann(N_FFT).astype(np.float32)
 
 def features(clips: np.ndarray, kind: str = "mfcc") -> np.ndarray:
     """(N, 16000) float32 clips -> (N, 40, 51) float32 unstandardised MFCC or log-mel."""
+    clips = np.asarray(clips, dtype=np.float32)
     if kind not in ("mfcc", "logmel"):
         raise ValueError(f"features must be 'mfcc' or 'logmel', got {kind!r}")
     pad = N_FFT // 2
     padded = np.pad(clips, ((0, 0), (pad, pad)), mode="reflect")
     idx = np.arange(FRAMES)[:, None] * HOP + np.arange(N_FFT)[None, :]
-    frames = padded[:, idx] * _WIN  # (N, 51, 480)
-    power = np.abs(np.fft.rfft(frames, n=N_FFT, axis=-1)).astype(np.float32) ** 2
+    frames = padded[:, idx] * _WIN  # (N, 51, 480) float32
+    spec = scipy_fft.rfft(frames, n=N_FFT, axis=-1)  # complex64 for float32 input
+    power = spec.real**2 + spec.imag**2
     logmel = np.log(power @ _FB.T + np.float32(LOG_EPS))  # (N, 51, 40)
     out = logmel @ _DCT.T if kind == "mfcc" else logmel
     return np.ascontiguousarray(out.transpose(0, 2, 1), dtype=np.float32)
