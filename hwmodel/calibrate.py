@@ -6,7 +6,11 @@ density and saved-activation density the kernel ran at, and the batch. Its predi
 the roofline of :mod:`hwmodel.estimate` for that row of :func:`hwmodel.counts.count`, with the
 layer alone at the measured densities in SWAT's convention (forward and backward-input at
 ``density``, backward-weight at ``act_density``; a masked trainer reports
-``act_density = density``). ``layer="step"`` records (whole steps) are not used for fitting.
+``act_density = density``). A layer that times several phases in one call (batch norm's
+backward, the loss's fused forward and gradient) gives them joined by ``+``
+(``"backward_input+backward_weight"``): the prediction is the sum of those rows.
+``layer="step"`` records (whole steps) and phases the count says do no work (a flatten, relu's
+weight gradient) are not used for fitting; ``layer="loss"`` is the softmax cross-entropy.
 
 The fit is ``scipy.optimize.least_squares`` on ``log(predicted) - log(measured)`` with the
 parameters in log space and bounded (efficiencies in (1e-4, 1], overhead in (1e-9, 0.1] s,
@@ -45,17 +49,26 @@ class CalibrationError(ValueError):
     """Measurements that cannot be used (unknown model or layer, bad phase, nothing to fit)."""
 
 
+def _phases(phase: str, i: int) -> list[str]:
+    parts = phase.split("+")
+    for p in parts:
+        if p not in PHASES:
+            raise CalibrationError(f"measurements[{i}].phase: expected one of {PHASES} (or several "
+                                   f"joined by '+'), got {phase!r}")
+    return parts
+
+
 def _features(measurements: Sequence[Measurement]) -> dict[str, np.ndarray]:
-    """The count row of each measurement, as arrays."""
+    """The count rows of each measurement, as arrays; ``midx`` maps rows to measurements."""
     specs: dict[str, ModelSpec] = {}
     cache: dict[tuple, dict] = {}
     cols: dict[str, list] = {k: [] for k in ("op_class", "dense_macs", "density", "elem_flops",
-                                             "bytes", "measured", "model")}
+                                             "bytes", "midx")}
+    measured, models, src = [], [], []
     for i, m in enumerate(measurements):
         if m.layer == "step":
             continue
-        if m.phase not in PHASES:
-            raise CalibrationError(f"measurements[{i}].phase: expected one of {PHASES}, got {m.phase!r}")
+        phases = _phases(m.phase, i)
         if not (m.median_s > 0 and np.isfinite(m.median_s)):
             raise CalibrationError(f"measurements[{i}].median_s: expected a positive time, got {m.median_s!r}")
         if m.model not in specs:
@@ -64,12 +77,13 @@ def _features(measurements: Sequence[Measurement]) -> dict[str, np.ndarray]:
             except ValueError as e:
                 raise CalibrationError(f"measurements[{i}].model: {e}") from None
         spec = specs[m.model]
-        if m.layer not in spec:
-            raise CalibrationError(f"measurements[{i}].layer: {m.layer!r} is not a node of {m.model!r}")
+        if m.layer not in spec and m.layer != "loss":
+            raise CalibrationError(f"measurements[{i}].layer: {m.layer!r} is not a node of "
+                                   f"{m.model!r} (nor 'loss' or 'step')")
         key = (m.model, m.layer, float(m.density), float(m.act_density), int(m.batch))
         rows = cache.get(key)
         if rows is None:
-            weighted = spec[m.layer].op in ("conv2d", "linear")
+            weighted = m.layer != "loss" and spec[m.layer].op in ("conv2d", "linear")
             if weighted and (m.density < 1.0 or m.act_density < 1.0):
                 plan = SparsityPlan("swat", {m.layer: LayerSparsity(float(m.density),
                                                                     float(m.act_density))})
@@ -78,28 +92,44 @@ def _features(measurements: Sequence[Measurement]) -> dict[str, np.ndarray]:
             rows = {(r["layer"], r["phase"]): r for r in count_rows(spec, plan, int(m.batch))
                     if r["layer"] == m.layer}
             cache[key] = rows
-        r = rows[(m.layer, m.phase)]
-        cols["op_class"].append(r["op_class"])
-        cols["dense_macs"].append(r["dense_macs"])
-        cols["density"].append(r["density"])
-        cols["elem_flops"].append(r["elem_flops"])
-        cols["bytes"].append(r["bytes_read"] + r["bytes_written"])
-        cols["measured"].append(float(m.median_s))
-        cols["model"].append(m.model)
+        picked = [rows[(m.layer, p)] for p in phases]
+        picked = [r for r in picked
+                  if r["dense_macs"] or r["elem_flops"] or r["bytes_read"] + r["bytes_written"]]
+        if not picked:
+            continue  # phases the model says do no work (flatten, relu's weight gradient)
+        j = len(measured)
+        for r in picked:
+            cols["op_class"].append(r["op_class"])
+            cols["dense_macs"].append(r["dense_macs"])
+            cols["density"].append(r["density"])
+            cols["elem_flops"].append(r["elem_flops"])
+            cols["bytes"].append(r["bytes_read"] + r["bytes_written"])
+            cols["midx"].append(j)
+        measured.append(float(m.median_s))
+        models.append(m.model)
+        src.append(i)
     out = {k: np.asarray(v) for k, v in cols.items()}
     out["dense_macs"] = out["dense_macs"].astype(np.float64)
+    out["midx"] = out["midx"].astype(np.int64)
+    out["measured"] = np.asarray(measured, dtype=np.float64)
+    out["model"] = np.asarray(models)
+    out["src"] = np.asarray(src, dtype=np.int64)
     return out
 
 
 def predict(profile: DeviceProfile, measurements: Sequence[Measurement]) -> np.ndarray:
-    """Predicted seconds of each (non-step) measurement under ``profile``."""
+    """Predicted seconds of each measurement under ``profile`` (NaN for those not used:
+    whole steps and phases without work)."""
     f = _features(measurements)
-    return _predict(profile, f)
+    out = np.full(len(measurements), np.nan)
+    out[f["src"]] = _predict(profile, f)
+    return out
 
 
 def _predict(profile: DeviceProfile, f: dict[str, np.ndarray]) -> np.ndarray:
-    return roofline_time(profile, f["op_class"], f["dense_macs"], f["density"], f["elem_flops"],
-                         f["bytes"])
+    t = roofline_time(profile, f["op_class"], f["dense_macs"], f["density"], f["elem_flops"],
+                      f["bytes"])
+    return np.bincount(f["midx"], weights=t, minlength=f["measured"].size)
 
 
 def _ape(pred: np.ndarray, meas: np.ndarray) -> np.ndarray:

@@ -124,3 +124,18 @@ def test_bad_measurements():
         calibrate(prof, [dataclasses.replace(m, layer="step")])
     with pytest.raises(CalibrationError, match=">= 2 models"):
         leave_one_model_out(prof, [dataclasses.replace(m, layer="conv1")])
+
+
+def test_joined_phases_predict_the_sum(profiles):
+    _, true = profiles
+    base = Measurement("resnet8", "bn1", "batchnorm2d", "backward_input", 1.0, 1.0, 16, 1, 1e-3,
+                       0.0, 3)
+    parts = [base, dataclasses.replace(base, phase="backward_weight"),
+             dataclasses.replace(base, phase="backward_input+backward_weight"),
+             dataclasses.replace(base, layer="flatten", layer_type="flatten", phase="forward"),
+             dataclasses.replace(base, layer="step")]
+    p = predict(true, parts)
+    assert p[2] == pytest.approx(p[0] + p[1])
+    assert np.isnan(p[3]) and np.isnan(p[4])  # no work / whole steps: not used
+    with pytest.raises(CalibrationError, match="joined by"):
+        predict(true, [dataclasses.replace(base, phase="forward+sideways")])
