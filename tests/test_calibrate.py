@@ -132,7 +132,8 @@ def test_joined_phases_predict_the_sum(profiles):
                        0.0, 3)
     parts = [base, dataclasses.replace(base, phase="backward_weight"),
              dataclasses.replace(base, phase="backward_input+backward_weight"),
-             dataclasses.replace(base, layer="flatten", layer_type="flatten", phase="forward"),
+             dataclasses.replace(base, model="lenet5", layer="flatten", layer_type="flatten",
+                                 phase="forward"),
              dataclasses.replace(base, layer="step")]
     p = predict(true, parts)
     assert p[2] == pytest.approx(p[0] + p[1])
