@@ -469,6 +469,34 @@ def test_speech_commands_folders_lists_and_speakers(tmp_path):
     np.testing.assert_array_equal(np.bincount(unk.y), [5, 10])
 
 
+def test_speech_commands_feature_cache(tmp_path):
+    from scipy.io import wavfile
+
+    root, cache = tmp_path / "sc", tmp_path / "cache"
+    os.makedirs(root)
+    make_speech_dir(root)
+    first = load_speech_commands_cached(root, cache)
+    files = os.listdir(cache)
+    assert len(files) == 1 and files[0].endswith(".npz")
+    again = load_speech_commands_cached(root, cache)
+    np.testing.assert_array_equal(first.x, again.x)
+    np.testing.assert_array_equal(first.x_test, again.x_test)
+    # a changed clip changes the key: features are recomputed, not served stale
+    wavfile.write(root / "yes" / "0a7c2a8d_nohash_0.wav", 16000, tone(5000, 16000))
+    changed = load_speech_commands_cached(root, cache)
+    assert len(os.listdir(cache)) == 2
+    assert not np.array_equal(changed.x, first.x)
+    # an unreadable cache file is rebuilt
+    for f in os.listdir(cache):
+        (cache / f).write_bytes(b"garbage")
+    rebuilt = load_speech_commands_cached(root, cache)
+    np.testing.assert_array_equal(rebuilt.x, changed.x)
+
+
+def load_speech_commands_cached(root, cache):
+    return load_dataset("speech_commands", root, cache_dir=str(cache))
+
+
 def test_speech_commands_corruptions_name_the_file(tmp_path):
     from scipy.io import wavfile
 

@@ -28,6 +28,7 @@ sizes against the file size) before ``scipy.io.wavfile`` decodes the samples.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -190,6 +191,43 @@ def _load_clips(root: str, rels: list[str], kind: str, batch: int = 2048) -> np.
     return out
 
 
+def _cache_path(
+    cache_dir: str | None, root: str, rels_tr: list[str], rels_te: list[str], kind: str
+) -> str | None:
+    if not cache_dir:
+        return None
+    h = hashlib.sha256()
+    h.update(repr((N_FFT, HOP, N_MELS, FMIN, FMAX, LOG_EPS, CLIP, kind)).encode())
+    for tag, rels in (("train", rels_tr), ("test", rels_te)):
+        h.update(tag.encode())
+        for rel in rels:
+            st = os.stat(os.path.join(root, rel))
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return os.path.join(cache_dir, f"speech_commands_{h.hexdigest()[:20]}.npz")
+
+
+def _read_cache(path: str, n_tr: int, n_te: int) -> tuple[np.ndarray, np.ndarray] | None:
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            x, xt = z["x"], z["x_test"]
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+    want = (N_MELS, FRAMES)
+    if x.shape != (n_tr, *want) or xt.shape != (n_te, *want) or x.dtype != np.float32 \
+            or xt.dtype != np.float32:
+        return None
+    return x, xt
+
+
+def _write_cache(path: str, x: np.ndarray, xt: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, x=x, x_test=xt)
+    os.replace(tmp, path)
+
+
 def load_speech_commands(
     path: str,
     *,
@@ -197,6 +235,7 @@ def load_speech_commands(
     unknown: bool = False,
     features_kind: str = "mfcc",
     validation: str = "train",
+    cache_dir: str | None = None,
 ) -> Dataset:
     """Load Speech Commands v2 as (N, 1, 40, 51) features with the official test split.
 
@@ -204,6 +243,9 @@ def load_speech_commands(
     the other words become one extra ``_unknown_`` class instead of being dropped.
     ``validation``: ``"train"`` puts validation_list.txt clips in the training split,
     ``"drop"`` leaves them out. ``groups`` holds each training clip's speaker.
+    ``cache_dir``: keep the unstandardised features of this selection in
+    ``<cache_dir>/speech_commands_<key>.npz`` (key: recipe + every clip's path, size and mtime),
+    so a second load skips the wav decoding and FFTs; a stale or unreadable cache is rebuilt.
     """
     if validation not in ("train", "drop"):
         raise ValueError(f"validation must be 'train' or 'drop', got {validation!r}")
@@ -255,8 +297,16 @@ def load_speech_commands(
         raise DataError(f"speech_commands: no training wav files under {root}")
     speakers = sorted({s for _, _, s in tr})
     sid = {s: i for i, s in enumerate(speakers)}
-    x = _load_clips(root, [r for r, _, _ in tr], features_kind)
-    xt = _load_clips(root, [r for r, _, _ in te], features_kind)
+    rels_tr, rels_te = [r for r, _, _ in tr], [r for r, _, _ in te]
+    cache = _cache_path(cache_dir, root, rels_tr, rels_te, features_kind)
+    cached = _read_cache(cache, len(rels_tr), len(rels_te)) if cache else None
+    if cached is not None:
+        x, xt = cached
+    else:
+        x = _load_clips(root, rels_tr, features_kind)
+        xt = _load_clips(root, rels_te, features_kind)
+        if cache:
+            _write_cache(cache, x, xt)
     mean = x.mean(axis=(0, 2), dtype=np.float64)
     std = x.std(axis=(0, 2), dtype=np.float64)
     std = np.where(std > 0, std, 1.0)
