@@ -107,7 +107,7 @@ def dataset_options(name: str) -> tuple[str, ...]:
 
     mod, fn = _LOADERS[name][1].split(":")
     sig = inspect.signature(getattr(importlib.import_module(mod), fn))
-    skip = {"path", "name", "class_names"}
+    skip = {"path", "name", "class_names"} | ({"num_classes"} if fn == "load_idx" else set())
     return tuple(p for p in sig.parameters if p not in skip)
 
 

@@ -249,6 +249,10 @@ def load_speech_commands(
     """
     if validation not in ("train", "drop"):
         raise ValueError(f"validation must be 'train' or 'drop', got {validation!r}")
+    if features_kind not in ("mfcc", "logmel"):
+        raise ValueError(f"features_kind must be 'mfcc' or 'logmel', got {features_kind!r}")
+    if words is not None and (len(set(words)) != len(words) or not words):
+        raise ValueError(f"words must be a non-empty list of distinct words, got {words!r}")
     root = _resolve(path)
     test_list = _read_list(os.path.join(root, "testing_list.txt"), True)
     val_list = _read_list(os.path.join(root, "validation_list.txt"), validation == "drop")
@@ -307,8 +311,9 @@ def load_speech_commands(
         xt = _load_clips(root, rels_te, features_kind)
         if cache:
             _write_cache(cache, x, xt)
-    mean = x.mean(axis=(0, 2), dtype=np.float64)
-    std = x.std(axis=(0, 2), dtype=np.float64)
+    # per coefficient, so the float64 temporaries stay one coefficient wide
+    mean = np.array([x[:, i].mean(dtype=np.float64) for i in range(N_MELS)])
+    std = np.array([x[:, i].std(dtype=np.float64) for i in range(N_MELS)])
     std = np.where(std > 0, std, 1.0)
     for arr in (x, xt):
         arr -= mean.astype(np.float32)[None, :, None]
