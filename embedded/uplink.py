@@ -251,6 +251,8 @@ class UplinkRule:
                 out, key = np.zeros(w.size, dtype=np.float32), f"{name}:topk"
                 out[idx] = w.ravel()[idx]
             else:
+                if name not in global_state:
+                    raise UplinkError(f"global state has no {name!r} to take the difference from")
                 gw = np.asarray(global_state[name], dtype=np.float32)
                 if gw.shape != w.shape:
                     raise UplinkError(f"global {name!r} has shape {gw.shape}, local {w.shape}")
