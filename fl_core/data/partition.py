@@ -11,7 +11,8 @@ hold every training sample exactly once (``check_partition`` verifies this).
   set to 0 for every client, ``1e-5`` is added to the classes that remain and the rows are
   renormalised (Flower's rule). Flower draws one sample at a time; here a client's remaining
   demand is drawn as one multinomial, capped by what each class has left, and the shortfall
-  redrawn after the renormalisation — the same distribution up to the order of draws.
+  redrawn from the renormalised mix: identical to Flower's while no class runs out, and
+  differing only in the draws around the moment one does.
   Flower's concentration is symmetric (``prior="uniform"``, the default), so on a dataset with
   unequal class sizes even a huge alpha gives every client a uniform class mix until the small
   classes run out, and the last clients get the leftovers; ``prior="global"`` draws
