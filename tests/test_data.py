@@ -249,6 +249,14 @@ def test_real_fashion_mnist_from_debian_package():
     np.testing.assert_array_equal(np.bincount(ds.y_test), np.full(10, 1000))
     assert 0.27 < ds.meta["mean"][0] < 0.30  # the published mean pixel (0.286)
     assert abs(float(ds.x[:2000].mean())) < 0.1
+    # independent reading, as the dataset's own mnist_reader does: skip the 8/16-byte header
+    with gzip.open(os.path.join(FASHION, "t10k-labels-idx1-ubyte.gz")) as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    with gzip.open(os.path.join(FASHION, "t10k-images-idx3-ubyte.gz")) as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    np.testing.assert_array_equal(ds.y_test, labels)
+    m, sd = ds.meta["mean"][0], ds.meta["std"][0]
+    np.testing.assert_allclose(ds.x_test[:500, 0], (images[:500] / 255.0 - m) / sd, atol=1e-5)
 
 
 # ---------------------------------------------------------------- bundled
