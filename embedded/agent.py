@@ -35,6 +35,7 @@ from .protocol.transport import Link, LinkError, Message, SocketStream, pair_mac
 
 AGENT_VERSION = "sparsefl-agent/0.1"
 DEFAULT_BAUD = 921600
+REPLY_CACHE_BYTES = 32 << 20
 
 
 class AgentError(Exception):
@@ -194,8 +195,11 @@ class Agent:
             return False
 
     def _reply(self, m: Message, msg_type: int, payload: bytes) -> None:
+        # cache for retransmitted requests: the last 8 replies, at most REPLY_CACHE_BYTES
+        # (the newest is always kept, so a retransmitted TRAIN never trains twice)
         self.replies[(m.seq, m.type)] = (msg_type, payload)
-        while len(self.replies) > 8:
+        while len(self.replies) > 8 or (len(self.replies) > 1 and sum(
+                len(p) for _, p in self.replies.values()) > REPLY_CACHE_BYTES):
             self.replies.popitem(last=False)
         self._send(msg_type, m.seq, payload)
 
@@ -286,7 +290,7 @@ class Agent:
         self.version = max(common)
         self.paired = False            # a new HELLO starts a new session
         self.nonce = os.urandom(32)
-        self.link._done.clear()
+        self.link.reset_session()
         self.replies.clear()
         return {"version": self.version, "nonce": self.nonce, "board_uuid": self.board_uuid,
                 "agent": AGENT_VERSION, "paired": False, "max_payload": self.max_payload,
@@ -362,8 +366,28 @@ class Agent:
             self.job[2].join(timeout=2.0)
         n = len(self.blobs)
         self.blobs.clear()
-        self.link._in = None
+        self.link.reset_session()
         return {"reset": True, "aborted": aborted, "cleared_blobs": n}
+
+
+def safe_data_path(root: str | None, name: str) -> str:
+    """Resolve ``name`` under the data root the user gave the agent, or raise AgentError.
+
+    Refused: no data root, absolute paths, any ``..`` component, NUL bytes, and anything whose
+    real path (symlinks resolved) leaves the root. For LOAD_DATA's "file on the board" form.
+    """
+    if root is None:
+        raise AgentError(ERR.REFUSED, "no --data-root was given to the agent")
+    if not name or "\x00" in name or os.path.isabs(name) or name.startswith("~"):
+        raise AgentError(ERR.REFUSED, f"data path {name!r} must be relative to the data root")
+    parts = name.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise AgentError(ERR.REFUSED, f"data path {name!r} contains '..'")
+    real_root = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(real_root, name))
+    if os.path.commonpath([full, real_root]) != real_root:
+        raise AgentError(ERR.REFUSED, f"data path {name!r} leaves the data root")
+    return full
 
 
 def _plain(v: Any) -> Any:
@@ -418,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="allow --listen on a non-loopback address")
     ap.add_argument("--sensor", choices=KINDS, default="auto")
     ap.add_argument("--sysfs-root", default="/", help=argparse.SUPPRESS)
+    ap.add_argument("--i2c-bus", type=int, default=1, help="ina219/ina260: I2C bus number")
+    ap.add_argument("--i2c-address", type=lambda v: int(v, 0), default=0x40,
+                    help="ina219/ina260: device address (default 0x40)")
+    ap.add_argument("--shunt-ohms", type=float, default=0.1, help="ina219: shunt resistor")
     ap.add_argument("--token-file", help="pairing token file (default: STATE_DIR/token, "
                     "generated on first start)")
     ap.add_argument("--state-dir", default=None, help="board UUID, token and Numba cache "
@@ -445,7 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_root and not os.path.isdir(args.data_root):
         raise SystemExit(f"agent: --data-root {args.data_root} is not a directory")
     try:
-        sensor = detect(args.sensor, root=args.sysfs_root)
+        kw: dict[str, Any] = {}
+        if args.sensor in ("ina219", "ina260"):
+            kw = {"bus": args.i2c_bus, "address": args.i2c_address}
+            if args.sensor == "ina219":
+                kw["shunt_ohms"] = args.shunt_ohms
+        sensor = detect(args.sensor, root=args.sysfs_root, **kw)
     except SensorError as e:
         raise SystemExit(f"agent: {e}") from e
     agent = Agent(token, state_dir, data_root=args.data_root, sensor=sensor,

@@ -341,3 +341,53 @@ def test_replies_use_the_reply_flag(host):
     host.send_frame(MSG.PING, 4001, encode_payload({}))
     m = wait_reply(host, 4001)
     assert m.flags & FLAG_REPLY and m.type == MSG.PING
+
+
+# --- TCP mode, sensors, data root ---------------------------------------------------------
+def test_tcp_reconnect_and_sensor_in_info(tmp_path):
+    from test_sensors import orin_tree
+
+    orin_tree(tmp_path / "sysfs")
+    (tmp_path / "token").write_bytes(TOKEN)
+    proc, line = spawn_agent(["--listen", "127.0.0.1:0", "--token-file", str(tmp_path / "token"),
+                              "--sensor", "jetson-ina3221", "--sysfs-root",
+                              str(tmp_path / "sysfs")], str(tmp_path / "state"))
+    try:
+        port = int(line.split()[1].rsplit(":", 1)[1])
+        for _ in range(2):    # the agent goes back to accept() when a host disconnects
+            ser = serial.serial_for_url(f"socket://127.0.0.1:{port}", timeout=0.01)
+            link = Link(ser)
+            link.hello(TOKEN)
+            info = link.request(MSG.INFO)
+            assert [(s["kind"], s["driver"], s["rail"]) for s in info["sensors"]] == \
+                [("jetson-ina3221", "hwmon", "VDD_IN")]
+            data = os.urandom(100_000)
+            assert link.request(MSG.ECHO, {"data": data})["data"] == data
+            ser.close()
+    finally:
+        stop_agent(proc)
+
+
+def test_requested_sensor_missing_is_a_clear_startup_error(tmp_path):
+    with pytest.raises(RuntimeError, match="no intel-rapl zones"):
+        spawn_agent(["--listen", "127.0.0.1:0", "--sensor", "rapl", "--sysfs-root",
+                     str(tmp_path)], str(tmp_path / "s"))
+
+
+def test_safe_data_path(tmp_path):
+    from embedded.agent import AgentError, safe_data_path
+
+    root = tmp_path / "data"
+    (root / "shards").mkdir(parents=True)
+    (root / "shards" / "c0.npz").write_bytes(b"x")
+    (tmp_path / "secret").write_text("s")
+    os.symlink(tmp_path / "secret", root / "link")
+    assert safe_data_path(str(root), "shards/c0.npz") == str(root / "shards" / "c0.npz")
+    for bad, why in [("../secret", "'..'"), ("shards/../../secret", "'..'"),
+                     (str(tmp_path / "secret"), "relative"), ("link", "leaves the data root"),
+                     ("", "relative"), ("a\x00b", "relative"), ("~/x", "relative")]:
+        with pytest.raises(AgentError, match=why) as e:
+            safe_data_path(str(root), bad)
+        assert e.value.code == ERR.REFUSED
+    with pytest.raises(AgentError, match="no --data-root"):
+        safe_data_path(None, "x")

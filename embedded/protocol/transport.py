@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
+import os
 import select
 import socket
 import struct
@@ -164,14 +165,14 @@ class Link:
         self.errors: collections.deque[FrameError] = collections.deque(maxlen=64)
         self.stats = LinkStats()
         self.peer: dict = {}
-        self._seq = int.from_bytes(hashlib.sha256(str(time.time_ns()).encode()).digest()[:2],
-                                   "little")
+        self._seq = int.from_bytes(os.urandom(2), "little")
         self._in: _Incoming | None = None
         self._done: collections.OrderedDict[tuple[int, int], bool] = collections.OrderedDict()
         self._out: _Outgoing | None = None
         self._srtt: float | None = None
         self._rttvar = 0.0
         self._order = 0
+        self.incoming_idle_s = max(30.0, 4 * timeout * (retries + 1))
         self.accept_transfer = None   # optional callable(inner_type, total) -> str | None
         self.on_bad_frame = None      # optional callable(FrameError)
         try:
@@ -211,6 +212,9 @@ class Link:
     def poll(self, max_wait: float = 0.0) -> bool:
         """Read what arrives within ``max_wait`` s and handle it; True if any frame came in."""
         deadline = time.monotonic() + max_wait
+        t = self._in
+        if t is not None and deadline - t.last > self.incoming_idle_s:
+            self._in = None   # abandoned by the sender: free its chunks
         while True:
             data = self._read_some()
             if data:
@@ -222,6 +226,11 @@ class Link:
                     return True
             if time.monotonic() >= deadline:
                 return False
+
+    def reset_session(self) -> None:
+        """Forget the unfinished incoming transfer and the completed-transfer memory."""
+        self._in = None
+        self._done.clear()
 
     def next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
@@ -526,7 +535,6 @@ class Link:
                             f"this host speaks {SUPPORTED_VERSIONS}")
         self.version = rep["version"]
         if token is not None:
-            import os
             host_nonce = os.urandom(32)
             mac = pair_mac(token, b"host", rep["nonce"], host_nonce)
             a = self.request(MSG.AUTH, {"nonce": host_nonce, "mac": mac}, timeout=timeout)
