@@ -120,6 +120,7 @@ def test_relu_matches_torch(variant):
     layer, tmod, _ = _one_layer("relu", (3, 5, 7))
     x = rng.standard_normal((2, 3, 5, 7)).astype(np.float32)
     x[0, 0, 0, :3] = 0.0  # gradient at exactly 0 is 0 in torch
+    x[1, 2, 3, 4] = np.nan  # NaN propagates forward and passes the gradient, as torch
     _check(layer, tmod, x, rng)
 
 

@@ -49,14 +49,15 @@ def pick(pair, work: int):
 
 
 def _relu_fwd(x, y):
+    # written as torch's threshold (x <= 0 -> 0), so NaN propagates as in torch
     for i in prange(x.size):
         v = x[i]
-        y[i] = v if v > 0.0 else np.float32(0.0)
+        y[i] = np.float32(0.0) if v <= 0.0 else v
 
 
 def _relu_bwd(gy, y, gx):
     for i in prange(gy.size):
-        gx[i] = gy[i] if y[i] > 0.0 else np.float32(0.0)
+        gx[i] = np.float32(0.0) if y[i] <= 0.0 else gy[i]
 
 
 def _add_fwd(a, b, y):
