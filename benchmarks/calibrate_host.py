@@ -1,23 +1,32 @@
 """Calibrate the ``generic-x86`` profile from per-layer, per-phase timings on this host.
 
-    python benchmarks/calibrate_host.py [--backend torch] [--models lenet5,femnist_cnn,resnet8,mlp]
-        [--batches 16,32] [--sparsities 0,0.9] [--threads 1] [--repeats 15]
+    python benchmarks/calibrate_host.py [--backend numba|torch]
+        [--models lenet5,femnist_cnn,resnet8,mlp] [--batches 16,32] [--sparsities 0,0.5,0.9,0.95]
+        [--threads 1] [--repeats 15] [--clock cpu|wall]
         [--json benchmarks/results/calibrate_host.json] [--write-profile PATH]
 
-For each model, batch and sparsity, every layer's four phases (forward, backward-input,
-backward-weight, SGD-momentum update) and the loss are timed in isolation (median and IQR of
-``--repeats`` runs after warm-up; forward with grad mode on, as in training; the per-call cost of
-``torch.autograd.grad`` itself, measured on a one-element graph, taken off the backward
-timings), giving :class:`hwmodel.measure.Measurement` records. Then
+For each model, batch and sparsity, every layer's phases (forward, backward-input,
+backward-weight, SGD-momentum update) and the loss are timed (median and IQR over
+``--repeats`` after warm-up), giving :class:`hwmodel.measure.Measurement` records. Then
 ``hwmodel.calibrate`` fits generic-x86 to all of them, and the leave-one-model-out error
 (fit on the other models, predict the held-out one) is printed as median and p90 absolute
-percentage error.
+percentage error, per layer-phase and per whole training step (the sum of a step's
+layer-phases, predicted against measured).
 
 Measuring backends are pluggable (``BACKENDS``: name -> function(spec, batch, sparsity,
-threads, repeats) -> list of Measurement). ``torch`` is the only one until the Numba trainer
-exposes per-layer timings; it runs torch's **dense** kernels, so whatever sparsity is asked for,
-its measurements are at density 1 (a dense kernel cannot show a sparse speed-up) and the
-sparse-efficiency curve is not fitted from them. The record says so in ``note``.
+threads, repeats) -> list of Measurement):
+
+* ``numba`` (default): sparsefl's own trainer (``embedded.Network`` + SGD) at each sparsity with
+  the SWAT plan, step by step, from the timings the trainer records itself;
+* ``torch``: each layer alone with torch's **dense** kernels (forward with grad mode on, as in
+  training; the per-call cost of ``torch.autograd.grad``, measured on a one-element graph, is
+  taken off the backward timings). Whatever sparsity is asked for, these are at density 1 (a
+  dense kernel cannot show a sparse speed-up), so the sparse-efficiency curve is not fitted
+  from them; the result's ``note`` says so.
+
+Timings use process CPU time by default (``--clock cpu``; BLAS pools are capped to
+``--threads``), because the development host is shared: other jobs preempt us and inflate wall
+time, not CPU time. With one thread, CPU time is the busy time of the kernels.
 """
 
 from __future__ import annotations
@@ -275,18 +284,37 @@ BACKENDS: dict[str, Measurer] = {"numba": numba_measure, "torch": torch_measure}
 
 
 def collect(models: list[str], batches: list[int], sparsities: list[float], threads: int,
-            repeats: int, backend: str = "torch") -> list[Measurement]:
-    """Measurements of every model x batch x sparsity with the chosen backend."""
+            repeats: int, backend: str = "numba") -> tuple[list[Measurement], list[str]]:
+    """Measurements of every model x batch x sparsity with the chosen backend, and for each the
+    run it came from (``model/batch/sparsity``: the layer-phases of one training step)."""
     measure = BACKENDS[backend]
     out: list[Measurement] = []
+    runs: list[str] = []
     for model in models:
         spec = hwmodel.build(model)
         for batch in batches:
             for s in sparsities:
                 if backend == "torch" and s != sparsities[0]:
                     continue  # dense kernels: one run per batch covers every sparsity
-                out.extend(measure(spec, batch, s, threads, repeats))
-    return out
+                got = measure(spec, batch, s, threads, repeats)
+                out.extend(got)
+                runs.extend([f"{model}/{batch}/{s:g}"] * len(got))
+    return out, runs
+
+
+def step_errors(ms: list[Measurement], runs: list[str], pred: list[float]) -> dict:
+    """Whole-step error: per run, the sum of the predicted layer-phases against the sum of the
+    measured ones (over the layer-phases the model predicts)."""
+    tot: dict[str, list[float]] = {}
+    for m, r, p in zip(ms, runs, pred, strict=True):
+        if np.isfinite(p):
+            t = tot.setdefault(r, [0.0, 0.0])
+            t[0] += p
+            t[1] += m.median_s
+    ape = {r: 100.0 * abs(p - m) / m for r, (p, m) in tot.items()}
+    vals = np.array(list(ape.values()))
+    return {"n": len(vals), "median_ape_pct": float(np.median(vals)),
+            "p90_ape_pct": float(np.percentile(vals, 90)), "runs": ape}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="numba", choices=sorted(BACKENDS))
     ap.add_argument("--models", default="lenet5,femnist_cnn,resnet8,mlp")
     ap.add_argument("--batches", default="16,32")
-    ap.add_argument("--sparsities", default="0,0.9")
+    ap.add_argument("--sparsities", default="0,0.5,0.9,0.95")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
@@ -306,18 +334,24 @@ def main(argv: list[str] | None = None) -> int:
                     help="also save the calibrated profile TOML here")
     args = ap.parse_args(argv)
     CLOCK["now"] = time.process_time if args.clock == "cpu" else time.perf_counter
+    try:  # BLAS threads that spin after a call would count as our CPU time: cap them too
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=args.threads)
+    except ImportError:  # pragma: no cover
+        pass
     models = args.models.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     sparsities = [float(s) for s in args.sparsities.split(",")]
 
     t0 = time.perf_counter()
-    ms = collect(models, batches, sparsities, args.threads, args.repeats, args.backend)
+    ms, runs = collect(models, batches, sparsities, args.threads, args.repeats, args.backend)
     t_measure = time.perf_counter() - t0
     base = load_profile(args.profile)
     before = calibration_error(base, ms)
     fitted = calibrate(base, ms)
     after = calibration_error(fitted, ms)
     lomo = leave_one_model_out(base, ms)
+    steps = step_errors(ms, runs, lomo.pop("predictions"))
 
     note = ("torch backend: dense kernels, every measurement at density 1; the sparse-efficiency "
             "curve is not fitted from them" if args.backend == "torch" else "")
@@ -334,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     for m, r in lomo["models"].items():
         print(f"    held out {m:<12} n={r['n']:<4} median {r['median_ape_pct']:.1f}%  "
               f"p90 {r['p90_ape_pct']:.1f}%")
+    print(f"  leave-one-model-out, whole training steps ({steps['n']} runs): median "
+          f"{steps['median_ape_pct']:.1f}%  p90 {steps['p90_ape_pct']:.1f}%")
+    for r, e in steps["runs"].items():
+        print(f"    {r:<22} {e:.1f}%")
     fit_values = {
         "efficiency": fitted.efficiency, "overhead_s": fitted.overhead_s,
         "mem_bandwidth_gbs": fitted.mem_bandwidth_gbs,
@@ -347,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "calibrate_host", "date": dt.date.today().isoformat(),
         "backend": args.backend, "note": note, "clock": args.clock, "threads": args.threads, "batches": batches,
         "models": models, "sparsities": sparsities, "profile": args.profile,
-        "error_uncalibrated": before, "error_in_sample": after, "leave_one_model_out": lomo,
+        "error_uncalibrated": before, "error_in_sample": after, "leave_one_model_out": lomo, "leave_one_model_out_steps": steps,
         "fitted": fit_values, "host": platform.platform(), "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(), "measure_s": t_measure,
         "measurements": [m.to_dict() for m in ms],

@@ -39,20 +39,3 @@ def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'hwmodel' has no attribute {name!r}")
-
-
-class _Package(type(importlib)):
-    """``hwmodel.estimate`` and ``hwmodel.calibrate`` are both a submodule and the function of
-    that name. Importing the submodule makes the import system set the package attribute to the
-    module; bind the function instead, so ``hwmodel.estimate(...)`` works whatever was imported
-    first (``from hwmodel.estimate import ...`` still reaches the module via sys.modules)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _LAZY and getattr(value, "__name__", None) == _LAZY[name]:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _Package

@@ -14,8 +14,9 @@ weight gradient) are not used for fitting; ``layer="loss"`` is the softmax cross
 
 The fit is ``scipy.optimize.least_squares`` on ``log(predicted) - log(measured)`` with the
 parameters in log space and bounded (efficiencies in (1e-4, 1], overhead in (1e-9, 0.1] s,
-bandwidth in (0.1, 1000] GB/s), a soft-L1 loss against outliers. Sparse-efficiency entries are
-fitted only where a measurement at density < 1 falls within their interpolation reach; an op
+bandwidth in (0.1, 1000] GB/s), a soft-L1 loss against outliers. The measured densities
+(2 significant digits) join the sparse-efficiency table; its entries are fitted only where a
+measurement at density < 1 falls within their interpolation reach; an op
 class is fitted only if some measurement exercises it. The fitted paths go into
 ``profile.fitted`` and their sources say ``measured: calibrated from N measurements on DATE``.
 """
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import sys
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +34,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from .counts import count_rows
-from .estimate import roofline_time
+from .estimate import roofline_time, sparse_efficiency_vec
 from .measure import PHASES, Measurement
 from .models import build
 from .plan import LayerSparsity, SparsityPlan
@@ -163,6 +166,19 @@ def _free_sparse_entries(se: SparseEfficiency, densities: np.ndarray) -> list[in
     return sorted(free)
 
 
+def _refine_grid(profile: DeviceProfile, densities: np.ndarray) -> DeviceProfile:
+    """Add the measured densities (2 significant digits) to the sparse-efficiency table, each
+    starting at the profile's current interpolated value, so the fit can shape the curve where
+    the data are."""
+    se = profile.sparse_efficiency
+    measured = {float(f"{d:.2g}") for d in densities[densities < 1.0]}
+    new = sorted(set(float(x) for x in se.densities) | measured)
+    if len(new) == len(se.densities):
+        return profile
+    eff = [float(sparse_efficiency_vec(se, d)) for d in new]
+    return dataclasses.replace(profile, sparse_efficiency=SparseEfficiency(tuple(new), tuple(eff)))
+
+
 def _with(profile: DeviceProfile, eff: dict[str, float], sp: list[float], overhead: float,
           bw: float) -> DeviceProfile:
     return dataclasses.replace(
@@ -197,6 +213,7 @@ def calibrate(profile: DeviceProfile, measurements: Sequence[Measurement],
             if c in present:
                 params.append((f"efficiency.{c}", float(profile.efficiency[c]), _EFF_BOUNDS))
     if "sparse_efficiency" in fit:
+        profile = _refine_grid(profile, f["density"])
         sp_free = _free_sparse_entries(profile.sparse_efficiency, f["density"])
         for i in sp_free:
             params.append((f"sparse_efficiency.efficiency[{i}]",
@@ -251,22 +268,40 @@ def leave_one_model_out(profile: DeviceProfile, measurements: Sequence[Measureme
     """Fit on every model but one, test on that one, for each model; pooled held-out error too.
 
     Returns ``{"models": {name: {n, median_ape_pct, p90_ape_pct}}, "n", "median_ape_pct",
-    "p90_ape_pct", "in_sample": {...}}`` (percentages).
+    "p90_ape_pct", "in_sample": {...}, "predictions": [...]}`` (percentages; ``predictions``
+    holds each measurement's held-out prediction in seconds, NaN where it was not used).
     """
-    per = [m for m in measurements if m.layer != "step"]
-    models = sorted({m.model for m in per})
+    measurements = list(measurements)
+    models = sorted({m.model for m in measurements if m.layer != "step"})
     if len(models) < 2:
         raise CalibrationError(f"leave-one-model-out needs measurements of >= 2 models, got {models}")
     report: dict[str, Any] = {"models": {}}
     pooled = []
+    held_out = np.full(len(measurements), np.nan)
     for held in models:
-        train = [m for m in per if m.model != held]
-        test = [m for m in per if m.model == held]
+        train = [m for m in measurements if m.model != held and m.layer != "step"]
+        idx = [i for i, m in enumerate(measurements) if m.model == held]
+        test = [measurements[i] for i in idx]
         prof = calibrate(profile, train, fit)
         f = _features(test)
-        ape = _ape(_predict(prof, f), f["measured"])
+        pred = _predict(prof, f)
+        held_out[np.asarray(idx)[f["src"]]] = pred
+        ape = _ape(pred, f["measured"])
         pooled.append(ape)
         report["models"][held] = _summary(ape)
     report.update(_summary(np.concatenate(pooled)))
+    per = [m for m in measurements if m.layer != "step"]
     report["in_sample"] = calibration_error(calibrate(profile, per, fit), per)
+    report["predictions"] = held_out.tolist()
     return report
+
+
+class _CallableModule(types.ModuleType):
+    """``hwmodel.calibrate`` names both this module and its function; once the module is imported,
+    the package attribute is the module, so calling it calls the function."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return calibrate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -104,6 +104,7 @@ def test_leave_one_model_out_runs(profiles):
     # median is worse than the noise but the dense-only layers are predicted well
     assert rep["median_ape_pct"] > 0
     assert rep["p90_ape_pct"] >= rep["median_ape_pct"]
+    assert len(rep["predictions"]) == len(ms) and np.all(np.isfinite(rep["predictions"]))
     dense_ms = [m for m in ms if m.density == 1.0]
     rep = leave_one_model_out(start, dense_ms)
     assert rep["median_ape_pct"] < 6

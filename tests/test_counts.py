@@ -250,5 +250,12 @@ def test_bad_input_errors():
 
 
 def test_lazy_export():
+    import hwmodel.calibrate as calibrate_module
+    import hwmodel.estimate as estimate_module
+
     assert hwmodel.count is count
-    assert callable(hwmodel.estimate) and callable(hwmodel.calibrate)
+    # the submodules stay modules and the package names stay callable
+    assert callable(calibrate_module.leave_one_model_out)
+    assert callable(estimate_module.estimate_fleet)
+    assert hwmodel.estimate("mlp", "rpi4").to_dict()["model"] == "mlp"
+    assert callable(hwmodel.calibrate)
