@@ -43,7 +43,8 @@ Sparse storage of a weight with ``nnz`` non-zeros: CSR with rows = output channe
 ``(rows + 1)`` int32 row pointers + ``nnz`` int32 column indices + ``nnz`` fp32 values (what
 ``scipy.sparse.csr_matrix(..., dtype=float32)`` with int32 indices holds); bitmap = one bit per
 weight (``ceil(numel / 8)`` bytes, ``numpy.packbits``) + ``nnz`` fp32 values. Saved activations
-under SWAT are stored as bitmap + values. ``nnz = max(1, round(density * numel))`` below density 1.
+under SWAT are stored as bitmap + values. Below density 1, ``nnz = floor(density * numel + 0.5)``
+clipped to [1, numel], as the trainer's top-K counts.
 """
 
 from __future__ import annotations
@@ -107,10 +108,11 @@ def op_class(op: str) -> str:
 
 
 def nnz_at(numel: int, density: float) -> int:
-    """Non-zeros kept at ``density``: all at 1, else ``max(1, round(density * numel))``."""
+    """Non-zeros kept at ``density``: ``floor(density * numel + 0.5)`` clipped to [1, numel],
+    the count the trainer's top-K keeps (``embedded.kernels.topk.count_for_density``)."""
     if density >= 1.0:
         return int(numel)
-    return max(1, int(round(density * numel)))
+    return max(1, min(int(numel), int(math.floor(density * numel + 0.5))))
 
 
 def csr_nbytes(rows: int, nnz: int) -> int:

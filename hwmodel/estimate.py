@@ -606,7 +606,7 @@ class _ModelTables:
         """Uplink bytes and the paper CSR bytes for densities ``d`` (dense32 where d == 1)."""
         numel, ndim, rows, over = (self.sw[:, i] for i in range(4))
         dd = d[:, None]
-        nnz = np.where(dd >= 1.0, numel, np.maximum(1.0, np.rint(dd * numel)))
+        nnz = np.where(dd >= 1.0, numel, np.clip(np.floor(dd * numel + 0.5), 1.0, numel))
         sparse = tensor_bytes_vec(codec, numel, nnz, ndim, rows)
         dense = tensor_bytes_vec("dense32", numel, numel, ndim)
         body = np.where(dd >= 1.0, dense, sparse) + over

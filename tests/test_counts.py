@@ -259,3 +259,13 @@ def test_lazy_export():
     assert callable(estimate_module.estimate_fleet)
     assert hwmodel.estimate("mlp", "rpi4").to_dict()["model"] == "mlp"
     assert callable(hwmodel.calibrate)
+
+
+def test_nnz_matches_the_trainers_topk_count():
+    topk = pytest.importorskip("embedded.kernels.topk")
+    from hwmodel.counts import nnz_at
+
+    for n in (1, 2, 3, 10, 101, 2400, 6_422_528):
+        for d in (0.001, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0):
+            assert nnz_at(n, d) == topk.count_for_density(d, n), (n, d)
+    assert nnz_at(10, 0.25) == 3  # 2.5 rounds half up, as the trainer does
