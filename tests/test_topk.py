@@ -20,8 +20,16 @@ def test_kth_largest_matches_sort(n):
 def test_ties_zeros_and_negative_values():
     a = np.array([0, -3, 3, 2, -2, 0, 0, 1, -5], np.float32)
     ref = np.sort(np.abs(a))[::-1]
-    for k in range(1, a.size + 1):
+    nonzero = int((a != 0).sum())
+    for k in range(1, nonzero + 1):
         assert kth_largest_abs(a, k) == ref[k - 1]
+    # asking for more than the non-zeros: the threshold keeps every non-zero entry (and, by
+    # the layers' rule, never a zero)
+    tiny = np.nextafter(np.float32(0), np.float32(1))
+    for k in range(nonzero + 1, a.size + 1):
+        t = kth_largest_abs(a, k)
+        assert t == tiny
+        assert int(((np.abs(a) >= t) & (a != 0)).sum()) == nonzero
     # subnormals and huge magnitudes still order by their bit patterns
     b = np.array([1e-45, -2e-45, 3e38, -1e38, 0.5], np.float32)
     assert kth_largest_abs(b, 1) == np.float32(3e38)

@@ -12,8 +12,9 @@ on x86 and on ARM NEON alike), and small feature maps still get long runs (OW * 
 Output ``yb``: ``(C_out, OH, OW, N)`` flattened (batch last). ``gyT``: ``(OH, OW, N, C_out)``
 for the weight gradient from sparse activations.
 
-All parallel loops are over output rows/channels with a fixed order inside, so results are
-bitwise reproducible for any thread count.
+Every kernel is a ``dual`` (serial, parallel) pair; parallel loops are over output or input
+channels with a fixed order inside, so results are bitwise reproducible for any thread count.
+Unpacking to NCHW is fused into the compute kernels (one dispatch per phase).
 """
 
 from __future__ import annotations
@@ -21,38 +22,300 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .sparse import dual
+
 
 # ----------------------------------------------------------------------------- layout
-@njit(cache=True, nogil=True, parallel=True)
-def pack_input(x, xq, sh, sw, ph, pw, Hq, Wq):
-    """NCHW x -> packed phase planes xq (flat), zero padding included."""
+@dual
+def pack_input(x, xbits, xq, sh, sw, ph, pw, Hq, Wq, hist, want_hist):
+    """NCHW x -> packed phase planes xq (flat), zero padding included.
+
+    If ``want_hist``: hist[c, b] counts the top-11-bit patterns of |x| over the channels of
+    static chunk c (pass 1 of the activation top-K, fused here).
+    """
     N, C, H, W = x.shape
+    nch = hist.shape[0]
+    rs = Wq * N
+    for c in prange(nch):
+        h = hist[c]
+        if want_hist:
+            h[:] = 0
+        for ci in range(C * c // nch, C * (c + 1) // nch):
+            for phs in range(sh):
+                for pws in range(sw):
+                    cq = (ci * sh + phs) * sw + pws
+                    for i in range(Hq):
+                        ih = i * sh + phs - ph
+                        row = xq[(cq * Hq + i) * rs:(cq * Hq + i + 1) * rs]
+                        if ih < 0 or ih >= H:
+                            row[:] = 0.0
+                            continue
+                        # valid j: 0 <= j*sw + pws - pw < W
+                        j0 = 0
+                        while j0 < Wq and j0 * sw + pws - pw < 0:
+                            j0 += 1
+                        j1 = j0
+                        while j1 < Wq and j1 * sw + pws - pw < W:
+                            j1 += 1
+                        row[:j0 * N] = 0.0
+                        row[j1 * N:] = 0.0
+                        for n in range(N):
+                            src = x[n, ci, ih]
+                            iw = j0 * sw + pws - pw
+                            for j in range(j0, j1):
+                                row[j * N + n] = src[iw]
+                                iw += sw
+            if want_hist:
+                for n in range(N):
+                    for ih in range(H):
+                        brow = xbits[n, ci, ih]
+                        for iw in range(W):
+                            h[(brow[iw] & np.uint32(0x7FFFFFFF)) >> np.uint32(20)] += 1
+
+
+@dual
+def pack_grad_out(gy, gyb, gyT, gbias, want_bias, want_T, rstride):
+    """NCHW gy -> batch-last gyb (Co, OH, rstride/N, N): row oh of channel co starts at
+    ``(co*OH + oh)*rstride``; columns ow >= OW (when rstride > OW*N) are zeroed. Also
+    gbias[co] = sum of gy[:, co] and, if ``want_T``, the channels-last gyT (OH, OW, N, Co)."""
+    N, Co, OH, OW = gy.shape
+    L = OW * N
+    for co in prange(Co):
+        s = np.float32(0.0)
+        for oh in range(OH):
+            r0 = (co * OH + oh) * rstride
+            dst = gyb[r0:r0 + rstride]
+            for n in range(N):
+                src = gy[n, co, oh]
+                for ow in range(OW):
+                    dst[ow * N + n] = src[ow]
+            if want_bias:
+                for t in range(L):
+                    s += dst[t]
+            dst[L:] = 0.0
+        if want_bias:
+            gbias[co] = s
+    if want_T:
+        # (Co, OW) -> (OW, Co) per (oh, n): ow outer so the writes are contiguous; the Co
+        # source rows stay in L1 across ow.
+        for oh in prange(OH):
+            for n in range(N):
+                for ow in range(OW):
+                    d0 = ((oh * OW + ow) * N + n) * Co
+                    dst = gyT[d0:d0 + Co]
+                    for co in range(Co):
+                        dst[co] = gy[n, co, oh, ow]
+
+
+@njit(cache=True, nogil=True)
+def _unpack_channel(gxq, gx, ci, sh, sw, ph, pw, Hq, Wq):
+    """gx[:, ci] (NCHW) from the packed planes of input channel ci (padding dropped)."""
+    N, _, H, W = gx.shape
+    rs = Wq * N
+    for ih in range(H):
+        tt = ih + ph
+        phs = tt % sh
+        i = tt // sh
+        for pws in range(sw):
+            iw0 = (pws - pw) % sw  # first iw with (iw + pw) % sw == pws
+            if iw0 >= W:
+                continue
+            j0 = (iw0 + pw) // sw
+            cq = (ci * sh + phs) * sw + pws
+            base = (cq * Hq + i) * rs
+            for n in range(N):
+                dst = gx[n, ci, ih]
+                j = j0
+                for iw in range(iw0, W, sw):
+                    dst[iw] = gxq[base + j * N + n]
+                    j += 1
+
+
+# ----------------------------------------------------------------------------- compute
+@dual
+def fwd_csr(rowptr, code, val, xq, yb, y, bias, has_bias, OH, rs):
+    """y[:, co] = bias + sum over kept (code, v) of row co: v * xq[code*N : code*N + RL].
+
+    The whole output block of channel co is one contiguous run of RL = (OH-1)*rs + OW*N
+    elements of yb (row stride rs = Wq*N: the columns ow >= OW in between are computed and
+    ignored), so each kept tap is one long axpy (4 taps per pass). The block is then
+    unpacked to NCHW ``y`` by the same iteration.
+    """
+    N, Co, _, OW = y.shape
+    RL = (OH - 1) * rs + OW * N
+    blk = OH * rs
+    for co in prange(Co):
+        p = rowptr[co]
+        p1 = rowptr[co + 1]
+        out = yb[co * blk:co * blk + RL]
+        out[:] = 0.0
+        while p + 4 <= p1:
+            a0 = code[p] * N
+            a1 = code[p + 1] * N
+            a2 = code[p + 2] * N
+            a3 = code[p + 3] * N
+            s0 = xq[a0:a0 + RL]
+            s1 = xq[a1:a1 + RL]
+            s2 = xq[a2:a2 + RL]
+            s3 = xq[a3:a3 + RL]
+            v0 = val[p]
+            v1 = val[p + 1]
+            v2 = val[p + 2]
+            v3 = val[p + 3]
+            for t in range(RL):
+                out[t] += v0 * s0[t] + v1 * s1[t] + v2 * s2[t] + v3 * s3[t]
+            p += 4
+        while p < p1:
+            a0 = code[p] * N
+            s0 = xq[a0:a0 + RL]
+            v0 = val[p]
+            for t in range(RL):
+                out[t] += v0 * s0[t]
+            p += 1
+        b = bias[co] if has_bias else np.float32(0.0)
+        for oh in range(OH):
+            for n in range(N):
+                dst = y[n, co, oh]
+                for ow in range(OW):
+                    dst[ow] = out[oh * rs + ow * N + n] + b
+
+
+@dual
+def bwd_input_csc(colptr, c_code, c_row, c_val, gyb, gxq, gx, sh, sw, ph, pw, Hq, Wq, OH, OW):
+    """Input gradient with the compressed weight: for input channel ci, its phase planes of
+    gxq += v * gyb[co block] at each kept tap's code offset, one contiguous run of
+    RL = (OH-1)*rs + OW*N per tap (gyb's columns ow >= OW are zero, so the run may cross
+    them; it never leaves ci's planes). A scatter by ci: no race. Then unpacked (padding
+    dropped) into NCHW ``gx`` by the same iteration."""
+    N, Ci, H, W = gx.shape
     s2 = sh * sw
     rs = Wq * N
-    for cq in prange(C * s2):
-        ci = cq // s2
-        phs = (cq // sw) % sh
-        pws = cq % sw
-        for i in range(Hq):
-            ih = i * sh + phs - ph
-            row = xq[(cq * Hq + i) * rs:(cq * Hq + i + 1) * rs]
-            if ih < 0 or ih >= H:
-                row[:] = 0.0
-                continue
-            for j in range(Wq):
-                iw = j * sw + pws - pw
-                if iw < 0 or iw >= W:
-                    for n in range(N):
-                        row[j * N + n] = 0.0
-            for n in range(N):
-                src = x[n, ci, ih]
-                for j in range(Wq):
-                    iw = j * sw + pws - pw
-                    if 0 <= iw < W:
-                        row[j * N + n] = src[iw]
+    plane = Hq * rs
+    RL = (OH - 1) * rs + OW * N
+    blk = OH * rs
+    for ci in prange(Ci):
+        gxq[ci * s2 * plane:(ci + 1) * s2 * plane] = 0.0
+        for p in range(colptr[ci], colptr[ci + 1]):
+            v = c_val[p]
+            co = c_row[p]
+            a = c_code[p] * N
+            dst = gxq[a:a + RL]
+            src = gyb[co * blk:co * blk + RL]
+            for t in range(RL):
+                dst[t] += v * src[t]
+        _unpack_channel(gxq, gx, ci, sh, sw, ph, pw, Hq, Wq)
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@dual
+def bwd_weight_scan(xq, thr, gyT, gWt, gw, cnt, kbuf, nch, cb, sh, sw, Hq, Wq, N, KH, KW, OH, OW):
+    """Dense weight gradient from the top-K input activations only (SWAT).
+
+    Every kept activation a (``|a| >= thr``, ``a != 0``) at plane (ci, phs, pws), position
+    (i, j), sample n adds, for each tap kh = phs + mh*sh, kw = pws + mw*sw (landing on output
+    (i - mh, j - mw)), ``a * gyT[oh, ow, n, group]`` to ``gWt[ci, kh, kw, :]`` (contiguous
+    over the group's output channels). Input channels are split into ``nch`` static chunks
+    (one per worker); a chunk walks the spatial positions outermost and its channels inside,
+    so the few gyT rows around (i, j) stay in cache. The kept samples of each (ci, i, j) are
+    compacted without branches (``kbuf[ci]``), so a skipped activation costs about one
+    instruction. The per-channel accumulation order does not depend on ``nch``. Blocks are
+    then written to the torch layout ``gw``; cnt[ci] = number kept.
+    """
+    Co, Cig, _, _ = gw.shape
+    Cin = cnt.size
+    Cog = Co // (Cin // Cig)
+    blk = KH * KW * Cog
+    rs = Wq * N
+    for c in prange(nch):
+        ci0 = Cin * c // nch
+        ci1 = Cin * (c + 1) // nch
+        gWt[ci0 * blk:ci1 * blk] = 0.0
+        cnt[ci0:ci1] = 0
+        for cb0 in range(ci0, ci1, cb):
+          cb1 = min(ci1, cb0 + cb)
+          for phs in range(sh):
+            nh = (KH - phs + sh - 1) // sh  # taps kh = phs + mh*sh land on oh = i - mh
+            for pws in range(sw):
+                nw = (KW - pws + sw - 1) // sw
+                for i in range(Hq):
+                    for j in range(Wq):
+                        for ci in range(cb0, cb1):
+                            cq = (ci * sh + phs) * sw + pws
+                            base = (cq * Hq + i) * rs + j * N
+                            xs = xq[base:base + N]
+                            kb = kbuf[ci]
+                            m = 0
+                            for n in range(N):
+                                a = xs[n]
+                                kb[m] = n
+                                m += (a != 0.0) & (abs(a) >= thr)
+                            if m == 0:
+                                continue
+                            cnt[ci] += m
+                            co0 = (ci // Cig) * Cog
+                            g = gWt[ci * blk:(ci + 1) * blk]
+                            for q in range(m):
+                                n = kb[q]
+                                a = xs[n]
+                                for mh in range(nh):
+                                    oh = i - mh
+                                    if oh < 0:
+                                        break
+                                    if oh >= OH:
+                                        continue
+                                    kh = phs + mh * sh
+                                    for mw in range(nw):
+                                        ow = j - mw
+                                        if ow < 0:
+                                            break
+                                        if ow >= OW:
+                                            continue
+                                        kw = pws + mw * sw
+                                        s0 = ((oh * OW + ow) * N + n) * Co + co0
+                                        src = gyT[s0:s0 + Cog]
+                                        d0 = (kh * KW + kw) * Cog
+                                        dst = g[d0:d0 + Cog]
+                                        for t in range(Cog):
+                                            dst[t] += a * src[t]
+        for ci in range(ci0, ci1):
+            co0 = (ci // Cig) * Cog
+            cig = ci - (ci // Cig) * Cig
+            g = gWt[ci * blk:(ci + 1) * blk]
+            for cl in range(Cog):
+                for kh in range(KH):
+                    for kw in range(KW):
+                        gw[co0 + cl, cig, kh, kw] = g[(kh * KW + kw) * Cog + cl]
+
+
+@dual(fastmath=True)
+def bwd_weight_sddmm(rowptr, code, widx, gyb, xq, gflat, OH, OW, rs, N):
+    """gflat[widx[p]] = dot(gyb[co block], xq[code*N : +RL]) for the kept entries only (masked
+    mode: the weight gradient inside the mask; gyb's columns ow >= OW are zero)."""
+    Co = rowptr.size - 1
+    RL = (OH - 1) * rs + OW * N
+    blk = OH * rs
+    for co in prange(Co):
+        g = gyb[co * blk:co * blk + RL]
+        for p in range(rowptr[co], rowptr[co + 1]):
+            a = code[p] * N
+            xs = xq[a:a + RL]
+            s = np.float32(0.0)
+            for t in range(RL):
+                s += g[t] * xs[t]
+            gflat[widx[p]] = s
+
+
+@dual
+def im2col(xq, codes, col, OH, L, rs, N):
+    """col[r, oh*L:(oh+1)*L] = xq[codes[r]*N + oh*rs : +L] (dense taps, groups == 1)."""
+    R = codes.size
+    for r in prange(R):
+        c0 = codes[r] * N
+        for oh in range(OH):
+            a = c0 + oh * rs
+            col[r, oh * L:(oh + 1) * L] = xq[a:a + L]
+
+
+@dual
 def unpack_output(yb, y, bias, has_bias):
     """Batch-last yb (Co, OH, OW, N) flat -> NCHW y, adding the bias."""
     N, Co, OH, OW = y.shape
@@ -67,241 +330,14 @@ def unpack_output(yb, y, bias, has_bias):
                     dst[ow] = src[ow * N + n] + b
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def pack_grad_out(gy, gyb, gbias, want_bias):
-    """NCHW gy -> batch-last gyb (Co, OH, OW, N) flat; gbias[co] = sum of gy[:, co]."""
-    N, Co, OH, OW = gy.shape
-    L = OW * N
-    for co in prange(Co):
-        s = np.float32(0.0)
-        for oh in range(OH):
-            dst = gyb[(co * OH + oh) * L:(co * OH + oh + 1) * L]
-            for n in range(N):
-                src = gy[n, co, oh]
-                for ow in range(OW):
-                    dst[ow * N + n] = src[ow]
-            if want_bias:
-                for t in range(L):
-                    s += dst[t]
-        if want_bias:
-            gbias[co] = s
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def pack_grad_out_T(gy, gyT):
-    """NCHW gy -> (OH, OW, N, Co) flat (channels last) for the sparse-activation weight grad."""
-    N, Co, OH, OW = gy.shape
-    for oh in prange(OH):
-        for n in range(N):
-            for co in range(Co):
-                src = gy[n, co, oh]
-                for ow in range(OW):
-                    gyT[((oh * OW + ow) * N + n) * Co + co] = src[ow]
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def unpack_grad_input(gxq, gx, sh, sw, ph, pw, Hq, Wq):
-    """Packed gradient gxq (same layout as xq) -> NCHW gx (padding dropped)."""
-    N, C, H, W = gx.shape
+@dual
+def col2im(gcol, codes, gxq, gx, kk, sh, sw, ph, pw, Hq, Wq, OH, L):
+    """gxq planes of ci = sum of gcol rows of ci's taps (scatter by ci; fixed tap order),
+    then unpacked into NCHW ``gx``."""
+    N, Ci, H, W = gx.shape
     s2 = sh * sw
     rs = Wq * N
-    for ci in prange(C):
-        for ih in range(H):
-            t = ih + ph
-            phs = t % sh
-            i = t // sh
-            for n in range(N):
-                dst = gx[n, ci, ih]
-                for iw in range(W):
-                    u = iw + pw
-                    pws = u % sw
-                    j = u // sw
-                    cq = ci * s2 + phs * sw + pws
-                    dst[iw] = gxq[(cq * Hq + i) * rs + j * N + n]
-
-
-# ----------------------------------------------------------------------------- codes
-@njit(cache=True, nogil=True, parallel=True)
-def weight_codes(widx, nnz, Cog, Cig, KH, KW, sh, sw, Hq, Wq, code, col, rowco):
-    """For kept entries (flat weight index widx) compute their tap code, input channel, co."""
-    kk = KH * KW
-    rl = Cig * kk
-    nch = 16
-    for c in prange(nch):
-        lo = nnz * c // nch
-        hi = nnz * (c + 1) // nch
-        for p in range(lo, hi):
-            f = widx[p]
-            co = f // rl
-            r = f - co * rl
-            cig = r // kk
-            r2 = r - cig * kk
-            kh = r2 // KW
-            kw = r2 - kh * KW
-            ci = (co // Cog) * Cig + cig
-            cq = (ci * sh + kh % sh) * sw + kw % sw
-            code[p] = (cq * Hq + kh // sh) * Wq + kw // sw
-            col[p] = ci
-            rowco[p] = co
-
-
-@njit(cache=True, nogil=True)
-def permute_csc(perm, nnz, code, rowco, widx, val, c_code, c_co, c_widx, c_val):
-    for j in range(nnz):
-        p = perm[j]
-        c_code[j] = code[p]
-        c_co[j] = rowco[p]
-        c_widx[j] = widx[p]
-        c_val[j] = val[p]
-
-
-# ----------------------------------------------------------------------------- compute
-@njit(cache=True, nogil=True, parallel=True)
-def fwd_csr(rowptr, code, val, xq, yb, Co, OH, L, rs, N):
-    """yb[co, oh, :] = sum over kept (code, v) of row co: v * xq[code*N + oh*rs : +L]."""
-    for co in prange(Co):
-        p0 = rowptr[co]
-        p1 = rowptr[co + 1]
-        for oh in range(OH):
-            out = yb[(co * OH + oh) * L:(co * OH + oh + 1) * L]
-            out[:] = 0.0
-            off = oh * rs
-            p = p0
-            while p + 4 <= p1:
-                a0 = code[p] * N + off
-                a1 = code[p + 1] * N + off
-                a2 = code[p + 2] * N + off
-                a3 = code[p + 3] * N + off
-                s0 = xq[a0:a0 + L]
-                s1 = xq[a1:a1 + L]
-                s2 = xq[a2:a2 + L]
-                s3 = xq[a3:a3 + L]
-                v0 = val[p]
-                v1 = val[p + 1]
-                v2 = val[p + 2]
-                v3 = val[p + 3]
-                for t in range(L):
-                    out[t] += v0 * s0[t] + v1 * s1[t] + v2 * s2[t] + v3 * s3[t]
-                p += 4
-            while p < p1:
-                a0 = code[p] * N + off
-                s0 = xq[a0:a0 + L]
-                v0 = val[p]
-                for t in range(L):
-                    out[t] += v0 * s0[t]
-                p += 1
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def bwd_input_csc(colptr, c_code, c_co, c_val, gyb, gxq, Ci, s2, plane, OH, L, rs, N):
-    """gxq planes of input channel ci += v * gyb[co, oh, :] at code offsets (scatter by ci)."""
-    for ci in prange(Ci):
-        blk = gxq[ci * s2 * plane:(ci + 1) * s2 * plane]
-        blk[:] = 0.0
-        for p in range(colptr[ci], colptr[ci + 1]):
-            v = c_val[p]
-            co = c_co[p]
-            t0 = c_code[p] * N
-            for oh in range(OH):
-                a = t0 + oh * rs
-                dst = gxq[a:a + L]
-                src = gyb[(co * OH + oh) * L:(co * OH + oh + 1) * L]
-                for t in range(L):
-                    dst[t] += v * src[t]
-
-
-@njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def bwd_weight_sddmm(rowptr, code, widx, gyb, xq, gflat, Co, OH, L, rs, N):
-    """gflat[widx[p]] = sum_oh dot(gyb[co, oh, :], xq[code*N + oh*rs : +L]) (masked grad)."""
-    for co in prange(Co):
-        for p in range(rowptr[co], rowptr[co + 1]):
-            c0 = code[p] * N
-            s = np.float32(0.0)
-            for oh in range(OH):
-                g = gyb[(co * OH + oh) * L:(co * OH + oh + 1) * L]
-                a = c0 + oh * rs
-                xs = xq[a:a + L]
-                for t in range(L):
-                    s += g[t] * xs[t]
-            gflat[widx[p]] = s
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def bwd_weight_sparse_act(aptr, apos, aval, gyT, gWt, H, W, KH, KW, sh, sw, ph, pw,
-                          OH, OW, N, Co, Cig, Cog):
-    """Dense weight gradient from channel-grouped sparse activations.
-
-    gWt: (C_in, KH, KW, Cog) flat. For each kept activation a at (n, ci, ih, iw) and each tap
-    (kh, kw) landing on an output (oh, ow): gWt[ci, kh, kw, :] += a * gyT[oh, ow, n, group].
-    """
-    Ci = aptr.size - 1
-    hw = H * W
-    blk = KH * KW * Cog
-    for ci in prange(Ci):
-        co0 = (ci // Cig) * Cog
-        g = gWt[ci * blk:(ci + 1) * blk]
-        g[:] = 0.0
-        for e in range(aptr[ci], aptr[ci + 1]):
-            a = aval[e]
-            pos = apos[e]
-            n = pos // hw
-            r = pos - n * hw
-            ih = r // W
-            iw = r - ih * W
-            for kh in range(KH):
-                th = ih + ph - kh
-                if th < 0:
-                    break
-                if th % sh != 0:
-                    continue
-                oh = th // sh
-                if oh >= OH:
-                    continue
-                for kw in range(KW):
-                    tw = iw + pw - kw
-                    if tw < 0:
-                        break
-                    if tw % sw != 0:
-                        continue
-                    ow = tw // sw
-                    if ow >= OW:
-                        continue
-                    s0 = ((oh * OW + ow) * N + n) * Co + co0
-                    src = gyT[s0:s0 + Cog]
-                    d0 = (kh * KW + kw) * Cog
-                    dst = g[d0:d0 + Cog]
-                    for c in range(Cog):
-                        dst[c] += a * src[c]
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def gwt_to_weight(gWt, gw, Cig, Cog, KH, KW):
-    """(C_in, KH, KW, Cog) -> torch layout (C_out, Cig, KH, KW)."""
-    Co = gw.shape[0]
-    for co in prange(Co):
-        g = co // Cog
-        cl = co - g * Cog
-        for cig in range(Cig):
-            ci = g * Cig + cig
-            for kh in range(KH):
-                for kw in range(KW):
-                    gw[co, cig, kh, kw] = gWt[((ci * KH + kh) * KW + kw) * Cog + cl]
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def im2col(xq, codes, col, OH, L, rs, N):
-    """col[r, oh*L:(oh+1)*L] = xq[codes[r]*N + oh*rs : +L] (dense taps, groups == 1)."""
-    R = codes.size
-    for r in prange(R):
-        c0 = codes[r] * N
-        for oh in range(OH):
-            a = c0 + oh * rs
-            col[r, oh * L:(oh + 1) * L] = xq[a:a + L]
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def col2im(gcol, codes, gxq, Ci, kk, s2, plane, OH, L, rs, N):
-    """gxq planes of ci = sum of gcol rows of ci's taps (scatter by ci; fixed tap order)."""
+    plane = Hq * rs
     for ci in prange(Ci):
         blk = gxq[ci * s2 * plane:(ci + 1) * s2 * plane]
         blk[:] = 0.0
@@ -313,3 +349,4 @@ def col2im(gcol, codes, gxq, Ci, kk, s2, plane, OH, L, rs, N):
                 src = gcol[r, oh * L:(oh + 1) * L]
                 for t in range(L):
                     dst[t] += src[t]
+        _unpack_channel(gxq, gx, ci, sh, sw, ph, pw, Hq, Wq)

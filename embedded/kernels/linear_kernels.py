@@ -1,36 +1,45 @@
 """Numba kernels of the linear layer's sparse paths.
 
 Batch-last copies (``xT``: (F, N), ``gyT``: (O, N)) make every inner loop a contiguous 1-D run
-over the batch indexed from 0. Parallel loops are over output rows / input columns with a
-fixed order inside (bitwise reproducible for any thread count).
+over the batch indexed from 0. Every kernel is a ``dual`` (serial, parallel) pair; parallel
+loops are over output rows / input columns / static blocks with a fixed order inside (bitwise
+reproducible for any thread count).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from .sparse import dual
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def transpose(a, out):
-    """out (C, R) = a (R, C).T, blocked."""
-    R, C = a.shape
-    B = 32
-    nb = (C + B - 1) // B
-    for cb in prange(nb):
-        c0 = cb * B
-        c1 = min(C, c0 + B)
-        for r in range(R):
-            row = a[r]
-            for c in range(c0, c1):
-                out[c, r] = row[c]
+@dual
+def pack_x(x, xbits, xT, hist, want_hist):
+    """xT (F, N) = x.T; if ``want_hist`` also pass 1 of the activation top-K (per chunk)."""
+    N, F = x.shape
+    nch = hist.shape[0]
+    for c in prange(nch):
+        f0 = F * c // nch
+        f1 = F * (c + 1) // nch
+        for n in range(N):
+            row = x[n]
+            for f in range(f0, f1):
+                xT[f, n] = row[f]
+        if want_hist:
+            h = hist[c]
+            h[:] = 0
+            for n in range(N):
+                brow = xbits[n]
+                for f in range(f0, f1):
+                    h[(brow[f] & np.uint32(0x7FFFFFFF)) >> np.uint32(20)] += 1
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def fwd_csr(rowptr, col, val, xT, yT):
-    """yT[o, :] = sum over kept (i, v) of row o: v * xT[i, :]."""
-    NO = yT.shape[0]
-    N = yT.shape[1]
+@dual
+def fwd_csr(rowptr, col, val, xT, yT, y, bias, has_bias):
+    """y[:, o] = bias[o] + sum over kept (i, v) of row o: v * xT[i, :] (4 entries per pass)."""
+    NO = rowptr.size - 1
+    N = xT.shape[1]
     for o in prange(NO):
         out = yT[o]
         out[:] = 0.0
@@ -54,28 +63,37 @@ def fwd_csr(rowptr, col, val, xT, yT):
             for t in range(N):
                 out[t] += v0 * s0[t]
             p += 1
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def unpack_out(yT, y, bias, has_bias):
-    """y (N, O) = yT.T + bias."""
-    NO, N = yT.shape
-    B = 32
-    nb = (NO + B - 1) // B
-    for ob in prange(nb):
-        o0 = ob * B
-        o1 = min(NO, o0 + B)
+        b = bias[o] if has_bias else np.float32(0.0)
         for n in range(N):
-            row = y[n]
+            y[n, o] = out[n] + b
+
+
+@dual
+def pack_gy(gy, gyT, gbias, want_bias):
+    """gyT (O, N) = gy.T and gbias = gy.sum(0) (fixed order)."""
+    N, NO = gy.shape
+    nch = 16
+    for c in prange(nch):
+        o0 = NO * c // nch
+        o1 = NO * (c + 1) // nch
+        for n in range(N):
+            row = gy[n]
             for o in range(o0, o1):
-                row[o] = yT[o, n] + (bias[o] if has_bias else np.float32(0.0))
+                gyT[o, n] = row[o]
+        if want_bias:
+            for o in range(o0, o1):
+                s = np.float32(0.0)
+                r = gyT[o]
+                for n in range(N):
+                    s += r[n]
+                gbias[o] = s
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def bwd_input_csc(colptr, c_row, c_val, gyT, gxT):
-    """gxT[i, :] = sum over kept (o, v) of column i: v * gyT[o, :]."""
-    F = gxT.shape[0]
-    N = gxT.shape[1]
+@dual
+def bwd_input_csc(colptr, c_row, c_val, gyT, gxT, gx):
+    """gx[:, i] = sum over kept (o, v) of column i: v * gyT[o, :]."""
+    F = colptr.size - 1
+    N = gyT.shape[1]
     for i in prange(F):
         out = gxT[i]
         out[:] = 0.0
@@ -99,12 +117,14 @@ def bwd_input_csc(colptr, c_row, c_val, gyT, gxT):
             for t in range(N):
                 out[t] += v0 * s0[t]
             p += 1
+        for n in range(N):
+            gx[n, i] = out[n]
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=True)
+@dual(fastmath=True)
 def bwd_weight_sddmm(rowptr, col, widx, gyT, xT, gflat):
     """gflat[widx[p]] = dot(gyT[o, :], xT[i, :]) for kept entries only (masked grad)."""
-    NO = gyT.shape[0]
+    NO = rowptr.size - 1
     N = gyT.shape[1]
     for o in prange(NO):
         g = gyT[o]
@@ -116,49 +136,50 @@ def bwd_weight_sddmm(rowptr, col, widx, gyT, xT, gflat):
             gflat[widx[p]] = s
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def bwd_weight_sparse_act(aptr, apos, aval, gy, gw):
-    """Dense gw (O, F) = gy.T @ x_s with x_s sparse by sample (aptr over N, apos = feature).
+@dual
+def sparse_acts(xT, thr, aptr, apos, aval):
+    """Kept activations (``|x| >= thr``, ``x != 0``) grouped by sample: CSR over n."""
+    F, N = xT.shape
+    p = 0
+    for n in range(N):
+        aptr[n] = p
+        for f in range(F):
+            v = xT[f, n]
+            if v != 0.0 and abs(v) >= thr:
+                apos[p] = f
+                aval[p] = v
+                p += 1
+    aptr[N] = p
+    return p
 
-    Work per output block: tile[f, :B] += a * gy[n, o0:o0+B] over kept (n, f, a), then the
-    tile is written transposed into gw rows o0..o0+B (every row of gw written once).
+
+@dual
+def bwd_weight_tiles(aptr, apos, aval, gy, gw, tile):
+    """Dense gw (O, F) = gy.T @ x_s from the kept activations only.
+
+    Output rows are taken in blocks of 16: tile[f, :16] += a * gy[n, o0:o0+16] for every kept
+    (n, f, a) (one 16-wide vector op each), then the tile is written to gw's 16 rows.
+    Blocks are split statically over ``tile.shape[0]`` workers (results do not depend on it).
     """
     N = gy.shape[0]
     NO, F = gw.shape
     B = 16
     nb = (NO + B - 1) // B
-    for ob in prange(nb):
-        o0 = ob * B
-        o1 = min(NO, o0 + B)
-        w = o1 - o0
-        for o in range(o0, o1):
-            gw[o, :] = 0.0
-        for n in range(N):
-            g = gy[n, o0:o1]
-            for e in range(aptr[n], aptr[n + 1]):
-                a = aval[e]
-                f = apos[e]
+    nw = tile.shape[0]
+    for c in prange(nw):
+        tl = tile[c]
+        for ob in range(nb * c // nw, nb * (c + 1) // nw):
+            o0 = ob * B
+            w = min(B, NO - o0)
+            tl[:, :] = 0.0
+            for n in range(N):
+                g = gy[n, o0:o0 + w]
+                for e in range(aptr[n], aptr[n + 1]):
+                    a = aval[e]
+                    row = tl[apos[e]]
+                    for t in range(w):
+                        row[t] += a * g[t]
+            for f in range(F):
+                row = tl[f]
                 for t in range(w):
-                    gw[o0 + t, f] += a * g[t]
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def linear_codes(widx, nnz, F, col, rowo):
-    nch = 16
-    for c in prange(nch):
-        lo = nnz * c // nch
-        hi = nnz * (c + 1) // nch
-        for p in range(lo, hi):
-            f = widx[p]
-            o = f // F
-            rowo[p] = o
-            col[p] = f - o * F
-
-
-@njit(cache=True, nogil=True)
-def permute_csc(perm, nnz, rowo, widx, val, c_row, c_widx, c_val):
-    for j in range(nnz):
-        p = perm[j]
-        c_row[j] = rowo[p]
-        c_widx[j] = widx[p]
-        c_val[j] = val[p]
+                    gw[o0 + t, f] = row[t]

@@ -1,50 +1,67 @@
-"""Compressed sparse weights and activations shared by the conv and linear layers.
+"""Compressed sparse weights shared by the conv and linear layers, and the serial/parallel
+kernel pairs every conv/linear kernel is compiled as.
 
 A weight is viewed as a 2-D array ``(rows, row_len)`` (conv: ``(C_out, C_in/g * kh * kw)``,
-linear: ``(out, in)``). The kept entries form a CSR structure: ``rowptr`` (rows + 1),
-``widx`` (flat index of each kept entry in the weight, int32) and ``val`` (its value). Rows
-are filled in index order, so the structure is deterministic. The layers add their own index
-arrays (conv: offsets into the packed input) and the column-grouped copy (CSC) that the
-backward-input kernels need.
+linear: ``(out, in)``). Kept entries form a CSR structure: ``rowptr`` (rows + 1), ``widx``
+(flat index of each kept entry in the weight), ``val`` (its value), ``code`` (what the
+compute kernel needs to find the matching input: a tap code for conv, the column for linear)
+and a column-grouped copy (CSC: ``colptr``, ``c_code``, ``c_row``, ``c_widx``, ``c_val``) for
+the backward-input kernels. Rows are filled in index order, so the structure is
+deterministic. One fused kernel builds it all (one dispatch: a parallel count, a serial
+prefix sum, a parallel fill, a serial counting sort by column).
 
 Kept set: ``|w| >= thr`` and ``w != 0`` (swat), or ``mask != 0`` (masked).
+
+Parallel regions cost a thread wake-up each (tens of microseconds on a busy 2-core board,
+hundreds when the cores are oversubscribed), so every kernel exists as a serial and a parallel
+compilation and :func:`pick` takes the parallel one only when threads > 1 and the work is big.
 """
 
 from __future__ import annotations
 
+import types
+
+import numba
 import numpy as np
 from numba import njit, prange
 
+_OPTS = {"cache": True, "nogil": True}
 
-@njit(cache=True, nogil=True, parallel=True)
-def count_rows_thr(w2, thr, counts):
-    """counts[r] = number of entries of row r with |w| >= thr and w != 0."""
-    rows, rl = w2.shape
-    for r in prange(rows):
-        row = w2[r]
-        c = 0
-        for j in range(rl):
-            a = abs(row[j])
-            if a >= thr and a > 0.0:
-                c += 1
-        counts[r] = c
+#: Work (inner-loop element operations) above which a parallel region pays for its wake-up.
+PAR_MIN_WORK = 200_000
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def count_rows_mask(m2, counts):
-    rows, rl = m2.shape
-    for r in prange(rows):
-        row = m2[r]
-        c = 0
-        for j in range(rl):
-            if row[j] != 0:
-                c += 1
-        counts[r] = c
+def dual(fn=None, *, fastmath: bool = False):
+    """Compile ``fn`` as a (serial, parallel) pair of Numba kernels.
+
+    The serial copy gets its own ``__qualname__`` so Numba's on-disk cache keeps the two
+    compilations apart.
+    """
+    def make(f):
+        par = njit(parallel=True, fastmath=fastmath, **_OPTS)(f)
+        g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial",
+                               f.__defaults__, f.__closure__)
+        g.__qualname__ = f.__qualname__ + "_serial"
+        g.__doc__ = f.__doc__
+        ser = njit(fastmath=fastmath, **_OPTS)(g)
+        return (ser, par)
+    return make(fn) if fn is not None else make
+
+
+def threads() -> int:
+    """Numba's current thread count."""
+    return numba.get_num_threads()
+
+
+def pick(pair, work: int):
+    """The parallel kernel of a ``dual`` pair if threads > 1 and ``work`` is large enough."""
+    if work >= PAR_MIN_WORK and numba.get_num_threads() > 1:
+        return pair[1]
+    return pair[0]
 
 
 @njit(cache=True, nogil=True)
-def prefix(counts, rowptr):
-    """rowptr[0] = 0, rowptr[r+1] = rowptr[r] + counts[r]; returns the total."""
+def _prefix(counts, rowptr):
     s = 0
     rowptr[0] = 0
     for r in range(counts.size):
@@ -53,49 +70,9 @@ def prefix(counts, rowptr):
     return s
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def fill_rows_thr(w2, thr, rowptr, widx, val):
-    rows, rl = w2.shape
-    for r in prange(rows):
-        row = w2[r]
-        p = rowptr[r]
-        base = r * rl
-        for j in range(rl):
-            v = row[j]
-            a = abs(v)
-            if a >= thr and a > 0.0:
-                widx[p] = base + j
-                val[p] = v
-                p += 1
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def fill_rows_mask(m2, rowptr, widx):
-    rows, rl = m2.shape
-    for r in prange(rows):
-        row = m2[r]
-        p = rowptr[r]
-        base = r * rl
-        for j in range(rl):
-            if row[j] != 0:
-                widx[p] = base + j
-                p += 1
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def gather(wflat, widx, val, nnz):
-    """val[p] = wflat[widx[p]] for p < nnz (refresh values of a cached structure)."""
-    nch = 16
-    for c in prange(nch):
-        lo = nnz * c // nch
-        hi = nnz * (c + 1) // nch
-        for p in range(lo, hi):
-            val[p] = wflat[widx[p]]
-
-
 @njit(cache=True, nogil=True)
-def csc_from_keys(keys, nnz, ncols, colptr, perm, counts):
-    """Counting sort of entries 0..nnz-1 by ``keys`` (column id): colptr and perm (stable)."""
+def _csc(keys, nnz, ncols, colptr, perm, counts):
+    """Stable counting sort of entries 0..nnz-1 by ``keys`` (column id)."""
     counts[:ncols] = 0
     for p in range(nnz):
         counts[keys[p]] += 1
@@ -111,40 +88,151 @@ def csc_from_keys(keys, nnz, ncols, colptr, perm, counts):
         counts[k] += 1
 
 
-def grow(arr: np.ndarray, need: int) -> np.ndarray:
-    """Return ``arr`` if it holds ``need`` entries, else a larger array (1.5x headroom)."""
-    if arr.size >= need:
-        return arr
-    return np.empty(max(need, int(need * 1.5) + 16), dtype=arr.dtype)
+@dual
+def build(w2, m2, use_mask, thr, geo, rowptr, counts, widx, val, code, col,
+          colptr, perm, c_code, c_row, c_widx, c_val):
+    """Fused CSR + CSC build of the kept entries of ``w2`` (rows, row_len).
 
-
-@njit(cache=True, nogil=True, parallel=True)
-def act_count(x3, thr, counts):
-    """x3: (N, C, S) activations; counts[c] = kept entries of channel c (|x| >= thr, x != 0)."""
-    n, c_, s_ = x3.shape
-    for c in prange(c_):
-        k = 0
-        for b in range(n):
-            row = x3[b, c]
-            for j in range(s_):
-                a = abs(row[j])
+    Kept: ``m2 != 0`` if ``use_mask`` else ``|w| >= thr and w != 0``. ``geo`` describes how a
+    kept entry maps to its compute code: ``geo[0] == 0`` linear (code = column); ``geo[0] == 1``
+    conv with geo = (1, Cog, Cig, KH, KW, sh, sw, Hq, Wq, Cin). Returns nnz, or -nnz when the
+    arrays are too small (the caller grows them and calls again).
+    """
+    rows, rl = w2.shape
+    for r in prange(rows):
+        c = 0
+        if use_mask:
+            mr = m2[r]
+            for j in range(rl):
+                if mr[j] != 0:
+                    c += 1
+        else:
+            wr = w2[r]
+            for j in range(rl):
+                a = abs(wr[j])
                 if a >= thr and a > 0.0:
-                    k += 1
-        counts[c] = k
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def act_fill(x3, thr, ptr, pos, val):
-    """Channel-grouped sparse activations: entry position = b * S + j (sample, spatial)."""
-    n, c_, s_ = x3.shape
-    for c in prange(c_):
-        p = ptr[c]
-        for b in range(n):
-            row = x3[b, c]
-            for j in range(s_):
-                v = row[j]
-                a = abs(v)
-                if a >= thr and a > 0.0:
-                    pos[p] = b * s_ + j
+                    c += 1
+        counts[r] = c
+    nnz = _prefix(counts[:rows], rowptr)
+    if nnz > widx.size:
+        return -nnz
+    conv = geo[0] == 1
+    Cog, Cig, KH, KW = geo[1], geo[2], geo[3], geo[4]
+    sh, sw, Hq, Wq = geo[5], geo[6], geo[7], geo[8]
+    ncols = geo[9] if conv else rl
+    for r in prange(rows):
+        p = rowptr[r]
+        wr = w2[r]
+        mr = m2[r] if use_mask else m2[0]
+        if conv:
+            # j = (cig*KH + kh)*KW + kw walked by nested loops: no division per entry
+            g0 = (r // Cog) * Cig
+            j = 0
+            for cig in range(Cig):
+                ci = g0 + cig
+                for kh in range(KH):
+                    crow = ((ci * sh + kh % sh) * sw) * Hq + kh // sh
+                    for kw in range(KW):
+                        v = wr[j]
+                        if use_mask:
+                            keep = mr[j] != 0
+                        else:
+                            a = abs(v)
+                            keep = a >= thr and a > 0.0
+                        if keep:
+                            widx[p] = r * rl + j
+                            val[p] = v
+                            code[p] = (crow + (kw % sw) * Hq) * Wq + kw // sw
+                            col[p] = ci
+                            p += 1
+                        j += 1
+        else:
+            for j in range(rl):
+                v = wr[j]
+                if use_mask:
+                    keep = mr[j] != 0
+                else:
+                    a = abs(v)
+                    keep = a >= thr and a > 0.0
+                if keep:
+                    widx[p] = r * rl + j
                     val[p] = v
+                    code[p] = j
+                    col[p] = j
                     p += 1
+    _csc(col, nnz, ncols, colptr, perm, counts)
+    for r in range(rows):
+        for p in range(rowptr[r], rowptr[r + 1]):
+            col[p] = r  # reuse: row of each CSR entry (for the CSC copy)
+    for j in range(nnz):
+        p = perm[j]
+        c_code[j] = code[p]
+        c_row[j] = col[p]
+        c_widx[j] = widx[p]
+        c_val[j] = val[p]
+    return nnz
+
+
+@dual
+def refresh_values(wflat, widx, val, c_widx, c_val, nnz):
+    """Values of a cached structure from the current weights (masked mode, every step)."""
+    nch = 16
+    for c in prange(nch):
+        lo = nnz * c // nch
+        hi = nnz * (c + 1) // nch
+        for p in range(lo, hi):
+            val[p] = wflat[widx[p]]
+            c_val[p] = wflat[c_widx[p]]
+
+
+class SparseWeight:
+    """The compressed copy of one layer's weight (CSR + CSC), grown on demand."""
+
+    def __init__(self, rows: int, ncols: int, geo: np.ndarray):
+        self.rows = rows
+        self.ncols = ncols
+        self.geo = geo.astype(np.int64)
+        self.rowptr = np.zeros(rows + 1, np.int64)
+        self.colptr = np.zeros(ncols + 1, np.int64)
+        self.counts = np.zeros(max(rows, ncols) + 1, np.int64)
+        self._alloc(1)
+        self.nnz = 0
+        self.cached_mask = None  # the mask object the structure was built from
+
+    def _alloc(self, cap: int) -> None:
+        cap = max(int(cap), 1)
+        self.widx = np.zeros(cap, np.int32)
+        self.val = np.zeros(cap, np.float32)
+        self.code = np.zeros(cap, np.int32)
+        self.col = np.zeros(cap, np.int32)
+        self.perm = np.zeros(cap, np.int32)
+        self.c_code = np.zeros(cap, np.int32)
+        self.c_row = np.zeros(cap, np.int32)
+        self.c_widx = np.zeros(cap, np.int32)
+        self.c_val = np.zeros(cap, np.float32)
+
+    def build(self, w2: np.ndarray, thr: float = 0.0, mask2: np.ndarray | None = None) -> int:
+        """(Re)build from ``w2`` with threshold ``thr`` or ``mask2``; returns nnz."""
+        use_mask = mask2 is not None
+        m2 = mask2 if use_mask else _NOMASK
+        k = pick(build, w2.size)
+        for _ in range(2):
+            nnz = k(w2, m2, use_mask, np.float32(thr), self.geo, self.rowptr, self.counts,
+                    self.widx, self.val, self.code, self.col, self.colptr, self.perm,
+                    self.c_code, self.c_row, self.c_widx, self.c_val)
+            if nnz >= 0:
+                self.nnz = int(nnz)
+                return self.nnz
+            self._alloc(int(-nnz * 1.25) + 16)
+        raise RuntimeError("sparse build: capacity did not grow")  # pragma: no cover
+
+    def refresh(self, wflat: np.ndarray) -> None:
+        pick(refresh_values, self.nnz)(wflat, self.widx, self.val, self.c_widx, self.c_val,
+                                       self.nnz)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.widx, self.val, self.code, self.col, self.perm,
+                                      self.c_code, self.c_row, self.c_widx, self.c_val))
+
+
+_NOMASK = np.zeros((1, 1), np.uint8)

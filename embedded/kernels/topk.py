@@ -1,13 +1,16 @@
 """Cheap exact top-K by magnitude: a radix select over the float32 bit patterns of |a|.
 
 The bit pattern of a non-negative float32, read as an unsigned integer, orders like the float.
-So the k-th largest magnitude is found by three histogram passes over 11, 11 and 9 bits
-(2048/2048/512 bins): each pass narrows the prefix of the answer. No sort, no argpartition,
-no allocation beyond two small per-chunk histograms; the passes run in parallel over static
-chunks, and integer counts make the result independent of the thread count.
+Pass 1 histograms the top 11 bits of |a| (sign dropped: 2048 bins, a quarter-octave each) in
+parallel over static chunks (integer counts: the result does not depend on the thread count);
+it can be fused into another pass over the data (the conv layer does it while packing its
+input). Pass 2 collects the non-zero entries of the bin holding the K-th magnitude into a
+scratch buffer, and two small histogram passes over that buffer (11 then 9 bits) finish the
+exact answer. No sort, no argpartition.
 
-Selection rule used by the layers (``count_for_density`` gives K): keep every element with
-``|a| >= t`` where ``t`` is the K-th largest magnitude, and never keep an exact zero.
+Selection rule used by the layers (``count_for_density`` gives K): keep every entry with
+``|a| >= t`` where ``t`` is the K-th largest magnitude, and never keep an exact zero (if fewer
+than K entries are non-zero, all non-zero entries are kept).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import math
 import numpy as np
 from numba import njit, prange
 
-NCHUNK = 16  # static partition of the histogram passes (independent of the thread count)
+from .sparse import dual, pick
+
+NCHUNK = 16  # static partition of the histogram pass (independent of the thread count)
 
 
 def count_for_density(density: float, n: int) -> int:
@@ -25,21 +30,23 @@ def count_for_density(density: float, n: int) -> int:
     return max(1, min(n, int(math.floor(density * n + 0.5))))
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _hist(bits, shift, width, prefix, pshift, hist):
+def new_hist() -> np.ndarray:
+    """Per-chunk histogram scratch of pass 1."""
+    return np.zeros((NCHUNK, 2048), dtype=np.int64)
+
+
+@dual
+def hist_top_bits(bits, hist):
+    """hist[c, b] = number of entries of chunk c whose |a| has top-11-bit value b."""
     n = bits.size
-    nb = hist.shape[1]
-    mask = np.uint32(nb - 1)
-    for c in prange(NCHUNK):
+    nch = hist.shape[0]
+    for c in prange(nch):
         h = hist[c]
         h[:] = 0
-        lo = n * c // NCHUNK
-        hi = n * (c + 1) // NCHUNK
+        lo = n * c // nch
+        hi = n * (c + 1) // nch
         for i in range(lo, hi):
-            b = bits[i] & np.uint32(0x7FFFFFFF)
-            if pshift >= 32 or (b >> np.uint32(pshift)) == prefix:
-                h[(b >> np.uint32(shift)) & mask] += 1
-    return width
+            h[(bits[i] & np.uint32(0x7FFFFFFF)) >> np.uint32(20)] += 1
 
 
 @njit(cache=True, nogil=True)
@@ -58,51 +65,62 @@ def _pick(hist, k):
 
 
 @njit(cache=True, nogil=True)
-def kth_largest_abs_bits(bits, k, hist):
-    """Bit pattern (uint32) of the k-th largest |value| of a float32 array viewed as uint32.
+def resolve(hist, k, bits, cand):
+    """Finish the select: the bit pattern of the k-th largest |a| (1 if fewer than k non-zeros).
 
-    ``hist`` is an int64 scratch of shape (NCHUNK, 2048). ``1 <= k <= bits.size``.
+    ``hist`` is pass 1's histogram of ``bits`` (overwritten; extra exact zeros in ``bits``,
+    such as padding, are ignored); ``cand`` a uint32 scratch as large as ``bits``.
     """
-    # pass 1: bits 20..30 (11 bits)
-    _hist(bits, 20, 11, np.uint32(0), 32, hist)
     b1, above = _pick(hist, k)
     k -= above
-    prefix = np.uint32(b1)
-    # pass 2: bits 9..19 among those whose bits 20..30 equal b1
-    _hist(bits, 9, 11, prefix, 20, hist)
-    b2, above = _pick(hist, k)
+    m = 0
+    top = np.uint32(b1)
+    for i in range(bits.size):  # branch-free: ReLU inputs make the test a coin flip
+        b = bits[i] & np.uint32(0x7FFFFFFF)
+        cand[m] = b
+        m += (b != 0) & ((b >> np.uint32(20)) == top)
+    if m < k:
+        return np.uint32(1)  # fewer than k non-zero magnitudes: keep every non-zero entry
+    h2 = hist[0:1]  # pass 1's counts are no longer needed: reuse the scratch
+    h2[:] = 0
+    for i in range(m):
+        h2[0, (cand[i] >> np.uint32(9)) & np.uint32(2047)] += 1
+    b2, above = _pick(h2, k)
     k -= above
-    prefix = (prefix << np.uint32(11)) | np.uint32(b2)
-    # pass 3: bits 0..8 among those whose bits 9..30 match
-    _hist(bits, 0, 9, prefix, 9, hist[:, :512])
-    b3, above = _pick(hist[:, :512], k)
-    return (prefix << np.uint32(9)) | np.uint32(b3)
+    pre = (top << np.uint32(11)) | np.uint32(b2)
+    h3 = hist[1:2, :512]
+    h3[:] = 0
+    for i in range(m):
+        c = cand[i]
+        if (c >> np.uint32(9)) == pre:
+            h3[0, c & np.uint32(511)] += 1
+    b3, above = _pick(h3, k)
+    return (pre << np.uint32(9)) | np.uint32(b3)
 
 
-def new_hist() -> np.ndarray:
-    """Scratch for :func:`kth_largest_abs_bits`."""
-    return np.zeros((NCHUNK, 2048), dtype=np.int64)
+def bits_to_float(b: int) -> float:
+    return float(np.array([b], dtype=np.uint32).view(np.float32)[0])
 
 
-def kth_largest_abs(a: np.ndarray, k: int, hist: np.ndarray | None = None) -> float:
-    """The k-th largest magnitude of float32 array ``a`` (exact), 1 <= k <= a.size."""
+def kth_largest_abs(a: np.ndarray, k: int, hist: np.ndarray | None = None,
+                    cand: np.ndarray | None = None) -> float:
+    """The k-th largest magnitude of float32 array ``a`` (exact), 1 <= k <= a.size.
+
+    If fewer than k entries are non-zero, returns the smallest positive float32 (so that the
+    rule ``|a| >= t and a != 0`` keeps every non-zero entry).
+    """
     a = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
     if not 1 <= k <= a.size:
         raise ValueError(f"k: expected 1 <= k <= {a.size}, got {k}")
     if hist is None:
         hist = new_hist()
-    b = kth_largest_abs_bits(a.view(np.uint32), k, hist)
-    return float(np.array([b], dtype=np.uint32).view(np.float32)[0])
+    if cand is None or cand.size < a.size:
+        cand = np.empty(a.size, np.uint32)
+    bits = a.view(np.uint32)
+    pick(hist_top_bits, a.size)(bits, hist)
+    return bits_to_float(int(resolve(hist, k, bits, cand)))
 
 
 def topk_threshold(a: np.ndarray, density: float, hist: np.ndarray | None = None) -> float:
-    """Magnitude threshold ``t`` such that ``|a| >= t`` keeps the top ``count_for_density`` entries."""
+    """Magnitude threshold ``t``: ``|a| >= t`` keeps the top ``count_for_density`` entries."""
     return kth_largest_abs(a, count_for_density(density, a.size), hist)
-
-
-@njit(cache=True, nogil=True)
-def bits_to_float(b):
-    """float32 value of a uint32 bit pattern (inside njit code)."""
-    arr = np.empty(1, dtype=np.uint32)
-    arr[0] = b
-    return arr.view(np.float32)[0]

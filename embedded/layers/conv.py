@@ -65,6 +65,13 @@ class _Timer:
 class Conv2d(Layer):
     """2-D convolution (torch semantics: weight (C_out, C_in/groups, kh, kw), optional bias)."""
 
+    #: dense-mode implementation per phase: "direct" (the compressed kernels with every tap
+    #: kept) or "gemm" (im2col + BLAS); groups > 1 always use "direct".
+    dense_impl = {"forward": "gemm", "backward_input": "gemm", "backward_weight": "gemm"}
+    #: input channels a worker of the sparse weight-gradient scan walks together per
+    #: spatial position (a cache-blocking factor; results do not depend on it)
+    scan_block = 4
+
     def __init__(self, node, in_shapes, out_shape):
         in_shape = tuple(in_shapes[0])
         super().__init__(node.name, in_shape, out_shape)
@@ -107,17 +114,23 @@ class Conv2d(Layer):
         self.phase_times: dict[str, float] = {}
         self._steps = 0
         self._thr = -1.0
-        self._hist = T.new_hist()
-        self._mask_dirty = True
-        self._full_ready = False
+        self._hist = T.new_hist()     # pass 1 of the activation top-K (fused into packing)
+        self._hist_w = T.new_hist()   # the weight top-K's
+        self._hist_ok = False
         self._n = 0
+        geo = np.array([1, self.cog, self.cig, self.kh, self.kw, self.sh, self.sw, self.hq,
+                        self.wq, self.cin], np.int64)
+        self._sw = S.SparseWeight(self.cout, self.cin, geo)     # swat / masked structure
+        self._full = S.SparseWeight(self.cout, self.cin, geo)   # every tap (dense direct)
+        self._full_built = False
+        self._mask_built = None
+        self._ones = np.ones((self.cout, self.cig * self.kk), np.uint8)
         # dense tap codes (row r = (ci, kh, kw) for groups == 1): used by im2col/col2im
         ci, kh, kw = np.meshgrid(np.arange(self.cin), np.arange(self.kh), np.arange(self.kw),
                                  indexing="ij")
         cq = (ci * self.sh + kh % self.sh) * self.sw + kw % self.sw
-        self._codes = (((cq * self.hq) + kh // self.sh) * self.wq + kw // self.sw).reshape(-1)
-        self._codes = self._codes.astype(np.int32)
-        self._alloc_sparse(1)
+        codes = (((cq * self.hq) + kh // self.sh) * self.wq + kw // self.sw).reshape(-1)
+        self._codes = codes.astype(np.int32)
 
     # ------------------------------------------------------------------ setup
     def init_params(self, rng: np.random.Generator) -> None:
@@ -130,24 +143,6 @@ class Conv2d(Layer):
         if self.mask is not None:
             w *= self.mask
 
-    def _alloc_sparse(self, cap: int) -> None:
-        cap = max(cap, 1)
-        if getattr(self, "_rowptr", None) is None:
-            self._rowptr = np.zeros(self.cout + 1, np.int64)
-            self._counts = np.zeros(max(self.cout, self.cin) + 1, np.int64)
-        self._widx = np.zeros(cap, np.int32)
-        self._val = np.zeros(cap, np.float32)
-        self._code = np.zeros(cap, np.int32)
-        self._col = np.zeros(cap, np.int32)
-        self._rowco = np.zeros(cap, np.int32)
-        self._colptr = np.zeros(self.cin + 1, np.int64)
-        self._perm = np.zeros(cap, np.int32)
-        self._c_code = np.zeros(cap, np.int32)
-        self._c_co = np.zeros(cap, np.int32)
-        self._c_widx = np.zeros(cap, np.int32)
-        self._c_val = np.zeros(cap, np.float32)
-        self._nnz = 0
-
     def setup(self, max_batch: int) -> None:
         """Allocate the packed input/output/gradient buffers for batches up to ``max_batch``."""
         super().setup(max_batch)
@@ -155,35 +150,34 @@ class Conv2d(Layer):
         cq = self.cin * self.sh * self.sw
         self._xq = np.zeros(cq * self.hq * self.wq * n, np.float32)
         self._gxq = np.zeros_like(self._xq)
-        self._yb = np.zeros(self.cout * self.oh * self.ow * n, np.float32)
+        self._yb = np.zeros(self.cout * self.oh * self.wq * n, np.float32)
         self._gyb = np.zeros_like(self._yb)
         self._y = np.zeros((n, self.cout, self.oh, self.ow), np.float32)
         self._gx = np.zeros((n, self.cin, self.h, self.w), np.float32)
+        self._gyT = np.zeros(1, np.float32)
+        self._gWt = np.zeros(1, np.float32)
+        self._cnt = np.zeros(self.cin, np.int64)
+        self._kbuf = np.zeros((self.cin, n), np.int32)
         if self.mode == "swat":
             self._setup_swat()
 
     def _setup_swat(self) -> None:
-        n = max(self.max_batch, 1)
-        if getattr(self, "_gyT", None) is None or self._gyT.size < self._yb.size:
+        if self._gyT.size < self._yb.size:
             self._gyT = np.zeros(self._yb.size, np.float32)
             self._gWt = np.zeros(self.params["weight"].size, np.float32)
-            self._aptr = np.zeros(self.cin + 1, np.int64)
-            cap = T.count_for_density(self.ls.act_density, n * self.cin * self.h * self.w)
-            self._apos = np.zeros(int(cap * 1.25) + 64, np.int32)
-            self._aval = np.zeros(int(cap * 1.25) + 64, np.float32)
 
     # ------------------------------------------------------------------ sparsity API
     def set_sparsity(self, mode: str, ls=None) -> None:
         """Select ``dense`` | ``swat`` | ``masked``; ``ls`` (LayerSparsity) None means dense."""
         if mode not in _MODES:
             raise ValueError(f"conv {self.name!r}: mode must be one of {_MODES}, got {mode!r}")
-        if ls is None and mode != "masked":
+        if ls is None and mode == "swat":
             mode = "dense"
         self.mode = mode
         self.ls = ls
         self._steps = 0
         self._thr = -1.0
-        self._mask_dirty = True
+        self._mask_built = None
         self.measured_density = 1.0
         self.measured_act_density = 1.0
         if mode == "swat" and self.max_batch:
@@ -198,55 +192,49 @@ class Conv2d(Layer):
             if m.shape != self.params["weight"].shape:
                 raise ValueError(f"conv {self.name!r}: mask shape {m.shape} != weight shape "
                                  f"{self.params['weight'].shape}")
-            self.mask = (m != 0).astype(np.uint8)
+            self.mask = np.ascontiguousarray(m != 0).astype(np.uint8)
             self.params["weight"][self.mask == 0] = 0.0
-        self._mask_dirty = True
+        self._mask_built = None
 
-    def _want_dense_buf(self) -> np.ndarray:
+    def _dense_grad_buf(self) -> np.ndarray:
         if self.dense_grad is None or self.dense_grad.shape != self.params["weight"].shape:
             self.dense_grad = np.zeros_like(self.params["weight"])
         return self.dense_grad
 
+    def _masked(self) -> bool:
+        return self.mode == "masked" and self.mask is not None
+
     # ------------------------------------------------------------------ compression
-    def _ensure_cap(self, nnz: int) -> None:
-        if self._widx.size < nnz:
-            self._alloc_sparse(int(nnz * 1.5) + 16)
-
-    def _finish_structure(self, nnz: int) -> None:
-        """Codes, CSC permutation and CSC copies of the kept entries (values included)."""
-        self._nnz = nnz
-        K.weight_codes(self._widx, nnz, self.cog, self.cig, self.kh, self.kw, self.sh,
-                       self.sw, self.hq, self.wq, self._code, self._col, self._rowco)
-        S.csc_from_keys(self._col, nnz, self.cin, self._colptr, self._perm, self._counts)
-        K.permute_csc(self._perm, nnz, self._code, self._rowco, self._widx, self._val,
-                      self._c_code, self._c_co, self._c_widx, self._c_val)
-
-    def _compress_thr(self, thr: float) -> None:
-        w2 = self.params["weight"].reshape(self.cout, -1)
-        S.count_rows_thr(w2, np.float32(thr), self._counts)
-        nnz = S.prefix(self._counts[:self.cout], self._rowptr)
-        self._ensure_cap(nnz)
-        S.fill_rows_thr(w2, np.float32(thr), self._rowptr, self._widx, self._val)
-        self._finish_structure(nnz)
-
-    def _compress_mask(self, mask: np.ndarray | None) -> None:
-        """Cached structure of the mask (all taps if None); values refreshed every call."""
-        if self._mask_dirty:
-            m2 = (np.ones(self.params["weight"].shape, np.uint8) if mask is None
-                  else mask).reshape(self.cout, -1)
-            S.count_rows_mask(m2, self._counts)
-            nnz = S.prefix(self._counts[:self.cout], self._rowptr)
-            self._ensure_cap(nnz)
-            S.fill_rows_mask(m2, self._rowptr, self._widx)
-            self._nnz = nnz
-            S.gather(self.params["weight"].reshape(-1), self._widx, self._val, nnz)
-            self._finish_structure(nnz)
-            self._mask_dirty = False
+    def _structure(self, training: bool) -> S.SparseWeight:
+        """The compressed weight this step's forward and backward-input use."""
+        w = self.params["weight"]
+        w2 = w.reshape(self.cout, -1)
+        if self.mode == "swat":
+            ls = self.ls
+            if self._thr < 0 or (training and self._steps % ls.topk_period == 0):
+                k = T.count_for_density(ls.weight_density, w.size)
+                cand = workspace("cand", w.size).view(np.uint32)
+                self._thr = T.kth_largest_abs(w, k, self._hist_w, cand)
+            if training:
+                self._steps += 1
+            self._sw.build(w2, self._thr)
+            self.measured_density = self._sw.nnz / w.size
+            return self._sw
+        if self._masked():
+            if self._mask_built is not self.mask:
+                self._sw.build(w2, 0.0, self.mask.reshape(self.cout, -1))
+                self._mask_built = self.mask
+            else:
+                self._sw.refresh(w.reshape(-1))
+            self.measured_density = self._sw.nnz / w.size
+            return self._sw
+        if not self._full_built:
+            self._full.build(w2, 0.0, self._ones)
+            self._full_built = True
         else:
-            nnz = self._nnz
-            wf = self.params["weight"].reshape(-1)
-            S.gather(wf, self._widx, self._val, nnz)
-            S.gather(wf, self._c_widx, self._c_val, nnz)
+            self._full.refresh(w.reshape(-1))
+        self.measured_density = 1.0
+        return self._full
 
     # ------------------------------------------------------------------ forward
     def _check_x(self, x: np.ndarray) -> int:
@@ -261,13 +249,16 @@ class Conv2d(Layer):
         return n
 
     def _geom(self, n: int):
-        L = self.ow * n
-        rs = self.wq * n
-        plane = self.hq * self.wq * n
-        return L, rs, plane
+        return self.ow * n, self.wq * n, self.hq * self.wq * n
 
-    def _sparse_path(self) -> bool:
-        return self.mode in ("swat", "masked") or self.groups != 1
+    def _direct(self, phase: str) -> bool:
+        return (self.mode == "swat" or self._masked() or self.groups != 1
+                or self.dense_impl[phase] == "direct")
+
+    def _col(self, n: int) -> np.ndarray:
+        L = self.ow * n
+        return workspace("col", self.cin * self.kk * self.oh * L).reshape(
+            self.cin * self.kk, self.oh * L)
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         """NCHW float32 -> NCHW float32 (a view of a preallocated buffer)."""
@@ -279,51 +270,25 @@ class Conv2d(Layer):
         w = self.params["weight"]
         bias = self.params["bias"] if self.has_bias else self._nobias
         xq = self._xq[: self.cin * self.sh * self.sw * plane]
-        yb = self._yb[: self.cout * self.oh * L]
+        yb = self._yb[: self.cout * self.oh * rs]
         y = self._y[:n]
+        flops = w.size * self.oh * L
         with _Timer(self, "forward"):
-            K.pack_input(x, xq, self.sh, self.sw, self.ph, self.pw, self.hq, self.wq)
-            if self.mode == "swat":
-                ls = self.ls
-                if training:
-                    if self._steps % ls.topk_period == 0 or self._thr < 0:
-                        kw_ = T.count_for_density(ls.weight_density, w.size)
-                        self._thr = T.kth_largest_abs(w, kw_, self._hist)
-                    self._steps += 1
-                elif self._thr < 0:
-                    self._thr = T.kth_largest_abs(
-                        w, T.count_for_density(ls.weight_density, w.size), self._hist)
-                self._compress_thr(self._thr)
-                self.measured_density = self._nnz / w.size
-                if training:
-                    self._save_sparse_act(x, n)
-            elif self.mode == "masked" or self.groups != 1:
-                self._compress_mask(self.mask if self.mode == "masked" else None)
-                self.measured_density = self._nnz / w.size
-            if self._sparse_path():
-                K.fwd_csr(self._rowptr, self._code, self._val, xq, yb, self.cout, self.oh,
-                          L, rs, n)
+            want_hist = self.mode == "swat" and training
+            S.pick(K.pack_input, xq.size)(x, x.view(np.uint32), xq, self.sh, self.sw, self.ph,
+                                          self.pw, self.hq, self.wq, self._hist, want_hist)
+            self._hist_ok = want_hist
+            if self._direct("forward"):
+                sw = self._structure(training)
+                S.pick(K.fwd_csr, int(flops * self.measured_density))(
+                    sw.rowptr, sw.code, sw.val, xq, yb, y, bias, self.has_bias, self.oh, rs)
             else:
-                col = workspace("col", self.cin * self.kk * self.oh * L).reshape(
-                    self.cin * self.kk, self.oh * L)
-                K.im2col(xq, self._codes, col, self.oh, L, rs, n)
-                np.dot(w.reshape(self.cout, -1), col, out=yb.reshape(self.cout, -1))
-            K.unpack_output(yb, y, bias, self.has_bias)
+                col = self._col(n)
+                S.pick(K.im2col, col.size)(xq, self._codes, col, self.oh, L, rs, n)
+                yl = yb[: self.cout * self.oh * L]
+                np.dot(w.reshape(self.cout, -1), col, out=yl.reshape(self.cout, -1))
+                S.pick(K.unpack_output, yl.size)(yl, y, bias, self.has_bias)
         return y
-
-    def _save_sparse_act(self, x: np.ndarray, n: int) -> None:
-        ls = self.ls
-        size = x.size
-        kx = T.count_for_density(ls.act_density, size)
-        thr = T.kth_largest_abs(x, kx, self._hist)
-        x3 = x.reshape(n, self.cin, self.h * self.w)
-        S.act_count(x3, np.float32(thr), self._counts)
-        nnz = S.prefix(self._counts[:self.cin], self._aptr)
-        if self._apos.size < nnz:
-            self._apos = S.grow(self._apos, nnz)
-            self._aval = S.grow(self._aval, nnz)
-        S.act_fill(x3, np.float32(thr), self._aptr, self._apos, self._aval)
-        self.measured_act_density = nnz / size
 
     # ------------------------------------------------------------------ backward
     def backward(self, gy: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
@@ -337,79 +302,89 @@ class Conv2d(Layer):
         L, rs, plane = self._geom(n)
         xq = self._xq[: self.cin * self.sh * self.sw * plane]
         gxq = self._gxq[: xq.size]
-        gyb = self._gyb[: self.cout * self.oh * L]
         w = self.params["weight"]
         gw = self.grads["weight"]
         gb = self.grads["bias"] if self.has_bias else self._nobias
+        swat = self.mode == "swat"
+        flops = w.size * self.oh * L
+        # direct kernels read gy in the extended row layout (stride rs), GEMM in (stride L)
+        gemm_w = not swat and not self._masked() and self.groups == 1 and \
+            self.dense_impl["backward_weight"] == "gemm"
+        gemm_in = need_input_grad and not self._direct("backward_input")
+        if gemm_w != gemm_in and need_input_grad and not (swat or self._masked()):
+            raise ValueError("dense_impl: backward_weight and backward_input must both be "
+                             "'gemm' or both 'direct'")
+        rstride = L if (gemm_w or gemm_in) else rs
+        gyb = self._gyb[: self.cout * self.oh * rstride]
         with _Timer(self, "backward_weight"):
-            K.pack_grad_out(gy, gyb, gb, self.has_bias)
-            if self.mode == "swat":
-                gyT = self._gyT[: gyb.size]
-                K.pack_grad_out_T(gy, gyT)
-                K.bwd_weight_sparse_act(self._aptr, self._apos, self._aval, gyT, self._gWt,
-                                        self.h, self.w, self.kh, self.kw, self.sh, self.sw,
-                                        self.ph, self.pw, self.oh, self.ow, n, self.cout,
-                                        self.cig, self.cog)
-                K.gwt_to_weight(self._gWt, gw, self.cig, self.cog, self.kh, self.kw)
-            elif self.mode == "masked" and self.mask is not None:
-                if self.want_dense_grad:
-                    dg = self._want_dense_buf()
-                    self._dense_wgrad(xq, gyb, dg, n)
-                    np.multiply(dg, self.mask, out=gw)
-                else:
-                    gw[...] = 0.0
-                    K.bwd_weight_sddmm(self._rowptr, self._code, self._widx, gyb, xq,
-                                       gw.reshape(-1), self.cout, self.oh, L, rs, n)
+            gyT = self._gyT[: self.cout * self.oh * L] if swat else self._gyT
+            S.pick(K.pack_grad_out, gyb.size)(gy, gyb, gyT, gb, self.has_bias, swat, rstride)
+            if swat:
+                if not self._hist_ok:
+                    raise RuntimeError(f"conv {self.name!r}: backward without a training forward")
+                k = T.count_for_density(self.ls.act_density, n * self.cin * self.h * self.w)
+                cand = workspace("cand", xq.size).view(np.uint32)
+                thr = T.resolve(self._hist, k, xq.view(np.uint32), cand)
+                thr_f = np.uint32(thr).view(np.float32)
+                self._hist_ok = False
+                kern = S.pick(K.bwd_weight_scan, int(flops * self.ls.act_density))
+                nch = 1 if kern is K.bwd_weight_scan[0] else min(self.cin, S.threads())
+                kern(xq, thr_f, gyT, self._gWt, gw, self._cnt, self._kbuf, nch, self.scan_block, self.sh, self.sw, self.hq,
+                    self.wq, n, self.kh, self.kw, self.oh, self.ow)
+                self.measured_act_density = float(self._cnt.sum()) / (
+                    n * self.cin * self.h * self.w)
+            elif self._masked() and not self.want_dense_grad:
+                sw = self._sw
+                gw[...] = 0.0
+                S.pick(K.bwd_weight_sddmm, int(flops * self.measured_density))(
+                    sw.rowptr, sw.code, sw.widx, gyb, xq, gw.reshape(-1), self.oh, self.ow,
+                    rs, n)
             else:
-                self._dense_wgrad(xq, gyb, gw, n)
-                if self.want_dense_grad:
-                    self._want_dense_buf()[...] = gw
+                out = self._dense_grad_buf() if self._masked() else gw
+                self._dense_wgrad(xq, gyb, out, n, rstride)
+                if self._masked():
+                    np.multiply(out, self.mask, out=gw)
+                elif self.want_dense_grad:
+                    self._dense_grad_buf()[...] = gw
         if not need_input_grad:
             self.phase_times.pop("backward_input", None)
             return None
         gx = self._gx[:n]
         with _Timer(self, "backward_input"):
-            if self._sparse_path():
-                K.bwd_input_csc(self._colptr, self._c_code, self._c_co, self._c_val, gyb, gxq,
-                                self.cin, self.sh * self.sw, plane, self.oh, L, rs, n)
+            if self._direct("backward_input"):
+                sw = self._sw if (swat or self._masked()) else self._full
+                if sw is self._full and not self._full_built:
+                    self._structure(False)
+                S.pick(K.bwd_input_csc, int(flops * self.measured_density))(
+                    sw.colptr, sw.c_code, sw.c_row, sw.c_val, gyb, gxq, gx, self.sh, self.sw,
+                    self.ph, self.pw, self.hq, self.wq, self.oh, self.ow)
             else:
-                gcol = workspace("col", self.cin * self.kk * self.oh * L).reshape(
-                    self.cin * self.kk, self.oh * L)
+                gcol = self._col(n)
                 np.dot(w.reshape(self.cout, -1).T, gyb.reshape(self.cout, -1), out=gcol)
-                K.col2im(gcol, self._codes, gxq, self.cin, self.kk, self.sh * self.sw, plane,
-                         self.oh, L, rs, n)
-            K.unpack_grad_input(gxq, gx, self.sh, self.sw, self.ph, self.pw, self.hq, self.wq)
+                S.pick(K.col2im, gcol.size)(gcol, self._codes, gxq, gx, self.kk, self.sh,
+                                            self.sw, self.ph, self.pw, self.hq, self.wq,
+                                            self.oh, L)
         return gx
 
-    def _dense_wgrad(self, xq, gyb, out, n) -> None:
+    def _dense_wgrad(self, xq, gyb, out, n, rstride) -> None:
+        """The full weight gradient (dense mode, or masked with ``want_dense_grad``); gyb is in
+        the GEMM layout (row stride L) or the direct kernels' (stride rs)."""
         L, rs, plane = self._geom(n)
-        if self.groups == 1:
-            col = workspace("col", self.cin * self.kk * self.oh * L).reshape(
-                self.cin * self.kk, self.oh * L)
-            K.im2col(xq, self._codes, col, self.oh, L, rs, n)
+        if rstride == L and self.groups == 1:
+            col = self._col(n)
+            S.pick(K.im2col, col.size)(xq, self._codes, col, self.oh, L, rs, n)
             np.dot(gyb.reshape(self.cout, -1), col.T, out=out.reshape(self.cout, -1))
-        else:
-            if self._mask_dirty or self.mode == "masked":
-                # full-tap structure (the masked structure may be cached: rebuild it after)
-                saved = self._mask_dirty
-                self._mask_dirty = True
-                self._compress_mask(None)
-                out[...] = 0.0
-                K.bwd_weight_sddmm(self._rowptr, self._code, self._widx, gyb, xq,
-                                   out.reshape(-1), self.cout, self.oh, L, rs, n)
-                if self.mode == "masked":
-                    self._mask_dirty = True
-                    self._compress_mask(self.mask)
-                else:
-                    self._mask_dirty = saved
-                return
-            out[...] = 0.0
-            K.bwd_weight_sddmm(self._rowptr, self._code, self._widx, gyb, xq,
-                               out.reshape(-1), self.cout, self.oh, L, rs, n)
+            return
+        if not self._full_built:
+            self._full.build(self.params["weight"].reshape(self.cout, -1), 0.0, self._ones)
+            self._full_built = True
+        f = self._full
+        S.pick(K.bwd_weight_sddmm, out.size * self.oh * L)(
+            f.rowptr, f.code, f.widx, gyb, xq, out.reshape(-1), self.oh, self.ow, rs, n)
 
-    def param_bytes(self) -> int:
-        """Bytes of this layer's own step buffers (packed input/output, gradients, sparse)."""
-        tot = 0
+    def memory_bytes(self) -> int:
+        """Bytes of this layer's own arrays (params, grads, step buffers, compressed weight)."""
+        tot = self._sw.nbytes() + self._full.nbytes()
         for v in self.__dict__.values():
             if isinstance(v, np.ndarray):
                 tot += v.nbytes

@@ -3,7 +3,7 @@
 * ``dense``: BLAS GEMM (``np.dot`` into preallocated buffers).
 * ``swat``: forward/backward-input with the compressed top-K weights (CSR by output, CSC by
   input feature) on batch-last copies; weight gradient dense, computed from the top-K input
-  activations only (kept entries grouped by sample).
+  activations only (kept entries grouped by sample, 16 output rows per vector tile).
 * ``masked``: compressed W⊙M (structure cached until the mask changes), weight gradient only
   at the kept entries (one dot product over the batch each) unless ``want_dense_grad``.
 """
@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 
 from ..kernels import linear_kernels as K
 from ..kernels import sparse as S
 from ..kernels import topk as T
 from .base import Layer
-from .conv import _MODES, _Timer
+from .conv import _MODES, _Timer, workspace
 
 
 class Linear(Layer):
@@ -52,12 +53,12 @@ class Linear(Layer):
         self._steps = 0
         self._thr = -1.0
         self._hist = T.new_hist()
-        self._mask_dirty = True
+        self._hist_w = T.new_hist()
+        self._hist_ok = False
         self._n = 0
-        self._rowptr = np.zeros(self.fout + 1, np.int64)
-        self._colptr = np.zeros(self.fin + 1, np.int64)
-        self._counts = np.zeros(max(self.fout, self.fin) + 1, np.int64)
-        self._alloc_sparse(1)
+        self._sw = S.SparseWeight(self.fout, self.fin, np.zeros(10, np.int64))
+        self._mask_built = None
+        self._tile = np.zeros((1, 1, 16), np.float32)
 
     def init_params(self, rng: np.random.Generator) -> None:
         """torch's default init: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias."""
@@ -68,18 +69,6 @@ class Linear(Layer):
             self.params["bias"][...] = rng.uniform(-bound, bound, self.fout).astype(np.float32)
         if self.mask is not None:
             w *= self.mask
-
-    def _alloc_sparse(self, cap: int) -> None:
-        cap = max(cap, 1)
-        self._widx = np.zeros(cap, np.int32)
-        self._val = np.zeros(cap, np.float32)
-        self._col = np.zeros(cap, np.int32)
-        self._rowo = np.zeros(cap, np.int32)
-        self._perm = np.zeros(cap, np.int32)
-        self._c_row = np.zeros(cap, np.int32)
-        self._c_widx = np.zeros(cap, np.int32)
-        self._c_val = np.zeros(cap, np.float32)
-        self._nnz = 0
 
     def setup(self, max_batch: int) -> None:
         super().setup(max_batch)
@@ -93,21 +82,34 @@ class Linear(Layer):
         self._aptr = np.zeros(n + 1, np.int64)
         self._apos = np.zeros(1, np.int32)
         self._aval = np.zeros(1, np.float32)
+        if self.mode == "swat":
+            self._setup_swat()
+
+    def _setup_swat(self) -> None:
+        n = self.max_batch
+        if self._apos.size < n * self.fin:
+            self._apos = np.zeros(n * self.fin, np.int32)
+            self._aval = np.zeros(n * self.fin, np.float32)
+        nw = max(1, numba.config.NUMBA_NUM_THREADS)
+        if self._tile.shape[0] < nw or self._tile.shape[1] != self.fin:
+            self._tile = np.zeros((nw, self.fin, 16), np.float32)
 
     # ------------------------------------------------------------------ sparsity API
     def set_sparsity(self, mode: str, ls=None) -> None:
         """Select ``dense`` | ``swat`` | ``masked``; ``ls`` (LayerSparsity) None means dense."""
         if mode not in _MODES:
             raise ValueError(f"linear {self.name!r}: mode must be one of {_MODES}, got {mode!r}")
-        if ls is None and mode != "masked":
+        if ls is None and mode == "swat":
             mode = "dense"
         self.mode = mode
         self.ls = ls
         self._steps = 0
         self._thr = -1.0
-        self._mask_dirty = True
+        self._mask_built = None
         self.measured_density = 1.0
         self.measured_act_density = 1.0
+        if mode == "swat" and self.max_batch:
+            self._setup_swat()
 
     def set_mask(self, mask: np.ndarray | None) -> None:
         """Store the mask (weight-shaped, bool/uint8) and zero the weights outside it."""
@@ -118,46 +120,34 @@ class Linear(Layer):
             if m.shape != self.params["weight"].shape:
                 raise ValueError(f"linear {self.name!r}: mask shape {m.shape} != weight shape "
                                  f"{self.params['weight'].shape}")
-            self.mask = (m != 0).astype(np.uint8)
+            self.mask = np.ascontiguousarray(m != 0).astype(np.uint8)
             self.params["weight"][self.mask == 0] = 0.0
-        self._mask_dirty = True
+        self._mask_built = None
+
+    def _masked(self) -> bool:
+        return self.mode == "masked" and self.mask is not None
 
     def _sparse(self) -> bool:
-        return self.mode == "swat" or (self.mode == "masked" and self.mask is not None)
+        return self.mode == "swat" or self._masked()
 
-    # ------------------------------------------------------------------ compression
-    def _ensure_cap(self, nnz: int) -> None:
-        if self._widx.size < nnz:
-            self._alloc_sparse(int(nnz * 1.5) + 16)
-
-    def _finish_structure(self, nnz: int) -> None:
-        self._nnz = nnz
-        K.linear_codes(self._widx, nnz, self.fin, self._col, self._rowo)
-        S.csc_from_keys(self._col, nnz, self.fin, self._colptr, self._perm, self._counts)
-        K.permute_csc(self._perm, nnz, self._rowo, self._widx, self._val, self._c_row,
-                      self._c_widx, self._c_val)
-
-    def _compress_thr(self, thr: float) -> None:
+    def _structure(self, training: bool) -> S.SparseWeight:
         w = self.params["weight"]
-        S.count_rows_thr(w, np.float32(thr), self._counts)
-        nnz = S.prefix(self._counts[:self.fout], self._rowptr)
-        self._ensure_cap(nnz)
-        S.fill_rows_thr(w, np.float32(thr), self._rowptr, self._widx, self._val)
-        self._finish_structure(nnz)
-
-    def _compress_mask(self) -> None:
-        wf = self.params["weight"].reshape(-1)
-        if self._mask_dirty:
-            S.count_rows_mask(self.mask, self._counts)
-            nnz = S.prefix(self._counts[:self.fout], self._rowptr)
-            self._ensure_cap(nnz)
-            S.fill_rows_mask(self.mask, self._rowptr, self._widx)
-            S.gather(wf, self._widx, self._val, nnz)
-            self._finish_structure(nnz)
-            self._mask_dirty = False
+        if self.mode == "swat":
+            ls = self.ls
+            if self._thr < 0 or (training and self._steps % ls.topk_period == 0):
+                k = T.count_for_density(ls.weight_density, w.size)
+                cand = workspace("cand", w.size).view(np.uint32)
+                self._thr = T.kth_largest_abs(w, k, self._hist_w, cand)
+            if training:
+                self._steps += 1
+            self._sw.build(w, self._thr)
+        elif self._mask_built is not self.mask:
+            self._sw.build(w, 0.0, self.mask)
+            self._mask_built = self.mask
         else:
-            S.gather(wf, self._widx, self._val, self._nnz)
-            S.gather(wf, self._c_widx, self._c_val, self._nnz)
+            self._sw.refresh(w.reshape(-1))
+        self.measured_density = self._sw.nnz / w.size
+        return self._sw
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
@@ -168,6 +158,8 @@ class Linear(Layer):
         n = x.shape[0]
         if n > self.max_batch:
             raise ValueError(f"linear {self.name!r}: batch {n} > max_batch {self.max_batch}")
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
         self._n = n
         w = self.params["weight"]
         y = self._y[:n]
@@ -178,42 +170,18 @@ class Linear(Layer):
                 np.dot(xs, w.T, out=y)
                 if self.has_bias:
                     y += self.params["bias"]
+                self.measured_density = 1.0
                 return y
             xT = self._xT[: self.fin * n].reshape(self.fin, n)
-            K.transpose(x, xT)
-            if self.mode == "swat":
-                ls = self.ls
-                if training:
-                    if self._steps % ls.topk_period == 0 or self._thr < 0:
-                        self._thr = T.kth_largest_abs(
-                            w, T.count_for_density(ls.weight_density, w.size), self._hist)
-                    self._steps += 1
-                elif self._thr < 0:
-                    self._thr = T.kth_largest_abs(
-                        w, T.count_for_density(ls.weight_density, w.size), self._hist)
-                self._compress_thr(self._thr)
-                if training:
-                    self._save_sparse_act(x, n)
-            else:
-                self._compress_mask()
-            self.measured_density = self._nnz / w.size
+            want_hist = self.mode == "swat" and training
+            S.pick(K.pack_x, x.size)(x, x.view(np.uint32), xT, self._hist, want_hist)
+            self._hist_ok = want_hist
+            sw = self._structure(training)
             yT = self._yT[: self.fout * n].reshape(self.fout, n)
-            K.fwd_csr(self._rowptr, self._col, self._val, xT, yT)
             bias = self.params["bias"] if self.has_bias else self._nobias
-            K.unpack_out(yT, y, bias, self.has_bias)
+            S.pick(K.fwd_csr, sw.nnz * n)(sw.rowptr, sw.code, sw.val, xT, yT, y, bias,
+                                          self.has_bias)
         return y
-
-    def _save_sparse_act(self, x: np.ndarray, n: int) -> None:
-        kx = T.count_for_density(self.ls.act_density, x.size)
-        thr = np.float32(T.kth_largest_abs(x, kx, self._hist))
-        x3 = x.reshape(1, n, self.fin)
-        S.act_count(x3, thr, self._counts)
-        nnz = S.prefix(self._counts[:n], self._aptr[: n + 1])
-        if self._apos.size < nnz:
-            self._apos = S.grow(self._apos, nnz)
-            self._aval = S.grow(self._aval, nnz)
-        S.act_fill(x3, thr, self._aptr[: n + 1], self._apos, self._aval)
-        self.measured_act_density = nnz / x.size
 
     # ------------------------------------------------------------------ backward
     def backward(self, gy: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
@@ -227,34 +195,45 @@ class Linear(Layer):
         w = self.params["weight"]
         gw = self.grads["weight"]
         sparse = self._sparse()
+        sw = self._sw
+        xT = self._xT[: self.fin * n].reshape(self.fin, n)
+        gyT = self._yT[: self.fout * n].reshape(self.fout, n)
         with _Timer(self, "backward_weight"):
-            if self.has_bias:
-                np.sum(gy, axis=0, out=self.grads["bias"])
-            if sparse:
-                gyT = self._yT[: self.fout * n].reshape(self.fout, n)
-                K.transpose(gy, gyT)
-            if self.mode == "swat":
-                K.bwd_weight_sparse_act(self._aptr[: n + 1], self._apos, self._aval, gy, gw)
-            elif sparse and not self.want_dense_grad:
-                gw[...] = 0.0
-                xT = self._xT[: self.fin * n].reshape(self.fin, n)
-                K.bwd_weight_sddmm(self._rowptr, self._col, self._widx, gyT, xT, gw.reshape(-1))
-            else:
-                if sparse:
-                    xs = self._x[:n]
-                    K.transpose(self._xT[: self.fin * n].reshape(self.fin, n), xs)
-                else:
-                    xs = self._x[:n]
+            if not sparse:
+                if self.has_bias:
+                    np.sum(gy, axis=0, out=self.grads["bias"])
+                np.dot(gy.T, self._x[:n], out=gw)
                 if self.want_dense_grad:
                     if self.dense_grad is None or self.dense_grad.shape != w.shape:
                         self.dense_grad = np.zeros_like(w)
-                    np.dot(gy.T, xs, out=self.dense_grad)
-                    if self.mode == "masked" and self.mask is not None:
-                        np.multiply(self.dense_grad, self.mask, out=gw)
-                    else:
-                        gw[...] = self.dense_grad
+                    self.dense_grad[...] = gw
+            else:
+                gb = self.grads["bias"] if self.has_bias else self._nobias
+                S.pick(K.pack_gy, gy.size)(gy, gyT, gb, self.has_bias)
+                if self.mode == "swat":
+                    if not self._hist_ok:
+                        raise RuntimeError(f"linear {self.name!r}: backward without a "
+                                           "training forward")
+                    k = T.count_for_density(self.ls.act_density, n * self.fin)
+                    cand = workspace("cand", xT.size).view(np.uint32)
+                    thr = np.uint32(T.resolve(self._hist, k, xT.reshape(-1).view(np.uint32),
+                                              cand)).view(np.float32)
+                    self._hist_ok = False
+                    aptr = self._aptr[: n + 1]
+                    nnz = K.sparse_acts[0](xT, thr, aptr, self._apos, self._aval)
+                    self.measured_act_density = nnz / (n * self.fin)
+                    k2 = S.pick(K.bwd_weight_tiles, nnz * self.fout)
+                    tile = self._tile if k2 is K.bwd_weight_tiles[1] else self._tile[:1]
+                    k2(aptr, self._apos, self._aval, gy, gw, tile)
+                elif not self.want_dense_grad:
+                    gw[...] = 0.0
+                    S.pick(K.bwd_weight_sddmm, sw.nnz * n)(sw.rowptr, sw.code, sw.widx, gyT,
+                                                           xT, gw.reshape(-1))
                 else:
-                    np.dot(gy.T, xs, out=gw)
+                    if self.dense_grad is None or self.dense_grad.shape != w.shape:
+                        self.dense_grad = np.zeros_like(w)
+                    np.dot(gyT, xT.T, out=self.dense_grad)
+                    np.multiply(self.dense_grad, self.mask, out=gw)
         if not need_input_grad:
             self.phase_times.pop("backward_input", None)
             return None
@@ -262,8 +241,15 @@ class Linear(Layer):
         with _Timer(self, "backward_input"):
             if sparse:
                 gxT = self._gxT[: self.fin * n].reshape(self.fin, n)
-                K.bwd_input_csc(self._colptr, self._c_row, self._c_val, gyT, gxT)
-                K.transpose(gxT, gx)
+                S.pick(K.bwd_input_csc, sw.nnz * n)(sw.colptr, sw.c_row, sw.c_val, gyT, gxT, gx)
             else:
                 np.dot(gy, w, out=gx)
         return gx
+
+    def memory_bytes(self) -> int:
+        """Bytes of this layer's own arrays (params, grads, step buffers, compressed weight)."""
+        tot = self._sw.nbytes()
+        for v in self.__dict__.values():
+            if isinstance(v, np.ndarray):
+                tot += v.nbytes
+        return tot

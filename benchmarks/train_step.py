@@ -1,0 +1,369 @@
+"""Training-step benchmark: sparsefl's Numba conv/linear layers vs torch dense, same threads.
+
+    python benchmarks/train_step.py [--quick] [--json OUT] [--threads 1,2] [--batch 16,32]
+
+One process; for each thread count, torch.set_num_threads, numba.set_num_threads and the
+BLAS pool (threadpoolctl) get the same count. Measured, interleaved (ours, torch, ours, ...),
+median of repeats:
+
+(a) every conv/linear layer of femnist_cnn, resnet8 and resnet18_cifar, forward + backward
+    (input gradient included) at sparsity 0 (dense mode), 0.9 and 0.95 (swat: top-K weights
+    and activations at the same density); our time includes the top-K selection, building the
+    compressed weights and the sparse activations;
+(b) the whole training step (forward, loss, backward, SGD update) of femnist_cnn and resnet8
+    with the SWAT plan (first layer and classifier dense), against a torch twin of the model.
+
+Records: model, layer (or "step"), sparse (is the layer sparse in the SWAT plan), sparsity,
+threads, batch, ours_ms, torch_ms, speedup (torch_ms / ours_ms), density (measured weight
+density), act_density, topk_period. Also prints per-layer median speedups, the peak memory of
+a step (fresh subprocesses, RSS high-water mark above the post-warm-up level) and the JIT
+compile time of the first step in a fresh process with an empty Numba cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+
+import numpy as np  # noqa: E402
+
+MODELS_LAYERS = ("femnist_cnn", "resnet8", "resnet18_cifar")
+MODELS_STEP = ("femnist_cnn", "resnet8")
+
+
+def set_threads(n: int) -> None:
+    import numba
+    import torch
+    torch.set_num_threads(n)
+    numba.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=n, user_api="blas")
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _median_interleaved(fa, fb, reps: int, budget_s: float) -> tuple[float, float]:
+    ta, tb = [], []
+    t_end = time.perf_counter() + budget_s
+    for r in range(reps):
+        pair = ((fa, ta), (fb, tb)) if r % 2 == 0 else ((fb, tb), (fa, ta))
+        for f, acc in pair:
+            t0 = time.perf_counter()
+            f()
+            acc.append(time.perf_counter() - t0)
+        if r >= 2 and time.perf_counter() > t_end:
+            break
+    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+
+
+# ----------------------------------------------------------------------------- (a) layers
+def bench_layers(model: str, threads: int, batch: int, sparsities, reps: int, period: int,
+                 budget_s: float, only=None) -> list[dict]:
+    import torch
+    from torch import nn
+
+    from embedded.layers.conv import Conv2d
+    from embedded.layers.linear import Linear
+    from hwmodel import LayerSparsity, build
+    from hwmodel.plan import sparse_layer_names
+
+    spec = build(model)
+    sparse_names = set(sparse_layer_names(spec, "swat"))
+    rng = np.random.default_rng(0)
+    out = []
+    for name in spec.weighted_layers():
+        if only and name not in only:
+            continue
+        node = spec[name]
+        in_shape = spec.in_shapes[name][0]
+        oshape = spec.shapes[name]
+        cls = Conv2d if node.op == "conv2d" else Linear
+        ours = cls(node, spec.in_shapes[name], oshape)
+        ours.init_params(rng)
+        ours.setup(batch)
+        ours.timing = False
+        a = node.attrs
+        if node.op == "conv2d":
+            tm = nn.Conv2d(in_shape[0], a["out_channels"], a["kernel"], a["stride"],
+                           a["padding"], groups=a["groups"], bias=a["bias"])
+        else:
+            tm = nn.Linear(in_shape[0], a["out_features"], bias=a["bias"])
+        with torch.no_grad():
+            tm.weight.copy_(torch.from_numpy(ours.params["weight"]))
+            if a["bias"]:
+                tm.bias.copy_(torch.from_numpy(ours.params["bias"]))
+        x = rng.standard_normal((batch, *in_shape)).astype(np.float32)
+        if name != spec.first_layer():
+            x = np.maximum(x, 0)  # post-ReLU activations, as in the network
+        gy = rng.standard_normal((batch, *oshape)).astype(np.float32) * 0.01
+        xt = torch.from_numpy(x.copy()).requires_grad_(True)
+        gyt = torch.from_numpy(gy.copy())
+
+        def run_torch(xt=xt, tm=tm, gyt=gyt):
+            xt.grad = None
+            for p in tm.parameters():
+                p.grad = None
+            tm(xt).backward(gyt)
+
+        def run_ours(ours=ours, x=x, gy=gy):
+            ours.forward(x, True)
+            ours.backward(gy, True)
+
+        for s in sparsities:
+            if s == 0:
+                ours.set_sparsity("dense", None)
+            else:
+                ours.set_sparsity("swat", LayerSparsity(1 - s, 1 - s, period))
+            for _ in range(2):
+                run_ours()
+                run_torch()
+            to, tt = _median_interleaved(run_ours, run_torch, reps, budget_s)
+            out.append({"model": model, "layer": name, "sparse": name in sparse_names,
+                        "op": node.op, "sparsity": s, "threads": threads, "batch": batch,
+                        "ours_ms": round(to, 4), "torch_ms": round(tt, 4),
+                        "speedup": round(tt / to, 4),
+                        "density": round(float(ours.measured_density), 5),
+                        "act_density": round(float(ours.measured_act_density), 5),
+                        "topk_period": period if s else None})
+            r = out[-1]
+            print(f"{model:15s} {name:22s} s={s:<5} t={threads} b={batch:<3} "
+                  f"ours {to:8.3f} ms  torch {tt:8.3f} ms  x{tt / to:5.2f}  "
+                  f"d={r['density']:.3f} da={r['act_density']:.3f}", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- (b) steps
+def _plan(spec, s, period):
+    from hwmodel import SparsityPlan
+    if s == 0:
+        return SparsityPlan.dense()
+    return SparsityPlan.uniform(spec, s, mode="swat", layers="swat", topk_period=period)
+
+
+def bench_steps(model: str, threads: int, batch: int, sparsities, reps: int, period: int,
+                budget_s: float) -> list[dict]:
+    import torch
+
+    from embedded.network import Network
+    from embedded.optim import SGD
+    from hwmodel import build
+    from hwmodel.torch_twin import to_torch
+
+    spec = build(model)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, *spec.input_shape)).astype(np.float32)
+    y = rng.integers(0, spec.num_classes, batch).astype(np.int64)
+    out = []
+    for s in sparsities:
+        net = Network.from_spec(spec, seed=0)
+        net.timing = False
+        for layer in net.layers.values():
+            layer.timing = False
+        net.setup(batch)
+        net.set_plan(_plan(spec, s, period))
+        opt = SGD(net, momentum=0.9, weight_decay=5e-4)
+        tw = to_torch(spec)
+        tw.load_state_dict({k: torch.from_numpy(v) for k, v in net.state_dict().items()})
+        tw.train()
+        topt = torch.optim.SGD(tw.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        xt = torch.from_numpy(x)
+        yt = torch.from_numpy(y)
+        lossf = torch.nn.CrossEntropyLoss()
+
+        def run_ours(net=net, opt=opt):
+            net.step_loss(x, y)
+            opt.step(0.01)
+
+        def run_torch(topt=topt, tw=tw, xt=xt, yt=yt, lossf=lossf):
+            topt.zero_grad(set_to_none=True)
+            lossf(tw(xt), yt).backward()
+            topt.step()
+
+        for _ in range(2):
+            run_ours()
+            run_torch()
+        to, tt = _median_interleaved(run_ours, run_torch, reps, budget_s)
+        dens = [net.layers[n].measured_density for n in net.plan.layers] or [1.0]
+        out.append({"model": model, "layer": "step", "sparse": s > 0, "op": "step",
+                    "sparsity": s, "threads": threads, "batch": batch,
+                    "ours_ms": round(to, 4), "torch_ms": round(tt, 4),
+                    "speedup": round(tt / to, 4),
+                    "density": round(float(np.mean(dens)), 5), "act_density": None,
+                    "topk_period": period if s else None})
+        print(f"{model:15s} {'STEP':22s} s={s:<5} t={threads} b={batch:<3} "
+              f"ours {to:8.3f} ms  torch {tt:8.3f} ms  x{tt / to:5.2f}", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- memory / JIT
+_CHILD = r"""
+import os, sys, time, json, resource
+sys.path.insert(0, {root!r})
+os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+import numpy as np
+side, model, batch, s, period, threads = {args!r}
+from hwmodel import build, SparsityPlan
+spec = build(model)
+rng = np.random.default_rng(0)
+x = rng.standard_normal((batch, *spec.input_shape)).astype(np.float32)
+y = rng.integers(0, spec.num_classes, batch).astype(np.int64)
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+if side == "ours":
+    import numba
+    numba.set_num_threads(threads)
+    from embedded.network import Network
+    from embedded.optim import SGD
+    net = Network.from_spec(spec, seed=0)
+    net.setup(batch)
+    if s:
+        net.set_plan(SparsityPlan.uniform(spec, s, mode="swat", layers="swat", topk_period=period))
+    opt = SGD(net, momentum=0.9, weight_decay=5e-4)
+    def step():
+        net.step_loss(x, y); opt.step(0.01)
+else:
+    import torch
+    torch.set_num_threads(threads)
+    from hwmodel.torch_twin import to_torch
+    tw = to_torch(spec); tw.train()
+    opt = torch.optim.SGD(tw.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    xt = torch.from_numpy(x); yt = torch.from_numpy(y); lf = torch.nn.CrossEntropyLoss()
+    def step():
+        opt.zero_grad(set_to_none=True); lf(tw(xt), yt).backward(); opt.step()
+t0 = time.perf_counter(); step(); first = time.perf_counter() - t0
+t0 = time.perf_counter(); step(); second = time.perf_counter() - t0
+base = rss()
+peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+for _ in range(3):
+    step()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+mem = getattr(net, "memory_bytes", lambda: 0)() if side == "ours" else 0
+print(json.dumps(dict(first_s=first, second_s=second, rss_after_warmup=base, peak_rss=peak,
+                      arrays_bytes=mem)))
+"""
+
+
+def child(side: str, model: str, batch: int, s: float, period: int, threads: int,
+          fresh_cache: bool) -> dict:
+    env = dict(os.environ)
+    tmp = None
+    if fresh_cache:
+        tmp = tempfile.mkdtemp(prefix="numba_cache_")
+        env["NUMBA_CACHE_DIR"] = tmp
+    code = _CHILD.format(root=ROOT, args=(side, model, batch, s, period, threads))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=900)
+    if r.returncode != 0:
+        raise RuntimeError(f"child {side} {model} failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bench_memory_jit(models, batch: int, s: float, period: int, threads: int,
+                     jit: bool) -> list[dict]:
+    out = []
+    for model in models:
+        o = child("ours", model, batch, s, period, threads, fresh_cache=False)
+        t = child("torch", model, batch, s, period, threads, fresh_cache=False)
+        rec = {"model": model, "layer": "memory", "sparsity": s, "threads": threads,
+               "batch": batch, "ours_peak_rss_mb": round(o["peak_rss"] / 2**20, 1),
+               "torch_peak_rss_mb": round(t["peak_rss"] / 2**20, 1),
+               "ours_arrays_mb": round(o["arrays_bytes"] / 2**20, 2)}
+        if jit:
+            f = child("ours", model, batch, s, period, threads, fresh_cache=True)
+            rec["jit_first_step_s"] = round(f["first_s"], 2)
+            rec["steady_step_s"] = round(f["second_s"], 4)
+        out.append(rec)
+        print(f"{model:15s} MEMORY s={s} b={batch}: peak RSS ours {rec['ours_peak_rss_mb']} MB "
+              f"vs torch {rec['torch_peak_rss_mb']} MB (process incl. libraries); our training "
+              f"arrays {rec['ours_arrays_mb']} MB"
+              + (f"; first step in a fresh process (empty Numba cache) "
+                 f"{rec['jit_first_step_s']} s vs steady {rec['steady_step_s']} s" if jit else ""),
+              flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+def summarise(records: list[dict]) -> None:
+    print("\nPer-layer median speedup over the SWAT plan's sparse layers (torch_ms / ours_ms):")
+    keys = sorted({(r["threads"], r["batch"], r["sparsity"]) for r in records
+                   if r.get("op") in ("conv2d", "linear")})
+    for t, b, s in keys:
+        sp = [r["speedup"] for r in records if r.get("op") in ("conv2d", "linear")
+              and r["threads"] == t and r["batch"] == b and r["sparsity"] == s
+              and (r["sparse"] or s == 0)]
+        if sp:
+            print(f"  threads={t} batch={b} sparsity={s}: median x{statistics.median(sp):.2f} "
+                  f"min x{min(sp):.2f} max x{max(sp):.2f} over {len(sp)} layers")
+    for r in records:
+        if r.get("op") == "step":
+            print(f"  step {r['model']} threads={r['threads']} batch={r['batch']} "
+                  f"sparsity={r['sparsity']}: x{r['speedup']:.2f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats, 2 threads, batch 16")
+    ap.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results",
+                                                   "train_step.json"))
+    ap.add_argument("--threads", default=None, help="comma list (default 1,2; quick: 2)")
+    ap.add_argument("--batch", default=None, help="comma list (default 16,32; quick: 16)")
+    ap.add_argument("--sparsity", default="0,0.9,0.95")
+    ap.add_argument("--models", default=",".join(MODELS_LAYERS))
+    ap.add_argument("--layers", default=None, help="only these layer names")
+    ap.add_argument("--topk-period", type=int, default=1,
+                    help="SWAT top-K refresh period (1 = exact every step, the costliest)")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--no-steps", action="store_true")
+    ap.add_argument("--no-memory", action="store_true")
+    args = ap.parse_args(argv)
+    threads = [int(v) for v in (args.threads or ("2" if args.quick else "1,2")).split(",")]
+    batches = [int(v) for v in (args.batch or ("16" if args.quick else "16,32")).split(",")]
+    sparsities = [float(v) for v in args.sparsity.split(",")]
+    models = args.models.split(",")
+    reps = args.reps or (5 if args.quick else 15)
+    budget = 1.0 if args.quick else 6.0
+    only = set(args.layers.split(",")) if args.layers else None
+    records: list[dict] = []
+    for t in threads:
+        set_threads(t)
+        for b in batches:
+            for m in models:
+                records += bench_layers(m, t, b, sparsities, reps, args.topk_period, budget,
+                                        only)
+            if not args.no_steps and not only:
+                for m in MODELS_STEP:
+                    if m in models:
+                        records += bench_steps(m, t, b, sparsities, reps, args.topk_period,
+                                               budget * 2)
+    if not args.no_memory and not only:
+        b = batches[0]
+        for s in ([0.0, 0.9] if not args.quick else [0.9]):
+            records += bench_memory_jit([m for m in MODELS_STEP if m in models], b, s,
+                                        args.topk_period, max(threads), jit=(s == 0.9))
+    summarise(records)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"format": "sparsefl.bench.train_step/1", "records": records,
+                       "argv": sys.argv[1:], "cpu_count": os.cpu_count(),
+                       "threading_layer": os.environ.get("NUMBA_THREADING_LAYER")}, f,
+                      indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
