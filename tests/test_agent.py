@@ -19,7 +19,14 @@ from relay import Relay, spawn_agent, stop_agent
 from embedded.protocol.framing import FLAG_REPLY, encode_frame, pack_frame
 from embedded.protocol.framing import cobs_encode as cobs
 from embedded.protocol.messages import ERR, MSG, decode_message, encode_payload
-from embedded.protocol.transport import BULK_BEGIN, Link, LinkError, RemoteError, pair_mac
+from embedded.protocol.transport import (
+    BULK_BEGIN,
+    Link,
+    LinkError,
+    RemoteError,
+    open_link,
+    pair_mac,
+)
 
 TOKEN = b"0123456789abcdef0123456789abcdef"
 
@@ -96,6 +103,11 @@ def test_first_start_creates_uuid_and_token_once(tmp_path):
 def test_listen_refuses_non_loopback_without_allow_remote(tmp_path):
     with pytest.raises(RuntimeError, match="refusing to listen on non-loopback"):
         spawn_agent(["--listen", "0.0.0.0:0", "--sensor", "none"], str(tmp_path / "s"))
+
+
+def test_open_link_errors_name_the_port():
+    with pytest.raises(LinkError, match="cannot open /nonexistent/tty"):
+        open_link("/nonexistent/tty")
 
 
 def test_bad_token_file_is_a_clear_error(tmp_path):
@@ -355,8 +367,8 @@ def test_tcp_reconnect_and_sensor_in_info(tmp_path):
     try:
         port = int(line.split()[1].rsplit(":", 1)[1])
         for _ in range(2):    # the agent goes back to accept() when a host disconnects
-            ser = serial.serial_for_url(f"socket://127.0.0.1:{port}", timeout=0.01)
-            link = Link(ser)
+            link = open_link(f"socket://127.0.0.1:{port}")
+            ser = link.stream
             link.hello(TOKEN)
             info = link.request(MSG.INFO)
             assert [(s["kind"], s["driver"], s["rail"]) for s in info["sensors"]] == \

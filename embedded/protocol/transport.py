@@ -133,6 +133,27 @@ class _Outgoing:
     rtt_samples: list[float] = field(default_factory=list)
 
 
+def _name(msg_type: int) -> str:
+    try:
+        return MSG(msg_type).name
+    except ValueError:
+        return f"type {msg_type:#04x}"
+
+
+def open_link(port: str, baud: int = 921600, **kw: Any) -> Link:
+    """A :class:`Link` on a serial device path or a pyserial URL (``socket://127.0.0.1:PORT``)."""
+    import serial  # pyserial: a base dependency, imported only where a port is opened
+
+    try:
+        if "://" in port:
+            stream = serial.serial_for_url(port, baudrate=baud, timeout=0.01, write_timeout=10)
+        else:
+            stream = serial.Serial(port, baud, timeout=0.01, write_timeout=10)
+    except (serial.SerialException, OSError, ValueError) as e:
+        raise LinkError(f"link: cannot open {port}: {e}") from e
+    return Link(stream, **kw)
+
+
 def pair_mac(token: bytes, role: bytes, first: bytes, second: bytes) -> bytes:
     """HMAC-SHA256 proof of the pairing token over both nonces (``role`` b"host" or b"agent")."""
     return hmac.new(token, PAIR_DOMAIN + b"|" + role + b"|" + first + b"|" + second,
@@ -149,8 +170,8 @@ class Link:
         if not 16 <= chunk_size <= max_payload - CHUNK_HEAD.size:
             raise ValueError(f"link: chunk_size must be in 16..{max_payload - CHUNK_HEAD.size}, "
                              f"got {chunk_size}")
-        if window < 1:
-            raise ValueError(f"link: window must be >= 1, got {window}")
+        if not 1 <= window <= 64:
+            raise ValueError(f"link: window must be 1..64 (the ack bitmap), got {window}")
         self.stream = stream
         self.max_payload = max_payload
         self.max_transfer = max_transfer
@@ -414,7 +435,7 @@ class Link:
                     break
                 self.stats.retransmits += 1
             else:
-                raise LinkError(f"link: no answer to BULK_BEGIN of {MSG(msg_type).name if msg_type in MSG._value2member_map_ else msg_type} "
+                raise LinkError(f"link: no answer to BULK_BEGIN of {_name(msg_type)} "
                                 f"({total} bytes) after {self.retries + 1} attempts")
             self._check_status(o, msg_type, total)
             # 2. chunks with a sliding window
@@ -484,7 +505,7 @@ class Link:
         timeout = self.timeout if timeout is None else timeout
         retries = self.retries if retries is None else retries
         seq = self.next_seq()
-        name = MSG(msg_type).name if msg_type in MSG._value2member_map_ else f"{msg_type:#x}"
+        name = _name(msg_type)
         for _attempt in range(retries + 1):
             self.send_message(msg_type, seq, payload, 0)
             deadline = time.monotonic() + timeout
