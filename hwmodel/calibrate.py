@@ -14,8 +14,8 @@ weight gradient) are not used for fitting; ``layer="loss"`` is the softmax cross
 
 The fit is ``scipy.optimize.least_squares`` on ``log(predicted) - log(measured)`` with the
 parameters in log space and bounded (efficiencies in (1e-4, 1], overhead in (1e-9, 0.1] s,
-bandwidth in (0.1, 1000] GB/s), a soft-L1 loss against outliers. The measured densities
-(2 significant digits) join the sparse-efficiency table; its entries are fitted only where a
+bandwidth in (0.1, 1000] GB/s), a Cauchy loss (scale 0.3 in log time) against outliers. The
+measured densities (2 significant digits) join the sparse-efficiency table; its entries are fitted only where a
 measurement at density < 1 falls within their interpolation reach; an op
 class is fitted only if some measurement exercises it. The fitted paths go into
 ``profile.fitted`` and their sources say ``measured: calibrated from N measurements on DATE``.
@@ -249,7 +249,7 @@ def calibrate(profile: DeviceProfile, measurements: Sequence[Measurement],
         pred = _predict(unpack(x), f)
         return np.log(np.maximum(pred, 1e-15)) - log_meas
 
-    res = least_squares(resid, x0, bounds=(lo, hi), loss="soft_l1", f_scale=0.1,
+    res = least_squares(resid, x0, bounds=(lo, hi), loss="cauchy", f_scale=0.3,
                         x_scale=1.0, diff_step=1e-4, max_nfev=2000)
     fitted_profile = unpack(res.x)
     when = date or _dt.date.today().isoformat()
