@@ -109,11 +109,14 @@ class Agent:
                  sensor: Any = None, max_payload: int = MAX_PAYLOAD,
                  max_transfer: int | None = None, chunk_size: int = 4096, window: int = 8,
                  log: Callable[[str], None] | None = None) -> None:
-        from .sensors import NullSensor
+        from .sensors import EnergyMeter, NullSensor
         self.token = token
         self.state_dir = state_dir
         self.data_root = os.path.realpath(data_root) if data_root else None
         self.sensor = sensor or NullSensor()
+        #: background power sampling for BENCH/TRAIN windows (``meter.begin()``/``end()``,
+        #: ``measure_idle()`` before a run); started by ``main`` when a sensor is present
+        self.meter = EnergyMeter(self.sensor)
         self.max_payload = max_payload
         self.chunk_size = chunk_size
         self.window = window
@@ -484,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     agent = Agent(token, state_dir, data_root=args.data_root, sensor=sensor,
                   max_transfer=args.max_transfer, chunk_size=args.chunk_size,
                   window=args.window)
+    agent.meter.start()
     stop = threading.Event()
     if args.listen:
         host, port = parse_listen(args.listen)

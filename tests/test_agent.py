@@ -348,6 +348,19 @@ def test_ten_thousand_hostile_frames(board):
     ser.close()
 
 
+def test_transfer_time_is_reported_apart_from_compute_time(host):
+    host.hello(TOKEN)
+    data = os.urandom(100_000)
+    assert host.request(MSG.ECHO, {"data": data, "delay_s": 0.3})["data"] == data
+    t = host.last_timing
+    # the agent waits 0.3 s between having the request and sending the first reply frame; the
+    # host's clock only loses the one-way latency of the final acknowledgement
+    assert t.wait_s > 0.25
+    assert t.upload_s > 0 and t.download_s > 0 and t.attempts == 1
+    assert t.total_s >= t.upload_s + t.wait_s + t.download_s - 1e-6
+    assert t.bytes_sent > 100_000 and t.bytes_received > 100_000
+
+
 def test_replies_use_the_reply_flag(host):
     host.hello(TOKEN)
     host.send_frame(MSG.PING, 4001, encode_payload({}))

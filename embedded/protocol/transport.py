@@ -81,10 +81,32 @@ class Message:
     payload: bytes
     version: int = PROTOCOL_VERSION
     duplicate: bool = False   # a retransmitted BULK_BEGIN of a transfer already delivered
+    first_at: float = 0.0     # time.monotonic() when its first frame arrived
 
     @property
     def is_reply(self) -> bool:
         return bool(self.flags & FLAG_REPLY)
+
+
+@dataclass
+class RequestTiming:
+    """Where the time of one request went, seen from the host.
+
+    ``upload_s``: sending the request until the peer acknowledged it all (transfer down);
+    ``wait_s``: from there to the first frame of the reply (the board's compute plus one
+    latency); ``download_s``: receiving the reply (transfer up).
+    """
+
+    upload_s: float
+    wait_s: float
+    download_s: float
+    total_s: float
+    attempts: int
+    bytes_sent: int
+    bytes_received: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
 
 
 @dataclass
@@ -116,6 +138,7 @@ class _Incoming:
     chunks: dict[int, bytes] = field(default_factory=dict)
     cum: int = 0
     last: float = 0.0
+    started: float = 0.0
 
 
 @dataclass
@@ -186,6 +209,7 @@ class Link:
         self.errors: collections.deque[FrameError] = collections.deque(maxlen=64)
         self.stats = LinkStats()
         self.peer: dict = {}
+        self.last_timing: RequestTiming | None = None
         self._seq = int.from_bytes(os.urandom(2), "little")
         self._in: _Incoming | None = None
         self._done: collections.OrderedDict[tuple[int, int], bool] = collections.OrderedDict()
@@ -274,7 +298,8 @@ class Link:
         elif f.type == MSG.BULK_ACK:
             self._on_ack(f)
         else:
-            self.inbox.append(Message(f.type, f.seq, f.flags, f.payload, f.version))
+            self.inbox.append(Message(f.type, f.seq, f.flags, f.payload, f.version,
+                                      first_at=time.monotonic()))
 
     def _ack(self, key: tuple[int, int], status: int, cum: int = 0, bitmap: int = 0,
              reason: str = "") -> None:
@@ -315,7 +340,8 @@ class Link:
             self._ack(key, ACK_REFUSED, reason=reason)
             return
         # a new transfer replaces an unfinished one (the peer gave up on it)
-        self._in = _Incoming(key, inner, total, chunk, n, sha, last=time.monotonic())
+        now = time.monotonic()
+        self._in = _Incoming(key, inner, total, chunk, n, sha, last=now, started=now)
         self._ack(key, ACK_PROGRESS, 0, 0)
 
     @staticmethod
@@ -358,7 +384,8 @@ class Link:
             self._done.popitem(last=False)
         self.stats.bulk_payload_in += len(payload)
         self._ack(key, ACK_COMPLETE, t.n, 0)
-        self.inbox.append(Message(t.inner_type, f.seq, f.flags, payload, f.version))
+        self.inbox.append(Message(t.inner_type, f.seq, f.flags, payload, f.version,
+                                  first_at=t.started))
 
     def _on_ack(self, f: Frame) -> None:
         o = self._out
@@ -506,14 +533,23 @@ class Link:
         retries = self.retries if retries is None else retries
         seq = self.next_seq()
         name = _name(msg_type)
-        for _attempt in range(retries + 1):
+        t_start = time.monotonic()
+        out0, in0 = self.stats.bytes_out, self.stats.bytes_in
+        for attempt in range(retries + 1):
+            t_try = time.monotonic()
             self.send_message(msg_type, seq, payload, 0)
-            deadline = time.monotonic() + timeout
+            t_sent = time.monotonic()
+            deadline = t_sent + timeout
             while True:
                 while self.inbox:
                     m = self.inbox.popleft()
                     if m.seq != seq or not m.is_reply or m.duplicate:
                         continue
+                    end = time.monotonic()
+                    first = min(max(m.first_at, t_sent), end)
+                    self.last_timing = RequestTiming(
+                        t_sent - t_try, first - t_sent, end - first, end - t_start, attempt + 1,
+                        self.stats.bytes_out - out0, self.stats.bytes_in - in0)
                     if m.type == MSG.ERROR:
                         try:
                             e = decode_message(MSG.ERROR, True, m.payload)
