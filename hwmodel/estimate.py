@@ -315,22 +315,30 @@ def _check_round(batch: int, samples: int, epochs: int) -> None:
             raise ValueError(f"{key}: expected an integer >= 1, got {v!r}")
 
 
-def make_plan(spec: ModelSpec, sparsity: float, mode: str, layers: str | list[str] = "swat") -> SparsityPlan:
+def default_layers(mode: str) -> str:
+    """Which layers are sparse by default (ALGORITHMS.md): SWAT's rule (first layer and
+    classifier dense) for ``swat``, every conv/linear layer (FedDST) for ``masked``."""
+    return "all" if mode == "masked" else "swat"
+
+
+def make_plan(spec: ModelSpec, sparsity: float, mode: str,
+              layers: str | list[str] | None = None) -> SparsityPlan:
     """The uniform plan ``estimate`` uses (``mode='dense'`` or sparsity 0 gives a dense plan)."""
     if mode not in ("dense", "swat", "masked"):
         raise ValueError(f"mode: expected dense, swat or masked, got {mode!r}")
+    layers = default_layers(mode) if layers is None else layers
     return SparsityPlan.uniform(spec, float(sparsity), mode=mode, layers=layers)
 
 
 def estimate(spec_or_name: ModelSpec | str, device: DeviceProfile | str, sparsity: float = 0.0,
              mode: str = "swat", batch: int = 32, samples: int = DEFAULT_SAMPLES, epochs: int = 1,
              radio: str | None = "wifi", uplink_codec: str = "coo32",
-             plan: SparsityPlan | None = None, layers: str | list[str] = "swat",
+             plan: SparsityPlan | None = None, layers: str | list[str] | None = None,
              optimizer: str = "sgd_momentum") -> Estimate:
     """Estimate one local round (``epochs`` × ``samples`` at ``batch``) on ``device``.
 
     The sparse side uses ``plan`` if given, else a uniform plan at ``sparsity`` over the
-    ``layers`` rule; the dense side is the same round without sparsity. Radio figures are
+    ``layers`` rule (default: ``swat`` for mode swat, ``all`` for masked); the dense side is the same round without sparsity. Radio figures are
     ``None`` when the device has no such radio. FLOPs = 2 x MACs (fvcore/ptflops report MACs).
     """
     spec = resolve_model(spec_or_name)
@@ -696,7 +704,8 @@ def _broadcast(x: Any, n: int, what: str, dtype: Any) -> np.ndarray:
 def estimate_fleet(spec_or_name: ModelSpec | str, devices: Any, sparsity: Any = 0.0,
                    samples: Any = DEFAULT_SAMPLES, epochs: Any = 1, mode: str = "swat",
                    batch: int = 32, radio: str | None = "wifi", uplink_codec: str = "coo32",
-                   layers: str | list[str] = "swat", optimizer: str = "sgd_momentum") -> FleetEstimate:
+                   layers: str | list[str] | None = None,
+                   optimizer: str = "sgd_momentum") -> FleetEstimate:
     """Vectorised estimates for N clients of one model with mixed devices, sparsities, samples.
 
     ``devices`` is a sequence of profile names/paths/DeviceProfiles (one per client);
@@ -720,6 +729,7 @@ def estimate_fleet(spec_or_name: ModelSpec | str, devices: Any, sparsity: Any = 
     if np.any(smp < 1) or np.any(ep < 1):
         raise ValueError("samples and epochs: expected integers >= 1")
     _check_round(batch, 1, 1)
+    layers = default_layers(mode) if layers is None else layers
     tab = _tables(spec, mode, batch, optimizer, layers)
     d = np.where(mode == "dense", 1.0, 1.0 - s)
     n_full, rem = np.divmod(smp, batch)

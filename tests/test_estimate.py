@@ -246,3 +246,16 @@ def test_fleet_masked_mode_and_names():
         estimate_fleet("mlp", ["rpi4"] * 2, [0.5, 0.5, 0.5])
     with pytest.raises(TypeError, match="one device per client"):
         estimate_fleet("mlp", "rpi4")
+
+
+def test_default_sparse_layers_follow_the_method():
+    prof = make_profile()
+    swat = estimate("lenet5", prof, 0.5, mode="swat", batch=4, samples=4).sparse.rows
+    masked = estimate("lenet5", prof, 0.5, mode="masked", batch=4, samples=4).sparse.rows
+
+    def dens(rows, layer):
+        return rows[(rows.layer == layer) & (rows.phase == "forward")].density.item()
+
+    # SWAT keeps the first layer and the classifier dense; FedDST-style masked sparsifies all
+    assert dens(swat, "conv1") == 1.0 and dens(swat, "fc3") == 1.0 and dens(swat, "fc1") == 0.5
+    assert dens(masked, "conv1") == 0.5 and dens(masked, "fc3") == 0.5

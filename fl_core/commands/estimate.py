@@ -20,7 +20,8 @@ def add_round_args(p: argparse.ArgumentParser, sparsity_default: float = 0.0) ->
     p.add_argument("--sparsity", type=float, default=sparsity_default,
                    help="weight (and SWAT activation) sparsity of the sparse layers, in [0, 1)")
     p.add_argument("--mode", choices=("swat", "masked", "dense"), default="swat",
-                   help="sparse training mode (default: swat)")
+                   help="sparse training mode (default: swat; its sparse layers: all conv/linear "
+                   "but the first and the classifier; masked: every conv/linear layer)")
     p.add_argument("--batch", type=int, default=32, help="batch size (default: 32)")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
                    help=f"local samples per epoch (default: {DEFAULT_SAMPLES})")
