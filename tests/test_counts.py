@@ -269,3 +269,20 @@ def test_nnz_matches_the_trainers_topk_count():
         for d in (0.001, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0):
             assert nnz_at(n, d) == topk.count_for_density(d, n), (n, d)
     assert nnz_at(10, 0.25) == 3  # 2.5 rounds half up, as the trainer does
+
+
+@pytest.mark.parametrize("name", sorted(hwmodel.BUILDERS))
+def test_forward_macs_equal_fvcore_on_the_torch_twin(name):
+    """Issue 2: every builder's forward MACs (conv + linear) within 0.5 % of fvcore's count."""
+    torch = pytest.importorskip("torch")
+    fvcore_nn = pytest.importorskip("fvcore.nn")
+    spec = hwmodel.build(name)
+    twin = hwmodel.to_torch(spec).eval()
+    fca = fvcore_nn.FlopCountAnalysis(twin, (torch.zeros(1, *spec.input_shape),))
+    fca.unsupported_ops_warnings(False)
+    fca.uncalled_modules_warnings(False)
+    # fvcore counts one fused multiply-add as one "flop": MACs
+    theirs = sum(v for k, v in fca.by_operator().items() if k in ("conv", "linear", "addmm", "matmul"))
+    df = count(spec)
+    ours = df[(df.phase == "forward") & df.type.isin(["conv2d", "linear"])].macs.sum()
+    assert abs(ours - theirs) <= 0.005 * theirs
