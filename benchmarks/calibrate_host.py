@@ -47,7 +47,7 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 
 import hwmodel  # noqa: E402
-from hwmodel.calibrate import calibrate, calibration_error, leave_one_model_out  # noqa: E402
+from hwmodel.calibration import calibrate, calibration_error, leave_one_model_out  # noqa: E402
 from hwmodel.measure import Measurement  # noqa: E402
 from hwmodel.profiles import load_profile, save_profile  # noqa: E402
 from hwmodel.spec import INPUT, ModelSpec  # noqa: E402

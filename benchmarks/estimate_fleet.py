@@ -25,7 +25,7 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 
 from hwmodel.counts import FLOPS_CONVENTION  # noqa: E402
-from hwmodel.estimate import estimate, estimate_fleet  # noqa: E402
+from hwmodel.estimator import estimate, estimate_fleet  # noqa: E402
 from hwmodel.profiles import list_profiles  # noqa: E402
 
 

@@ -17,13 +17,13 @@ from .spec import INPUT, ModelSpec, Node, SpecError, make_node
 
 _LAZY = {
     "count": "hwmodel.counts",
-    "estimate": "hwmodel.estimate",
-    "estimate_fleet": "hwmodel.estimate",
-    "budget": "hwmodel.estimate",
+    "estimate": "hwmodel.estimator",
+    "estimate_fleet": "hwmodel.estimator",
+    "budget": "hwmodel.estimator",
     "load_profile": "hwmodel.profiles",
     "list_profiles": "hwmodel.profiles",
     "ProfileError": "hwmodel.profiles",
-    "calibrate": "hwmodel.calibrate",
+    "calibrate": "hwmodel.calibration",
     "to_torch": "hwmodel.torch_twin",
     "from_torch": "hwmodel.torch_twin",
 }

@@ -14,7 +14,7 @@ Conventions (printed beside numbers by the CLI, see :data:`FLOPS_CONVENTION`)
 * ``flops = 2 * macs + elem_flops``. For a conv/linear row without bias and without sparse
   book-keeping this is exactly ``2 * macs``.
 * Bytes assume fp32 tensors (4 bytes) and int32 indices; each phase reads its inputs once and
-  writes its outputs once (no cache model: the roofline in :mod:`hwmodel.estimate` uses these).
+  writes its outputs once (no cache model: the roofline in :mod:`hwmodel.estimator` uses these).
 
 Sparse modes (see ../shared/ALGORITHMS.md and :mod:`hwmodel.plan`), per sparse conv/linear layer
 with weight density ``d_w`` and activation density ``d_a``:

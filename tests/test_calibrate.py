@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import hwmodel
-from hwmodel.calibrate import (
+from hwmodel.calibration import (
     CalibrationError,
     calibrate,
     calibration_error,

@@ -250,8 +250,8 @@ def test_bad_input_errors():
 
 
 def test_lazy_export():
-    import hwmodel.calibrate as calibrate_module
-    import hwmodel.estimate as estimate_module
+    import hwmodel.calibration as calibrate_module
+    import hwmodel.estimator as estimate_module
 
     assert hwmodel.count is count
     # the submodules stay modules and the package names stay callable

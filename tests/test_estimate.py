@@ -11,7 +11,7 @@ import pytest
 
 import hwmodel
 from hwmodel.counts import count
-from hwmodel.estimate import budget, estimate, estimate_fleet
+from hwmodel.estimator import budget, estimate, estimate_fleet
 from hwmodel.plan import LayerSparsity, SparsityPlan
 from hwmodel.profile import Cluster, DeviceProfile, Radio, SparseEfficiency
 from hwmodel.profiles import load_profile

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from hwmodel.counts import FLOPS_CONVENTION
-from hwmodel.estimate import Budget, budget
+from hwmodel.estimator import Budget, budget
 
 from .estimate import add_round_args, mib, render_table, si
 

@@ -8,7 +8,7 @@ import io
 import json
 
 from hwmodel.counts import FLOPS_CONVENTION
-from hwmodel.estimate import DEFAULT_SAMPLES, Estimate, estimate
+from hwmodel.estimator import DEFAULT_SAMPLES, Estimate, estimate
 
 
 def add_round_args(p: argparse.ArgumentParser, sparsity_default: float = 0.0) -> None:

@@ -3,7 +3,7 @@
 
 Each :class:`~hwmodel.measure.Measurement` names a builder model, a layer, a phase, the weight
 density and saved-activation density the kernel ran at, and the batch. Its predicted time is
-the roofline of :mod:`hwmodel.estimate` for that row of :func:`hwmodel.counts.count`, with the
+the roofline of :mod:`hwmodel.estimator` for that row of :func:`hwmodel.counts.count`, with the
 layer alone at the measured densities in SWAT's convention (forward and backward-input at
 ``density``, backward-weight at ``act_density``; a masked trainer reports
 ``act_density = density``). A layer that times several phases in one call (batch norm's
@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import sys
-import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,7 +32,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from .counts import count_rows
-from .estimate import roofline_time, sparse_efficiency_vec
+from .estimator import roofline_time, sparse_efficiency_vec
 from .measure import PHASES, Measurement
 from .models import build
 from .plan import LayerSparsity, SparsityPlan
@@ -294,14 +292,3 @@ def leave_one_model_out(profile: DeviceProfile, measurements: Sequence[Measureme
     report["in_sample"] = calibration_error(calibrate(profile, per, fit), per)
     report["predictions"] = held_out.tolist()
     return report
-
-
-class _CallableModule(types.ModuleType):
-    """``hwmodel.calibrate`` names both this module and its function; once the module is imported,
-    the package attribute is the module, so calling it calls the function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return calibrate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-import types
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -812,14 +810,3 @@ def estimate_fleet(spec_or_name: ModelSpec | str, devices: Any, sparsity: Any = 
         uplink_paper_csr_bytes=paper, peak_memory_bytes=out["peak"],
         fits_ram=out["peak"] <= out["ram"], provenance=prov,
     )
-
-
-class _CallableModule(types.ModuleType):
-    """``hwmodel.estimate`` names both this module and its function; once the module is imported,
-    the package attribute is the module, so calling it calls the function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return estimate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
