@@ -457,8 +457,9 @@ class Link:
                 while o.status < 0 and time.monotonic() < wait_until:
                     self.poll(wait_until - time.monotonic())
                 if o.status >= 0:
-                    if attempt == 0:
-                        self._rtt_sample(time.monotonic() - t0)
+                    # no RTT sample from BEGIN: a small frame's round trip says nothing about a
+                    # chunk's (serialisation dominates on a slow line); until the first chunk
+                    # sample the timer is a conservative 1 s
                     break
                 self.stats.retransmits += 1
             else:
