@@ -97,10 +97,10 @@ class SGD:
             if key == "weight" and net.modes.get(name) == "masked":
                 mask = getattr(net.layers[name], "mask", None)
             if mask is None:
-                pick(_SGD_K, pf.size)(pf, gf, buf, lr, self.momentum, self.weight_decay,
+                pick(_SGD_K, 3 * pf.size)(pf, gf, buf, lr, self.momentum, self.weight_decay,
                                       self.nesterov)
             else:
-                pick(_SGD_MASKED_K, pf.size)(pf, gf, buf, mask.reshape(-1), lr, self.momentum,
+                pick(_SGD_MASKED_K, 3 * pf.size)(pf, gf, buf, mask.reshape(-1), lr, self.momentum,
                                              self.weight_decay, self.nesterov)
             times[name] = times.get(name, 0.0) + time.perf_counter() - t0
 

@@ -264,7 +264,8 @@ def train_local(net: Network, x: np.ndarray, y: np.ndarray, config: TrainConfig,
         samples_per_s=samples / wall if wall > 0 else 0.0,
         density={k: float(v[:step].mean()) if step else 1.0 for k, v in dens.items()},
         act_density={k: float(v[:step].mean()) if step else 1.0 for k, v in adens.items()},
-        peak_bytes=net.memory_bytes() + opt.memory_bytes() + xb_buf.nbytes + yb_buf.nbytes,
+        peak_bytes=(net.memory_bytes() + opt.memory_bytes() + xb_buf.nbytes + yb_buf.nbytes
+                    + _shared_workspace_bytes()),
     )
     if net.timing and step:
         stats.measurements = _summarise(net, tm[:step], nodes, stats, bs, threads, device)
@@ -275,6 +276,16 @@ def train_local(net: Network, x: np.ndarray, y: np.ndarray, config: TrainConfig,
             act_density=1.0, batch=bs, threads=threads, median_s=med, iqr_s=iqr,
             repeats=step, device=device, provenance="measured"))
     return stats
+
+
+def _shared_workspace_bytes() -> int:
+    """Scratch shared by all conv layers (im2col columns), if the conv module keeps one."""
+    try:
+        from .layers import conv
+    except ImportError:
+        return 0
+    fn = getattr(conv, "workspace_bytes", None)
+    return int(fn()) if callable(fn) else 0
 
 
 def _optimizer(net: Network, config: TrainConfig) -> SGD:

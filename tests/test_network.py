@@ -454,3 +454,24 @@ def test_whole_network_masked_matches_torch(name, shape, classes):
     for n in masks:
         assert not grads[f"{n}.weight"][~masks[n]].any()
         close(net.layers[n].dense_grad, effective[n].grad.numpy(), f"{n} dense grad")
+
+
+def test_serial_and_parallel_kernels_are_bitwise_equal(monkeypatch):
+    """Each output element is computed by one thread in a fixed order, so the thread count
+    (and the serial/parallel choice) cannot change a bit."""
+    spec = _resnet_like_spec()
+    rng = np.random.default_rng(15)
+    x = (rng.standard_normal((5, 4, 9, 7)) * 3).astype(np.float32)
+    y = rng.integers(0, 4, 5)
+    out = []
+    for par_min in (1 << 62, 0):
+        monkeypatch.setattr(ew, "PAR_MIN", par_min)
+        net = Network.from_spec(spec, seed=0)
+        net.load_state_dict(_random_state(net, np.random.default_rng(0)))
+        loss, grads = net.loss_and_grads(x, y)
+        out.append((loss, grads, net.state_dict()))
+    assert out[0][0] == out[1][0]
+    for k in out[0][1]:
+        assert np.array_equal(out[0][1][k], out[1][1][k]), k
+    for k in out[0][2]:
+        assert np.array_equal(out[0][2][k], out[1][2][k]), k

@@ -233,6 +233,7 @@ def test_mask_schedule_hooks_stats_and_measurements(digits):
     assert back == stats and isinstance(back.measurements[0], Measurement)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow warnings on the way
 def test_nan_loss_names_step_and_layer(digits):
     xtr, ytr, _, _ = digits
     net = Network.from_spec(digits_cnn(4))

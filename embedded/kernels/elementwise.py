@@ -19,9 +19,12 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-#: Work items (elements) above which the parallel variant of a kernel pays on this class of
-#: CPU (measured on 2 cores with the workqueue threading layer; see tests/benchmarks notes).
-PAR_MIN = 32768
+#: Work (elements touched x passes) above which a kernel runs its parallel variant. Measured
+#: on 2 cores with the workqueue layer inside a resnet8 step (batch 16): a parallel launch
+#: costs ~5-10 us alone but ~100 us in situ on a busy host, so light element-wise passes
+#: (ReLU, add: ~20 us serial at 262k elements) stay serial, while batch norm on the largest
+#: maps (4 passes over 262k elements, ~200 us serial, ~100 us on 2 threads) goes parallel.
+PAR_MIN = 1 << 20
 
 _OPTS = {"cache": True, "nogil": True}
 

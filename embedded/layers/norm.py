@@ -78,14 +78,18 @@ def _bn_bwd(x, gy, gamma, mean, invstd, gx, dgamma, dbeta, training, need_gx):
         if not need_gx:
             continue
         if training:
-            # dx = γ·inv/cnt · (cnt·g − Σg − x̂·Σ(g·x̂))
-            k = np.float64(gamma[ch]) * inv
-            a = sg / cnt
-            b = sgx * inv * inv / cnt
+            # dx = γ·inv/cnt · (cnt·g − Σg − x̂·Σ(g·x̂)); sums in float64, the element-wise
+            # pass in float32 (as torch's) so it vectorises
+            k = np.float32(np.float64(gamma[ch]) * inv)
+            a = np.float32(sg / cnt)
+            b = np.float32(sgx * inv * inv / cnt)
+            m32 = np.float32(m)
             for i in range(n):
+                xr = x[i, ch]
+                gr = gy[i, ch]
+                out = gx[i, ch]
                 for j in range(hw):
-                    xm = np.float64(x[i, ch, j]) - m
-                    gx[i, ch, j] = np.float32(k * (np.float64(gy[i, ch, j]) - a - xm * b))
+                    out[j] = k * (gr[j] - a - (xr[j] - m32) * b)
         else:
             k32 = np.float32(np.float64(gamma[ch]) * inv)
             for i in range(n):
@@ -141,13 +145,13 @@ class BatchNorm2d(Layer):
                 raise ValueError(f"layer {self.name!r} (batchnorm2d): training needs more than "
                                  f"one value per channel, got input shape {x.shape}")
             b = self.buffers
-            pick(BN_FWD_TRAIN, x.size)(x3, p["weight"], p["bias"], self.eps, y3, self._mean,
+            pick(BN_FWD_TRAIN, 3 * x.size)(x3, p["weight"], p["bias"], self.eps, y3, self._mean,
                                        self._invstd, b["running_mean"], b["running_var"],
                                        self.momentum)
             b["num_batches_tracked"] += 1
         else:
             b = self.buffers
-            pick(BN_FWD_EVAL, x.size)(x3, p["weight"], p["bias"], self.eps, y3, self._mean,
+            pick(BN_FWD_EVAL, 2 * x.size)(x3, p["weight"], p["bias"], self.eps, y3, self._mean,
                                       self._invstd, b["running_mean"], b["running_var"])
         self._x = x3
         self._training = training
@@ -157,7 +161,7 @@ class BatchNorm2d(Layer):
         x3 = self._x
         n, c, hw = x3.shape
         gx = self._gx[:n]
-        pick(BN_BWD, x3.size)(x3, gy.reshape(n, c, hw), self.params["weight"], self._mean,
+        pick(BN_BWD, 4 * x3.size)(x3, gy.reshape(n, c, hw), self.params["weight"], self._mean,
                               self._invstd, gx.reshape(n, c, hw), self.grads["weight"],
                               self.grads["bias"], self._training, need_input_grad)
         return gx if need_input_grad else None
@@ -277,7 +281,7 @@ class GroupNorm(Layer):
         hw = x.shape[2] * x.shape[3]
         x3 = x.reshape(n, c, hw)
         y = self._y[:n]
-        pick(GN_FWD, x.size)(x3, self.params["weight"], self.params["bias"], self.groups,
+        pick(GN_FWD, 3 * x.size)(x3, self.params["weight"], self.params["bias"], self.groups,
                              self.eps, y.reshape(n, c, hw), self._mean[:n], self._invstd[:n])
         self._x = x3
         return y
@@ -286,7 +290,7 @@ class GroupNorm(Layer):
         x3 = self._x
         n, c, hw = x3.shape
         gx = self._gx[:n]
-        pick(GN_BWD, x3.size)(x3, gy.reshape(n, c, hw), self.params["weight"], self.groups,
+        pick(GN_BWD, 4 * x3.size)(x3, gy.reshape(n, c, hw), self.params["weight"], self.groups,
                               self._mean[:n], self._invstd[:n], gx.reshape(n, c, hw),
                               self._pg[:n], self._pgx[:n], need_input_grad)
         REDUCE_ROWS[0](self._pg[:n], self._pgx[:n], self.grads["bias"], self.grads["weight"])

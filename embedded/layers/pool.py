@@ -168,7 +168,7 @@ class MaxPool2d(_Pool2d):
     def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
         n = x.shape[0]
         y = self._y[:n]
-        pick(MAXPOOL_FWD, x.size)(x, *self._geom(), y, self._idx[:n])
+        pick(MAXPOOL_FWD, y.size * self.kernel[0] * self.kernel[1])(x, *self._geom(), y, self._idx[:n])
         self._n = n
         return y
 
@@ -177,7 +177,7 @@ class MaxPool2d(_Pool2d):
             return None
         n = self._n
         gx = self._gx[:n]
-        pick(MAXPOOL_BWD, gx.size)(gy, self._idx[:n], gx)
+        pick(MAXPOOL_BWD, gx.size + gy.size)(gy, self._idx[:n], gx)
         return gx
 
 
@@ -187,7 +187,7 @@ class AvgPool2d(_Pool2d):
     def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
         n = x.shape[0]
         y = self._y[:n]
-        pick(AVGPOOL_FWD, x.size)(x, *self._geom(), y)
+        pick(AVGPOOL_FWD, y.size * self.kernel[0] * self.kernel[1])(x, *self._geom(), y)
         self._n = n
         return y
 
@@ -195,7 +195,7 @@ class AvgPool2d(_Pool2d):
         if not need_input_grad:
             return None
         gx = self._gx[: self._n]
-        pick(AVGPOOL_BWD, gx.size)(gy, *self._geom(), gx)
+        pick(AVGPOOL_BWD, gx.size + gy.size * self.kernel[0] * self.kernel[1])(gy, *self._geom(), gx)
         return gx
 
 
