@@ -19,7 +19,7 @@ import numpy as np
 from hwmodel.plan import SparsityPlan
 from hwmodel.spec import INPUT, WEIGHTED_OPS, ModelSpec
 
-from .kernels.elementwise import ACC, all_finite, pick
+from .kernels.elementwise import ACC, ADD_FWD, all_finite, pick
 from .kernels.loss import softmax_xent, xent_and_correct
 from .layers.activation import ReLU
 from .layers.norm import BatchNorm2d, GroupNorm
@@ -291,18 +291,31 @@ class Network:
         return outs[self.nodes[-1].name]
 
     def backward(self, glogits: np.ndarray) -> None:
-        """Backpropagate d loss / d logits; parameter gradients land in ``layer.grads``."""
-        gout: dict[str, np.ndarray] = {self.nodes[-1].name: glogits}
-        started: set[str] = set()
+        """Backpropagate d loss / d logits; parameter gradients land in ``layer.grads``.
+
+        Gradients reaching a node from several consumers are collected and summed just
+        before that node's backward (all its consumers come later in DAG order), in the fixed
+        order the consumers were visited: one pass for two contributions, none for one.
+        """
+        gout: dict[str, list[np.ndarray]] = {self.nodes[-1].name: [glogits]}
         timing = self.timing
         for node in reversed(self.nodes):
             name = node.name
             if not self._requires_grad[name] or name not in gout:
                 continue
+            parts = gout.pop(name)
+            if len(parts) == 1:
+                gy = parts[0]
+            else:
+                gy = self._gacc[name][: parts[0].shape[0]]
+                pick(ADD_FWD, gy.size)(parts[0].reshape(-1), parts[1].reshape(-1),
+                                       gy.reshape(-1))
+                for extra in parts[2:]:
+                    pick(ACC, gy.size)(gy.reshape(-1), extra.reshape(-1))
             layer = self.layers[name]
             need_in = self._need_in[name]
             t0 = time.perf_counter() if timing else 0.0
-            gx = layer.backward(gout.pop(name), need_input_grad=need_in)
+            gx = layer.backward(gy, need_input_grad=need_in)
             if timing:
                 phase = "backward_input" if need_in else "backward_weight"
                 self.times[name]["backward"] = time.perf_counter() - t0
@@ -312,16 +325,7 @@ class Network:
             for src in node.inputs:
                 if src == INPUT or not self._requires_grad[src]:
                     continue
-                if self._n_consumers[src] == 1:
-                    gout[src] = gx
-                    continue
-                acc = self._gacc[src][: gx.shape[0]]
-                if src in started:
-                    pick(ACC, acc.size)(acc.reshape(-1), gx.reshape(-1))
-                else:
-                    acc[...] = gx
-                    started.add(src)
-                    gout[src] = acc
+                gout.setdefault(src, []).append(gx)
 
     def first_nonfinite(self) -> str | None:
         """Name of the first node (in DAG order) whose last output holds NaN/inf, or None
