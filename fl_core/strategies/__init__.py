@@ -1,0 +1,1 @@
+"""Server halves of the methods: one strategy per module, a small common base."""
