@@ -100,6 +100,19 @@ def test_batchnorm_eval_uses_running_stats(variant):
     assert int(layer.buffers["num_batches_tracked"]) == 0
 
 
+@pytest.mark.parametrize("op,attrs", [("batchnorm2d", {}), ("groupnorm", {"num_groups": 2})])
+def test_norm_statistics_stay_exact_when_mean_dwarfs_std(op, attrs):
+    """Mean 1000, std 0.01: a naive E[x²] − E[x]² loses the variance; compare the output with
+    torch in float64 on the same float32 input."""
+    rng = np.random.default_rng(16)
+    layer, tmod, _ = _one_layer(op, (4, 5, 6), **attrs)
+    layer.setup(3)
+    x = (1000 + 0.01 * rng.standard_normal((3, 4, 5, 6))).astype(np.float32)
+    y = layer.forward(x, True)
+    ref = tmod.double().train()(torch.tensor(x, dtype=torch.float64)).detach().numpy()
+    close(y, ref)
+
+
 def test_batchnorm_rejects_single_value_per_channel():
     layer, _, _ = _one_layer("batchnorm2d", (3, 1, 1))
     layer.setup(1)

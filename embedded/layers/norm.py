@@ -10,36 +10,50 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from embedded.kernels.elementwise import dual, pick
 from embedded.layers.base import Layer
 
 
 # ----------------------------------------------------------------------------- batch norm
+@njit(cache=True, nogil=True, inline="always")
+def _bn_write(x, y, ch, m, a, beta):
+    # y = (x - m)·a + β in float32, with m split into float32 hi + lo parts: x - hi is exact
+    # when x is near the mean (Sterbenz), so the result stays accurate when |mean| >> std.
+    mh = np.float32(m)
+    ml = np.float32(m - np.float64(mh))
+    n = x.shape[0]
+    hw = x.shape[2]
+    for i in range(n):
+        xr = x[i, ch]
+        yr = y[i, ch]
+        for j in range(hw):
+            yr[j] = ((xr[j] - mh) - ml) * a + beta
+
+
 def _bn_fwd_train(x, gamma, beta, eps, y, mean, invstd, rmean, rvar, momentum):
     n, c, hw = x.shape
     cnt = n * hw
     for ch in prange(c):
+        # shifted sums (shift = first element): no cancellation when |mean| >> std
+        k0 = np.float64(x[0, ch, 0])
         s = 0.0
         s2 = 0.0
         for i in range(n):
             for j in range(hw):
-                v = np.float64(x[i, ch, j])
+                v = np.float64(x[i, ch, j]) - k0
                 s += v
                 s2 += v * v
-        m = s / cnt
-        var = s2 / cnt - m * m
+        d = s / cnt
+        m = k0 + d
+        var = s2 / cnt - d * d
         if var < 0.0:
             var = 0.0
         inv = 1.0 / math.sqrt(var + eps)
         mean[ch] = m
         invstd[ch] = inv
-        a = np.float32(gamma[ch] * inv)
-        b = np.float32(beta[ch] - gamma[ch] * inv * m)
-        for i in range(n):
-            for j in range(hw):
-                y[i, ch, j] = x[i, ch, j] * a + b
+        _bn_write(x, y, ch, m, np.float32(gamma[ch] * inv), beta[ch])
         # torch: running stats use the unbiased variance; momentum weights the new value.
         unbiased = var * cnt / (cnt - 1)
         rmean[ch] = np.float32((1.0 - momentum) * rmean[ch] + momentum * m)
@@ -53,11 +67,7 @@ def _bn_fwd_eval(x, gamma, beta, eps, y, mean, invstd, rmean, rvar):
         inv = 1.0 / math.sqrt(np.float64(rvar[ch]) + eps)
         mean[ch] = m
         invstd[ch] = inv
-        a = np.float32(gamma[ch] * inv)
-        b = np.float32(beta[ch] - gamma[ch] * inv * m)
-        for i in range(n):
-            for j in range(hw):
-                y[i, ch, j] = x[i, ch, j] * a + b
+        _bn_write(x, y, ch, m, np.float32(gamma[ch] * inv), beta[ch])
 
 
 def _bn_bwd(x, gy, gamma, mean, invstd, gx, dgamma, dbeta, training, need_gx):
@@ -83,13 +93,14 @@ def _bn_bwd(x, gy, gamma, mean, invstd, gx, dgamma, dbeta, training, need_gx):
             k = np.float32(np.float64(gamma[ch]) * inv)
             a = np.float32(sg / cnt)
             b = np.float32(sgx * inv * inv / cnt)
-            m32 = np.float32(m)
+            mh = np.float32(m)
+            ml = np.float32(m - np.float64(mh))
             for i in range(n):
                 xr = x[i, ch]
                 gr = gy[i, ch]
                 out = gx[i, ch]
                 for j in range(hw):
-                    out[j] = k * (gr[j] - a - (xr[j] - m32) * b)
+                    out[j] = k * (gr[j] - a - ((xr[j] - mh) - ml) * b)
         else:
             k32 = np.float32(np.float64(gamma[ch]) * inv)
             for i in range(n):
@@ -176,25 +187,29 @@ def _gn_fwd(x, gamma, beta, groups, eps, y, mean, invstd):
     for it in prange(n * groups):
         i = it // groups
         g = it % groups
+        k0 = np.float64(x[i, g * cg, 0])
         s = 0.0
         s2 = 0.0
         for ch in range(g * cg, (g + 1) * cg):
             for j in range(hw):
-                v = np.float64(x[i, ch, j])
+                v = np.float64(x[i, ch, j]) - k0
                 s += v
                 s2 += v * v
-        m = s / cnt
-        var = s2 / cnt - m * m
+        d = s / cnt
+        m = k0 + d
+        var = s2 / cnt - d * d
         if var < 0.0:
             var = 0.0
         inv = 1.0 / math.sqrt(var + eps)
         mean[i, g] = m
         invstd[i, g] = inv
+        mh = np.float32(m)
+        ml = np.float32(m - np.float64(mh))
         for ch in range(g * cg, (g + 1) * cg):
             a = np.float32(gamma[ch] * inv)
-            b = np.float32(beta[ch] - gamma[ch] * inv * m)
+            b = beta[ch]
             for j in range(hw):
-                y[i, ch, j] = x[i, ch, j] * a + b
+                y[i, ch, j] = ((x[i, ch, j] - mh) - ml) * a + b
 
 
 def _gn_bwd(x, gy, gamma, groups, mean, invstd, gx, pg, pgx, need_gx):
