@@ -30,16 +30,15 @@ from .sparse import dual
 def pack_input(x, xbits, xq, sh, sw, ph, pw, Hq, Wq, hist, want_hist):
     """NCHW x -> packed phase planes xq (flat), zero padding included.
 
-    If ``want_hist``: hist[c, b] counts the top-11-bit patterns of |x| over the channels of
-    static chunk c (pass 1 of the activation top-K, fused here).
+    If ``want_hist``: hist rows 4c..4c+3 count the top-11-bit patterns of |x| over the
+    channels of static chunk c (pass 1 of the activation top-K, fused here).
     """
     N, C, H, W = x.shape
-    nch = hist.shape[0]
+    nch = hist.shape[0] // 4
     rs = Wq * N
     for c in prange(nch):
-        h = hist[c]
         if want_hist:
-            h[:] = 0
+            hist[4 * c:4 * c + 4] = 0
         for ci in range(C * c // nch, C * (c + 1) // nch):
             for phs in range(sh):
                 for pws in range(sw):
@@ -67,6 +66,7 @@ def pack_input(x, xbits, xq, sh, sw, ph, pw, Hq, Wq, hist, want_hist):
                                 iw += sw
             if want_hist:
                 for n in range(N):
+                    h = hist[4 * c + (n & 3)]  # 4 interleaved sub-histograms
                     for ih in range(H):
                         brow = xbits[n, ci, ih]
                         for iw in range(W):

@@ -18,7 +18,7 @@ from .sparse import dual
 def pack_x(x, xbits, xT, hist, want_hist):
     """xT (F, N) = x.T; if ``want_hist`` also pass 1 of the activation top-K (per chunk)."""
     N, F = x.shape
-    nch = hist.shape[0]
+    nch = hist.shape[0] // 4
     for c in prange(nch):
         f0 = F * c // nch
         f1 = F * (c + 1) // nch
@@ -27,9 +27,9 @@ def pack_x(x, xbits, xT, hist, want_hist):
             for f in range(f0, f1):
                 xT[f, n] = row[f]
         if want_hist:
-            h = hist[c]
-            h[:] = 0
+            hist[4 * c:4 * c + 4] = 0
             for n in range(N):
+                h = hist[4 * c + (n & 3)]
                 brow = xbits[n]
                 for f in range(f0, f1):
                     h[(brow[f] & np.uint32(0x7FFFFFFF)) >> np.uint32(20)] += 1
@@ -90,35 +90,31 @@ def pack_gy(gy, gyT, gbias, want_bias):
 
 
 @dual
-def bwd_input_csc(colptr, c_row, c_val, gyT, gxT, gx):
-    """gx[:, i] = sum over kept (o, v) of column i: v * gyT[o, :]."""
-    F = colptr.size - 1
-    N = gyT.shape[1]
-    for i in prange(F):
-        out = gxT[i]
-        out[:] = 0.0
-        p = colptr[i]
-        p1 = colptr[i + 1]
-        while p + 4 <= p1:
-            s0 = gyT[c_row[p]]
-            s1 = gyT[c_row[p + 1]]
-            s2 = gyT[c_row[p + 2]]
-            s3 = gyT[c_row[p + 3]]
-            v0 = c_val[p]
-            v1 = c_val[p + 1]
-            v2 = c_val[p + 2]
-            v3 = c_val[p + 3]
-            for t in range(N):
-                out[t] += v0 * s0[t] + v1 * s1[t] + v2 * s2[t] + v3 * s3[t]
-            p += 4
-        while p < p1:
-            s0 = gyT[c_row[p]]
-            v0 = c_val[p]
-            for t in range(N):
-                out[t] += v0 * s0[t]
-            p += 1
-        for n in range(N):
-            gx[n, i] = out[n]
+def bwd_input_rows(rowptr, col, val, gyT, priv, gx):
+    """gx = gy @ W_s from the CSR rows: worker c scatters rows o of its static chunk,
+    ``priv[c][i, :] += v * gyT[o, :]`` (a private (F, N) accumulator: no race, no CSC to
+    build), then gx[:, i] = sum over workers in a fixed order (bitwise reproducible for a
+    given worker count)."""
+    NO = rowptr.size - 1
+    nw, F, N = priv.shape
+    for c in prange(nw):
+        acc = priv[c]
+        acc[:, :] = 0.0
+        for o in range(NO * c // nw, NO * (c + 1) // nw):
+            g = gyT[o]
+            for p in range(rowptr[o], rowptr[o + 1]):
+                v = val[p]
+                dst = acc[col[p]]
+                for t in range(N):
+                    dst[t] += v * g[t]
+    nch = 16
+    for c in prange(nch):
+        for i in range(F * c // nch, F * (c + 1) // nch):
+            for n in range(N):
+                s = priv[0, i, n]
+                for w in range(1, nw):
+                    s += priv[w, i, n]
+                gx[n, i] = s
 
 
 @dual(fastmath=True)

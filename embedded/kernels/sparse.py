@@ -170,6 +170,8 @@ def build(w2, m2, use_mask, thr, geo, rowptr, counts, widx, val, code, col,
                     code[p] = j
                     col[p] = j
                     p += 1
+    if not conv:
+        return nnz  # linear: backward-input scatters by row (see linear_kernels)
     # CSC by counting sort on the column, scattering each CSR entry (read in order, so the
     # reads stream and only the writes land at random) straight to its CSC slot. (Measured:
     # a second, column-order walk over the weight instead is 2x slower.)
@@ -196,7 +198,7 @@ def build(w2, m2, use_mask, thr, geo, rowptr, counts, widx, val, code, col,
 
 
 @dual
-def refresh_values(wflat, widx, val, c_widx, c_val, nnz):
+def refresh_values(wflat, widx, val, c_widx, c_val, nnz, with_csc):
     """Values of a cached structure from the current weights (masked mode, every step)."""
     nch = 16
     for c in prange(nch):
@@ -204,7 +206,9 @@ def refresh_values(wflat, widx, val, c_widx, c_val, nnz):
         hi = nnz * (c + 1) // nch
         for p in range(lo, hi):
             val[p] = wflat[widx[p]]
-            c_val[p] = wflat[c_widx[p]]  # c_widx is filled by masked builds only
+        if with_csc:
+            for p in range(lo, hi):
+                c_val[p] = wflat[c_widx[p]]
 
 
 class SparseWeight:
@@ -250,7 +254,7 @@ class SparseWeight:
 
     def refresh(self, wflat: np.ndarray) -> None:
         pick(refresh_values, self.nnz)(wflat, self.widx, self.val, self.c_widx, self.c_val,
-                                       self.nnz)
+                                       self.nnz, bool(self.geo[0] == 1))
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.widx, self.val, self.code, self.col, self.perm,

@@ -22,7 +22,8 @@ from numba import njit, prange
 
 from .sparse import dual, pick
 
-NCHUNK = 16  # static partition of the histogram pass (independent of the thread count)
+NCHUNK = 8  # static partition of the histogram pass (independent of the thread count)
+NSUB = 4  # interleaved sub-histograms per chunk: breaks the increment dependency chains
 
 
 def count_for_density(density: float, n: int) -> int:
@@ -31,22 +32,39 @@ def count_for_density(density: float, n: int) -> int:
 
 
 def new_hist() -> np.ndarray:
-    """Per-chunk histogram scratch of pass 1."""
-    return np.zeros((NCHUNK, 2048), dtype=np.int64)
+    """Per-chunk histogram scratch of pass 1 (NSUB interleaved rows per chunk)."""
+    return np.zeros((NCHUNK * NSUB, 2048), dtype=np.int32)
 
 
 @dual
 def hist_top_bits(bits, hist):
-    """hist[c, b] = number of entries of chunk c whose |a| has top-11-bit value b."""
+    """hist rows 4c..4c+3 = counts of the top-11-bit values of |a| over chunk c (entry i of
+    the chunk goes to sub-row i % 4, so consecutive equal bins do not serialise)."""
     n = bits.size
-    nch = hist.shape[0]
+    nch = hist.shape[0] // 4
     for c in prange(nch):
-        h = hist[c]
-        h[:] = 0
+        h0 = hist[4 * c]
+        h1 = hist[4 * c + 1]
+        h2 = hist[4 * c + 2]
+        h3 = hist[4 * c + 3]
+        h0[:] = 0
+        h1[:] = 0
+        h2[:] = 0
+        h3[:] = 0
         lo = n * c // nch
         hi = n * (c + 1) // nch
-        for i in range(lo, hi):
-            h[(bits[i] & np.uint32(0x7FFFFFFF)) >> np.uint32(20)] += 1
+        i = lo
+        m = np.uint32(0x7FFFFFFF)
+        s = np.uint32(20)
+        while i + 4 <= hi:
+            h0[(bits[i] & m) >> s] += 1
+            h1[(bits[i + 1] & m) >> s] += 1
+            h2[(bits[i + 2] & m) >> s] += 1
+            h3[(bits[i + 3] & m) >> s] += 1
+            i += 4
+        while i < hi:
+            h0[(bits[i] & m) >> s] += 1
+            i += 1
 
 
 @njit(cache=True, nogil=True)

@@ -44,6 +44,14 @@ def workspace(name: str, size: int) -> np.ndarray:
     return buf[:size]
 
 
+def shared_hist() -> np.ndarray:
+    """This thread's histogram scratch for the weight top-K (used within one call only)."""
+    h = getattr(_WS, "hist", None)
+    if h is None:
+        h = _WS.hist = T.new_hist()
+    return h
+
+
 def workspace_bytes() -> int:
     """Bytes held by this thread's shared conv/linear scratch."""
     d = getattr(_WS, "bufs", {})
@@ -115,7 +123,6 @@ class Conv2d(Layer):
         self._steps = 0
         self._thr = -1.0
         self._hist = T.new_hist()     # pass 1 of the activation top-K (fused into packing)
-        self._hist_w = T.new_hist()   # the weight top-K's
         self._hist_ok = False
         self._n = 0
         geo = np.array([1, self.cog, self.cig, self.kh, self.kw, self.sh, self.sw, self.hq,
@@ -214,7 +221,7 @@ class Conv2d(Layer):
             if self._thr < 0 or (training and self._steps % ls.topk_period == 0):
                 k = T.count_for_density(ls.weight_density, w.size)
                 cand = workspace("cand", w.size).view(np.uint32)
-                self._thr = T.kth_largest_abs(w, k, self._hist_w, cand)
+                self._thr = T.kth_largest_abs(w, k, shared_hist(), cand)
             if training:
                 self._steps += 1
             self._sw.build(w2, self._thr)

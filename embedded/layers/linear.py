@@ -1,8 +1,8 @@
 """Linear layer with real sparse kernels (dense, swat, masked), forward and backward.
 
 * ``dense``: BLAS GEMM (``np.dot`` into preallocated buffers).
-* ``swat``: forward/backward-input with the compressed top-K weights (CSR by output, CSC by
-  input feature) on batch-last copies; weight gradient dense, computed from the top-K input
+* ``swat``: forward/backward-input with the compressed top-K weights (CSR by output; the
+  input gradient scatters rows into per-worker accumulators) on batch-last copies; weight gradient dense, computed from the top-K input
   activations only (kept entries grouped by sample, 16 output rows per vector tile).
 * ``masked``: compressed W⊙M (structure cached until the mask changes), weight gradient only
   at the kept entries (one dot product over the batch each) unless ``want_dense_grad``.
@@ -19,7 +19,7 @@ from ..kernels import linear_kernels as K
 from ..kernels import sparse as S
 from ..kernels import topk as T
 from .base import Layer
-from .conv import _MODES, _Timer, workspace
+from .conv import _MODES, _Timer, shared_hist, workspace
 
 
 class Linear(Layer):
@@ -53,7 +53,6 @@ class Linear(Layer):
         self._steps = 0
         self._thr = -1.0
         self._hist = T.new_hist()
-        self._hist_w = T.new_hist()
         self._hist_ok = False
         self._n = 0
         self._sw = S.SparseWeight(self.fout, self.fin, np.zeros(10, np.int64))
@@ -78,7 +77,8 @@ class Linear(Layer):
         self._gx = np.zeros((n, self.fin), np.float32)
         self._xT = np.zeros(self.fin * n, np.float32)
         self._yT = np.zeros(self.fout * n, np.float32)
-        self._gxT = np.zeros(self.fin * n, np.float32)
+        nw = max(1, numba.config.NUMBA_NUM_THREADS)
+        self._priv = np.zeros(nw * self.fin * n, np.float32)  # bwd-input accumulators
         self._aptr = np.zeros(n + 1, np.int64)
         self._apos = np.zeros(1, np.int32)
         self._aval = np.zeros(1, np.float32)
@@ -137,7 +137,7 @@ class Linear(Layer):
             if self._thr < 0 or (training and self._steps % ls.topk_period == 0):
                 k = T.count_for_density(ls.weight_density, w.size)
                 cand = workspace("cand", w.size).view(np.uint32)
-                self._thr = T.kth_largest_abs(w, k, self._hist_w, cand)
+                self._thr = T.kth_largest_abs(w, k, shared_hist(), cand)
             if training:
                 self._steps += 1
             self._sw.build(w, self._thr)
@@ -240,8 +240,10 @@ class Linear(Layer):
         gx = self._gx[:n]
         with _Timer(self, "backward_input"):
             if sparse:
-                gxT = self._gxT[: self.fin * n].reshape(self.fin, n)
-                S.pick(K.bwd_input_csc, sw.nnz * n)(sw.colptr, sw.c_row, sw.c_val, gyT, gxT, gx)
+                kern = S.pick(K.bwd_input_rows, sw.nnz * n)
+                nw = 1 if kern is K.bwd_input_rows[0] else S.threads()
+                priv = self._priv[: nw * self.fin * n].reshape(nw, self.fin, n)
+                kern(sw.rowptr, sw.code, sw.val, gyT, priv, gx)
             else:
                 np.dot(gy, w, out=gx)
         return gx
