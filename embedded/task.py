@@ -285,7 +285,7 @@ def _tag(value: float, unit: str, prov: Provenance) -> dict[str, Any]:
 
 def run_task(task: ClientTask, x: np.ndarray, y: np.ndarray,
              provenance: str | Provenance = Provenance.MEASURED_EMULATED,
-             raise_errors: bool = False) -> ClientResult:
+             raise_errors: bool = False, should_stop=None) -> ClientResult:
     """Run one client's round: load the global model, train, and encode the update.
 
     ``provenance`` tags ``time_s`` (``measured-emulated`` on a host; the board agent passes
@@ -330,7 +330,8 @@ def run_task(task: ClientTask, x: np.ndarray, y: np.ndarray,
         config = replace(task.train, seed=int(task.seed))
         net.train()
         # the plan and masks are set above: plan=None keeps them (set_plan may reset masks)
-        stats = train_local(net, x, y, config, plan=None, mask_schedule=schedule)
+        stats = train_local(net, x, y, config, plan=None, mask_schedule=schedule,
+                            should_stop=should_stop)
         local_masks = net.get_masks() if task.plan.mode == "masked" else None
         update = task.uplink.make_update(net.state_dict(), global_state, task.plan,
                                          global_masks=global_masks, local_masks=local_masks)

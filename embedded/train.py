@@ -163,7 +163,10 @@ class TrainStats:
             raise ValueError(f"train stats: {e}") from None
 
 
-_PHASES = ("forward", "backward_input", "backward_weight", "update")
+#: measurement phases (columns of the per-step timing table); the joined one is a fused
+#: backward (batch norm: input and parameter gradients in one pass), as hwmodel.calibration reads
+_PHASES = ("forward", "backward_input", "backward_weight", "update",
+           "backward_input+backward_weight", "forward+backward_input")
 
 
 def _set_threads(threads: int | None) -> int:
@@ -176,9 +179,18 @@ def _set_threads(threads: int | None) -> int:
     return n
 
 
+class TrainingStopped(RuntimeError):
+    """``should_stop()`` returned true between two steps; ``steps`` were done of ``total``."""
+
+    def __init__(self, steps: int, total: int) -> None:
+        super().__init__(f"training stopped on request after {steps} of {total} steps")
+        self.steps = steps
+        self.total = total
+
+
 def train_local(net: Network, x: np.ndarray, y: np.ndarray, config: TrainConfig,
                 plan: SparsityPlan | None = None, mask_schedule=None,
-                device: str = "") -> TrainStats:
+                device: str = "", should_stop=None) -> TrainStats:
     """Train ``net`` in place with SGD over ``(x, y)``; see the module docstring.
 
     ``plan`` (if given) is applied with ``net.set_plan``; without it the network's current
@@ -186,6 +198,8 @@ def train_local(net: Network, x: np.ndarray, y: np.ndarray, config: TrainConfig,
     ``mask_schedule.after_step(net, step, xb, yb)`` after every optimizer step.
     A non-finite loss raises :class:`~embedded.network.TrainingDiverged` naming the step and
     the first layer whose output went non-finite.
+    ``should_stop`` (optional, no argument) is called before every step; when it returns true
+    :class:`TrainingStopped` is raised (the board agent's ABORT polls its event this way).
     """
     if not isinstance(net, Network):
         raise TypeError(f"train_local: expected an embedded.Network, got {type(net).__name__}")
@@ -212,7 +226,7 @@ def train_local(net: Network, x: np.ndarray, y: np.ndarray, config: TrainConfig,
     rng = np.random.default_rng(config.seed)
     nodes = [nd.name for nd in net.nodes]
     # per-step timings: (step, node, phase); NaN where a phase did not run
-    tm = np.full((total, len(nodes), len(_PHASES)), np.nan)
+    tm = np.full((total, len(nodes) + 1, len(_PHASES)), np.nan)  # last row: the loss
     weighted = net.spec.weighted_layers()
     dens = {k: np.zeros(total) for k in weighted}
     adens = {k: np.zeros(total) for k in weighted}
@@ -229,6 +243,8 @@ def train_local(net: Network, x: np.ndarray, y: np.ndarray, config: TrainConfig,
         for s in range(0, stop, bs):
             if step >= total:
                 break
+            if should_stop is not None and should_stop():
+                raise TrainingStopped(step, total)
             idx = perm[s:s + bs]
             m = idx.shape[0]
             xb = xb_buf[:m]
@@ -306,7 +322,7 @@ def _record_times(net: Network, opt: SGD, nodes: list[str], row: np.ndarray) -> 
         t = net.times[name]
         layer = net.layers[name]
         pt = getattr(layer, "phase_times", None)
-        if pt:
+        if pt:  # conv/linear time their own phases
             for i, ph in enumerate(_PHASES[:3]):
                 if ph in pt and pt[ph] is not None:
                     row[j, i] = pt[ph]
@@ -314,17 +330,23 @@ def _record_times(net: Network, opt: SGD, nodes: list[str], row: np.ndarray) -> 
             if "forward" in t:
                 row[j, 0] = t["forward"]
             if "backward" in t:
-                row[j, 1 if t.get("_bphase") == "backward_input" else 2] = t["backward"]
+                row[j, _PHASES.index(net.backward_phase(name))] = t["backward"]
         t.pop("backward", None)
         if name in opt.times:
             row[j, 3] = opt.times[name]
+    row[len(nodes), 5] = net.loss_time
 
 
 def _summarise(net: Network, tm: np.ndarray, nodes: list[str], stats: TrainStats, batch: int,
                threads: int, device: str) -> list[Measurement]:
     out = []
     ops = {nd.name: nd.op for nd in net.nodes}
-    for j, name in enumerate(nodes):
+    ops["loss"] = "cross_entropy"
+    for j, name in enumerate([*nodes, "loss"]):
+        dens = stats.density.get(name, 1.0)
+        # hwmodel.calibration's convention: a masked layer's weight gradient is computed only
+        # inside the mask, so its record carries act_density = density
+        adens = dens if net.modes.get(name) == "masked" else stats.act_density.get(name, 1.0)
         for i, ph in enumerate(_PHASES):
             col = tm[:, j, i]
             col = col[~np.isnan(col)]
@@ -333,9 +355,8 @@ def _summarise(net: Network, tm: np.ndarray, nodes: list[str], stats: TrainStats
             med, iqr = Measurement.summarise(col)
             out.append(Measurement(
                 model=net.spec.name, layer=name, layer_type=ops[name], phase=ph,
-                density=stats.density.get(name, 1.0), act_density=stats.act_density.get(name, 1.0),
-                batch=batch, threads=threads, median_s=med, iqr_s=iqr, repeats=int(col.size),
-                device=device, provenance="measured"))
+                density=dens, act_density=adens, batch=batch, threads=threads, median_s=med,
+                iqr_s=iqr, repeats=int(col.size), device=device, provenance="measured"))
     return out
 
 
@@ -345,4 +366,5 @@ def evaluate(net: Network, x: np.ndarray, y: np.ndarray, batch_size: int = 256) 
     return net.evaluate(x, y, batch_size)
 
 
-__all__ = ["TrainConfig", "TrainStats", "TrainingDiverged", "evaluate", "train_local"]
+__all__ = ["TrainConfig", "TrainStats", "TrainingDiverged", "TrainingStopped", "evaluate",
+           "train_local"]
