@@ -12,6 +12,7 @@ COMMANDS = {
     "estimate": "estimate",
     "budget": "budget",
     "profiles": "profiles",
+    "export": "export",
 }
 
 
