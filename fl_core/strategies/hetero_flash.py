@@ -15,7 +15,7 @@ metrics as ``over_budget``). An explicit ``ClientInfo.density_budget`` overrides
 Masks for lower budgets are nested inside the global one: per layer, a client at density
 ``d_c`` keeps the top ``round(d_l · d_c/d · N_l)`` ``|w|`` of the global (aggregated) weights
 inside the global mask — the same scores with index tie-breaking, so lower budgets are subsets
-of higher ones. Aggregation defaults to ``masked_mean`` (positions only high-budget clients
+of higher ones. Layers whose budget is 1 (ERK caps small layers) stay dense for every client. Aggregation defaults to ``masked_mean`` (positions only high-budget clients
 train are averaged over those clients, not diluted by zeros); ``mean`` is available. Stage 1
 (hunting) and stage 2 (``spdst``/``jmwst``) are FLASH's (:mod:`.flash`); hunting clients hunt
 at ``d``.
@@ -79,9 +79,11 @@ class HeteroFlash(Flash):
 
     # ------------------------------------------------------------------ budgets
     def client_plan(self, density: float) -> SparsityPlan:
-        """The masked plan of a client at total density ``density`` (budgets scaled)."""
+        """The masked plan of a client at ``density``: every masked layer's budget scaled by
+        ``density / d`` (layers the budgets keep dense stay dense)."""
         f = density / self.density
-        return self.plan_from({n: min(1.0, d * f) for n, d in self.densities.items()})
+        return self.plan_from({n: min(1.0, d * f) for n, d in self.densities.items()
+                               if d < 1.0})
 
     def round_energy(self, client: ClientInfo, density: float) -> float:
         """Estimated energy (J) of one local round of ``client`` at ``density``."""
