@@ -108,7 +108,8 @@ class Agent:
     def __init__(self, token: bytes, state_dir: str, *, data_root: str | None = None,
                  sensor: Any = None, max_payload: int = MAX_PAYLOAD,
                  max_transfer: int | None = None, chunk_size: int = 4096, window: int = 8,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, emulated: bool = False,
+                 slowdown_profile: str | None = None) -> None:
         from .sensors import EnergyMeter, NullSensor
         self.token = token
         self.state_dir = state_dir
@@ -137,6 +138,10 @@ class Agent:
         self.counters = collections.Counter()
         self._err_tokens = 50.0
         self._err_time = time.monotonic()
+        #: True once --warmup compiled every kernel (INFO ``kernels_compiled``)
+        self.kernels_compiled: bool | None = None
+        #: an emulated board (``sparsefl board emulate``): times are ``measured-emulated``
+        self.emulated = emulated
         self.commands: dict[int, Command] = {
             MSG.HELLO: Command(self.cmd_hello, needs_pairing=False),
             MSG.AUTH: Command(self.cmd_auth, needs_pairing=False),
@@ -154,6 +159,8 @@ class Agent:
             MSG.LOAD_DATA: Command(self.not_implemented("LOAD_DATA")),
             MSG.INFER_BENCH: Command(self.not_implemented("INFER_BENCH"), long=True),
         }
+        from .agent_commands import install  # TRAIN, EVAL, BENCH, LOAD_MODEL, LOAD_DATA, ...
+        self.board = install(self, emulated=emulated, slowdown_profile=slowdown_profile)
 
     # --- connection ------------------------------------------------------------------------
     def attach(self, stream: Any) -> Link:
@@ -327,7 +334,8 @@ class Agent:
             "sensors": [sensor] if sensor.get("kind") != "none" else [],
             "max_payload": self.max_payload, "max_transfer": self.max_transfer,
             "data_root": self.data_root is not None,
-            "kernels_compiled": None,   # filled by the trainer's warm-up once it exists
+            "kernels_compiled": self.kernels_compiled,   # True after --warmup
+            "emulated": self.emulated,
             "counters": dict(self.counters),
             "link": self.link.stats.to_dict() if self.link else {},
         })
@@ -367,7 +375,7 @@ class Agent:
         aborted = self.cmd_abort({})["aborted"]
         if self.job is not None:
             self.job[2].join(timeout=2.0)
-        n = len(self.blobs)
+        n = len(self.blobs) + self.board.clear()
         self.blobs.clear()
         self.link.reset_session()
         return {"reset": True, "aborted": aborted, "cleared_blobs": n}
@@ -459,7 +467,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-size", type=int, default=4096,
                     help="chunk size of replies sent as transfers (smaller on noisy lines)")
     ap.add_argument("--window", type=int, default=8, help="chunks in flight")
+    ap.add_argument("--warmup", action="store_true", help="compile every trainer kernel before "
+                    "serving (minutes on a Pi's A72; cached under STATE_DIR/numba-cache)")
+    ap.add_argument("--emulated", action="store_true", help="this is an emulated board (host "
+                    "process): times are reported as measured-emulated, never measured")
+    ap.add_argument("--slowdown-profile", default=None, help="with --emulated: a TRAIN lasts at "
+                    "least as long as hwmodel estimates on this device profile")
     args = ap.parse_args(argv)
+    if args.slowdown_profile and not args.emulated:
+        raise SystemExit("agent: --slowdown-profile is only for an --emulated board")
 
     state_dir = args.state_dir or default_state_dir()
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -486,7 +502,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"agent: {e}") from e
     agent = Agent(token, state_dir, data_root=args.data_root, sensor=sensor,
                   max_transfer=args.max_transfer, chunk_size=args.chunk_size,
-                  window=args.window)
+                  window=args.window, emulated=args.emulated,
+                  slowdown_profile=args.slowdown_profile)
+    if args.warmup:
+        from .agent_commands import warmup
+        agent.log("warm-up: compiling every kernel (NUMBA_CACHE_DIR="
+                  f"{os.environ.get('NUMBA_CACHE_DIR')})")
+        agent.log(f"warm-up done in {warmup(agent.log):.1f} s")
+        agent.kernels_compiled = True
     agent.meter.start()
     stop = threading.Event()
     if args.listen:
@@ -525,4 +548,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the importable module, not __main__: the command handlers (embedded.agent_commands)
+    # raise embedded.agent's AgentError, which must be the class main()'s agent catches
+    from embedded import agent as _agent_module
+    sys.exit(_agent_module.main())

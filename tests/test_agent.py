@@ -181,11 +181,14 @@ def test_echo_load_reset(host):
 
 @pytest.mark.parametrize("cmd", [MSG.TRAIN, MSG.EVAL, MSG.BENCH, MSG.LOAD_MODEL, MSG.LOAD_DATA,
                                  MSG.INFER_BENCH])
-def test_training_commands_are_declared_but_not_implemented_yet(host, cmd):
+def test_training_commands_check_their_fields(host, cmd):
+    """The training commands (embedded/agent_commands.py, tested in tests/test_board.py) refuse
+    a request without its required fields, naming the command and the field."""
     host.hello(TOKEN)
     with pytest.raises(RemoteError) as e:
         host.request(cmd, {})
-    assert e.value.code == ERR.NOT_IMPLEMENTED and cmd.name in str(e.value)
+    assert e.value.code == ERR.MALFORMED and cmd.name in str(e.value)
+    assert "missing field" in str(e.value)
 
 
 def test_garbage_unknown_malformed_and_bad_version_get_error_frames(host):
