@@ -315,6 +315,7 @@ def test_flash_hunting_layer_budgets_and_consensus_mask():
     clients = _clients(4)
     tasks = s.configure_fit(1, clients)
     assert len(tasks) == 2 and tasks[0].train.epochs == 10
+    assert [c.client_id for c in s.participants(1, clients)] == [t.client_id for t in tasks]
     assert tasks[0].schedule.kind == "flash_dst" and tasks[0].plan.mode == "masked"
     # the pick is seeded: a second strategy with the same seed picks the same clients
     s2 = make_strategy("flash", SPEC, rounds=5, seed=4, train=TRAIN, density=dens,

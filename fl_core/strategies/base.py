@@ -11,7 +11,11 @@ metadata plus named numpy arrays — never pickle).
 Additions over the first sketch (all additive; the hooks and signatures above are unchanged):
 
 * ``configure_fit`` may return tasks for a *subset* of the clients it is given (FLASH's
-  sparsity-hunting round trains only a fraction of them); each task names its client.
+  sparsity-hunting round trains only a fraction of them); each task names its client, and the
+  tasks come in the order of ``participants(rnd, clients)`` — the hook a loop calls first to
+  know who trains (the base returns every client), so it can pair clients and tasks.
+* ``check_result`` (below) must be used to validate results: hetero-FLASH clients decode
+  against their own nested masks (``masks_for(client)``), not ``self.masks``.
   ``initialize()`` is called lazily by ``configure_fit`` if the loop did not call it.
 * Rounds are counted from 1 (``FIRST_ROUND``); round-level schedules use ``t = rnd - 1``.
 * ``check_result(client, result)`` -> ``None`` or the reason an update is rejected (undecodable,
@@ -154,6 +158,10 @@ class Strategy(ABC):
             return self.weights
         return codec.decode_state(codec.encode_state(self.weights, "dense32",
                                                      dtype=self.downlink_dtype))
+
+    def participants(self, rnd: int, clients: list[ClientInfo]) -> list[ClientInfo]:
+        """The clients (of those offered) that get a task in round ``rnd``, in task order."""
+        return list(clients)
 
     def configure_fit(self, rnd: int, clients: list[ClientInfo]) -> list[ClientTask]:
         """One task per sampled client."""

@@ -3,7 +3,8 @@
 **Stage 1 — sparsity hunting, modelled inside the strategy.** Round ``FIRST_ROUND`` (1) is the
 hunting round when ``hunt_fraction > 0``: ``configure_fit`` returns tasks for only
 ``max(1, ceil(hunt_fraction · K))`` of the ``K`` clients it is given (picked by a generator
-seeded from the run seed and the round). Each hunting client starts from the server's random
+seeded from the run seed and the round; ``participants(rnd, clients)`` tells the loop which,
+in task order). Each hunting client starts from the server's random
 mask at density ``d`` (per-layer budgets ``init``: ``erk`` or ``uniform``) and runs
 ``MaskSchedule.flash_dst`` (magnitude prune at ``hunt_prune_rate``, cosine-decayed over its
 steps, random regrow) for ``hunt_epochs`` local epochs, and uploads weights and mask
@@ -166,8 +167,11 @@ class Flash(MaskedStrategy):
             return MaskSchedule.flash_dst(self.prune_rate, self.dst_interval)
         return MaskSchedule.fixed()
 
-    def hunting_clients(self, rnd: int, clients: list[ClientInfo]) -> list[ClientInfo]:
-        """The seeded fraction of ``clients`` that hunts in round ``rnd`` (order kept)."""
+    def participants(self, rnd: int, clients: list[ClientInfo]) -> list[ClientInfo]:
+        """Hunting round: the seeded fraction of ``clients`` that hunts (order kept); else
+        everyone."""
+        if not self.is_hunting(rnd) or not clients:
+            return list(clients)
         k = min(len(clients), max(1, math.ceil(self.hunt_fraction * len(clients))))
         pick = np.sort(self._rng("flash-hunters", rnd).permutation(len(clients))[:k])
         return [clients[i] for i in pick]
@@ -175,9 +179,7 @@ class Flash(MaskedStrategy):
     def configure_fit(self, rnd: int, clients: list[ClientInfo]) -> list[ClientTask]:
         if not self.weights:
             self.initialize()
-        if self.is_hunting(rnd) and clients:
-            clients = self.hunting_clients(rnd, clients)
-        return super().configure_fit(rnd, clients)
+        return super().configure_fit(rnd, self.participants(rnd, clients))
 
     # ------------------------------------------------------------------ aggregation
     def aggregate_fit(self, rnd: int,

@@ -142,7 +142,7 @@ class HeteroFlash(Flash):
         m = self._round_masks.get(client.client_id)
         if m is not None:
             return m
-        if self.is_hunting(0):
+        if not self.hunted:
             return self.masks
         return self.nested_masks(self.client_density(client)[0])
 
