@@ -661,3 +661,21 @@ def test_downlink_masks_are_one_bit_frames_and_masked_weights_compress():
     f.initialize()
     dense, _ = f.encode_global()
     assert len(state) < 0.6 * len(dense)
+
+
+def test_f16_downlink_diffs_are_relative_to_what_clients_decoded():
+    s = make_strategy("zerofl", SPEC, rounds=3, seed=1, train=TRAIN, rule="topk_diff",
+                      sparsity=0.5, mask_ratio=0.5, downlink_dtype="f16")
+    s.initialize()
+    from embedded import codec
+
+    seen = codec.decode_state(s.encode_global()[0])          # what a client decodes
+    exact = {k: v.copy() for k, v in s.weights.items()}
+    assert any(not np.array_equal(seen[k], exact[k]) for k in exact)   # f16 rounded
+    c = _clients(1)
+    local = _local_states(s, k=1, seed=3)[0]
+    plan = s.plan_for(1, c[0])
+    s.aggregate_fit(1, [_result(c[0], s.uplink_for(1, c[0]), local, seen, plan)])
+    # everything is sent (mask_ratio = sparsity): the client's local state comes back exactly
+    for k in ("conv2.weight", "fc1.weight"):
+        np.testing.assert_allclose(s.weights[k], local[k], rtol=0, atol=1e-6)

@@ -14,13 +14,13 @@ Additions over the first sketch (all additive; the hooks and signatures above ar
   sparsity-hunting round trains only a fraction of them); each task names its client, and the
   tasks come in the order of ``participants(rnd, clients)`` — the hook a loop calls first to
   know who trains (the base returns every client), so it can pair clients and tasks.
-* ``check_result`` (below) must be used to validate results: hetero-FLASH clients decode
-  against their own nested masks (``masks_for(client)``), not ``self.masks``.
   ``initialize()`` is called lazily by ``configure_fit`` if the loop did not call it.
 * Rounds are counted from 1 (``FIRST_ROUND``); round-level schedules use ``t = rnd - 1``.
-* ``check_result(client, result)`` -> ``None`` or the reason an update is rejected (undecodable,
-  wrong tensor names or shapes, non-finite values): the loop records such a client as failed
-  and leaves it out of ``aggregate_fit``, which raises :class:`UpdateRejected` on a bad one.
+* ``check_result(client, result)`` -> ``None`` or the reason an update is rejected (failed,
+  undecodable, wrong tensor names or shapes, non-finite values): the loop records such a client
+  as failed and leaves it out of ``aggregate_fit``, which raises :class:`UpdateRejected` on a bad
+  one. Loops should use it rather than decoding themselves: hetero-FLASH clients decode against
+  their own nested masks (``masks_for(client)``), not ``self.masks``.
 * ``decode_result`` / ``decode_results`` give ``embedded.uplink.Update`` objects checked against
   the model; ``reference_state()`` is the global state exactly as clients decode it (diff
   updates are relative to it).
