@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import select
 import subprocess
@@ -172,6 +173,8 @@ class BoardClient:
         self._data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._uploaded: dict[str, str] = {}          # client id -> shard name on the board
         self._resident: tuple[str, dict[str, np.ndarray], str] | None = None
+        #: host time.time() minus the board's, measured by PING at connect (for import-power)
+        self.clock_offset_s = 0.0
 
     # --- connection ---------------------------------------------------------------------
     @property
@@ -232,6 +235,7 @@ class BoardClient:
         self.board_uuid = uid
         self.hello_reply = dict(rep, paired=True)
         self.info = link.request(MSG.INFO)
+        self.clock_offset_s = self._clock_offset()
         try:
             board_dir(uid).mkdir(parents=True, exist_ok=True, mode=0o700)
             (board_dir(uid) / "info.json").write_text(json.dumps(self.info, indent=1,
@@ -239,6 +243,35 @@ class BoardClient:
         except OSError:
             pass
         return self.info
+
+    def _clock_offset(self) -> float:
+        """Host clock minus board clock (s): the PING with the shortest round trip of three."""
+        best = (math.inf, 0.0)
+        for _ in range(3):
+            t0 = time.time()
+            rep = self.link.request(MSG.PING, {"t": t0})
+            t1 = time.time()
+            best = min(best, (t1 - t0, (t0 + t1) / 2 - float(rep["agent_time"])))
+        return best[1]
+
+    def record_window(self, kind: str, ident: str, rep: dict) -> dict:
+        """Append a BENCH/TRAIN window (board and host clock) to the board's ``windows.jsonl``,
+        which ``sparsefl board import-power`` matches against an external meter's log."""
+        w = {"kind": kind, "id": ident, "board_uuid": self.board_uuid,
+             "t_start_board": float(rep["t_start"]), "t_end_board": float(rep["t_end"]),
+             "clock_offset_s": self.clock_offset_s,
+             "t_start": float(rep["t_start"]) + self.clock_offset_s,
+             "t_end": float(rep["t_end"]) + self.clock_offset_s,
+             "energy_j": (rep.get("energy") or {}).get("energy_j"),
+             "energy_provenance": (rep.get("energy") or {}).get("provenance", "estimated")}
+        try:
+            p = board_dir(self.board_uuid) / "windows.jsonl"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with open(p, "a") as f:
+                f.write(json.dumps(w) + "\n")
+        except OSError as e:
+            self.log(f"cannot record the window: {e}")
+        return w
 
     def _ensure(self) -> Link:
         if self.link is None:
@@ -380,6 +413,8 @@ class BoardClient:
         else:
             f["spec"] = model.to_json()
         rep = self._long(MSG.BENCH, f, wait_s)
+        self.record_window("BENCH", f"{rep['model']}@{','.join(f'{s:g}' for s in sparsities)}",
+                           rep)
         rep["measurements"] = [Measurement.from_dict(m) for m in rep["measurements"]]
         return rep
 
@@ -462,6 +497,8 @@ class BoardClient:
             rep = self._train(send, fields)
         timing = self.link.last_timing
         result = ClientResult.from_bytes(rep["result"])
+        if not rep.get("cached"):
+            self.record_window("TRAIN", f"{task.round}:{task.client_id}:{task_id}", rep)
         self._resident = (spec_json, full, rep.get("resident") or _digest(full))
         if not result.ok:
             return result

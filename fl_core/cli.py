@@ -12,6 +12,7 @@ COMMANDS = {
     "estimate": "estimate",
     "budget": "budget",
     "profiles": "profiles",
+    "board": "board",
     "export": "export",
 }
 
