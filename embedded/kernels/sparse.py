@@ -19,6 +19,7 @@ compilation and :func:`pick` takes the parallel one only when threads > 1 and th
 
 from __future__ import annotations
 
+import os
 import types
 
 import numba
@@ -27,8 +28,9 @@ from numba import njit, prange
 
 _OPTS = {"cache": True, "nogil": True}
 
-#: Work (inner-loop element operations) above which a parallel region pays for its wake-up.
-PAR_MIN_WORK = 200_000
+#: Work (inner-loop element operations) above which a parallel region pays for its wake-up
+#: (override with SPARSEFL_PAR_MIN_WORK; on a busy machine a wake-up can cost milliseconds).
+PAR_MIN_WORK = int(os.environ.get("SPARSEFL_PAR_MIN_WORK", "200000"))
 
 
 def dual(fn=None, *, fastmath: bool = False):
@@ -55,7 +57,7 @@ def threads() -> int:
 
 def pick(pair, work: int):
     """The parallel kernel of a ``dual`` pair if threads > 1 and ``work`` is large enough."""
-    if work >= PAR_MIN_WORK and numba.get_num_threads() > 1:
+    if work >= PAR_MIN_WORK and numba.get_num_threads() > 1:  # noqa: SIM102
         return pair[1]
     return pair[0]
 

@@ -156,22 +156,10 @@ class Conv2d(Layer):
         n = max_batch
         cq = self.cin * self.sh * self.sw
         self._xq = np.zeros(cq * self.hq * self.wq * n, np.float32)
-        self._gxq = np.zeros_like(self._xq)
-        self._yb = np.zeros(self.cout * self.oh * self.wq * n, np.float32)
-        self._gyb = np.zeros_like(self._yb)
         self._y = np.zeros((n, self.cout, self.oh, self.ow), np.float32)
         self._gx = np.zeros((n, self.cin, self.h, self.w), np.float32)
-        self._gyT = np.zeros(1, np.float32)
-        self._gWt = np.zeros(1, np.float32)
         self._cnt = np.zeros(self.cin, np.int64)
         self._kbuf = np.zeros((self.cin, n), np.int32)
-        if self.mode == "swat":
-            self._setup_swat()
-
-    def _setup_swat(self) -> None:
-        if self._gyT.size < self._yb.size:
-            self._gyT = np.zeros(self._yb.size, np.float32)
-            self._gWt = np.zeros(self.params["weight"].size, np.float32)
 
     # ------------------------------------------------------------------ sparsity API
     def set_sparsity(self, mode: str, ls=None) -> None:
@@ -187,8 +175,6 @@ class Conv2d(Layer):
         self._mask_built = None
         self.measured_density = 1.0
         self.measured_act_density = 1.0
-        if mode == "swat" and self.max_batch:
-            self._setup_swat()
 
     def set_mask(self, mask: np.ndarray | None) -> None:
         """Store the mask (weight-shaped, bool/uint8) and zero the weights outside it."""
@@ -277,7 +263,7 @@ class Conv2d(Layer):
         w = self.params["weight"]
         bias = self.params["bias"] if self.has_bias else self._nobias
         xq = self._xq[: self.cin * self.sh * self.sw * plane]
-        yb = self._yb[: self.cout * self.oh * rs]
+        yb = workspace("yb", self.cout * self.oh * rs)  # batch-last scratch (shared)
         y = self._y[:n]
         flops = w.size * self.oh * L
         with _Timer(self, "forward"):
@@ -308,7 +294,7 @@ class Conv2d(Layer):
             gy = np.ascontiguousarray(gy)
         L, rs, plane = self._geom(n)
         xq = self._xq[: self.cin * self.sh * self.sw * plane]
-        gxq = self._gxq[: xq.size]
+        gxq = workspace("gxq", xq.size)
         w = self.params["weight"]
         gw = self.grads["weight"]
         gb = self.grads["bias"] if self.has_bias else self._nobias
@@ -322,9 +308,9 @@ class Conv2d(Layer):
             raise ValueError("dense_impl: backward_weight and backward_input must both be "
                              "'gemm' or both 'direct'")
         rstride = L if (gemm_w or gemm_in) else rs
-        gyb = self._gyb[: self.cout * self.oh * rstride]
+        gyb = workspace("gyb", self.cout * self.oh * rstride)
         with _Timer(self, "backward_weight"):
-            gyT = self._gyT[: self.cout * self.oh * L] if swat else self._gyT
+            gyT = workspace("gyT", self.cout * self.oh * L if swat else 1)
             S.pick(K.pack_grad_out, gyb.size)(gy, gyb, gyT, gb, self.has_bias, swat, rstride)
             if swat:
                 if not self._hist_ok:
@@ -336,8 +322,9 @@ class Conv2d(Layer):
                 self._hist_ok = False
                 kern = S.pick(K.bwd_weight_scan, int(flops * self.ls.act_density))
                 nch = 1 if kern is K.bwd_weight_scan[0] else min(self.cin, S.threads())
-                kern(xq, thr_f, gyT, self._gWt, gw, self._cnt, self._kbuf, nch, self.scan_block, self.sh, self.sw, self.hq,
-                    self.wq, n, self.kh, self.kw, self.oh, self.ow)
+                gwt = workspace("gWt", w.size)
+                kern(xq, thr_f, gyT, gwt, gw, self._cnt, self._kbuf, nch, self.scan_block,
+                     self.sh, self.sw, self.hq, self.wq, n, self.kh, self.kw, self.oh, self.ow)
                 self.measured_act_density = float(self._cnt.sum()) / (
                     n * self.cin * self.h * self.w)
             elif self._masked() and not self.want_dense_grad:

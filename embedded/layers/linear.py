@@ -76,9 +76,6 @@ class Linear(Layer):
         self._y = np.zeros((n, self.fout), np.float32)
         self._gx = np.zeros((n, self.fin), np.float32)
         self._xT = np.zeros(self.fin * n, np.float32)
-        self._yT = np.zeros(self.fout * n, np.float32)
-        nw = max(1, numba.config.NUMBA_NUM_THREADS)
-        self._priv = np.zeros(nw * self.fin * n, np.float32)  # bwd-input accumulators
         self._aptr = np.zeros(n + 1, np.int64)
         self._apos = np.zeros(1, np.int32)
         self._aval = np.zeros(1, np.float32)
@@ -177,7 +174,7 @@ class Linear(Layer):
             S.pick(K.pack_x, x.size)(x, x.view(np.uint32), xT, self._hist, want_hist)
             self._hist_ok = want_hist
             sw = self._structure(training)
-            yT = self._yT[: self.fout * n].reshape(self.fout, n)
+            yT = workspace("yT", self.fout * n).reshape(self.fout, n)
             bias = self.params["bias"] if self.has_bias else self._nobias
             S.pick(K.fwd_csr, sw.nnz * n)(sw.rowptr, sw.code, sw.val, xT, yT, y, bias,
                                           self.has_bias)
@@ -197,7 +194,7 @@ class Linear(Layer):
         sparse = self._sparse()
         sw = self._sw
         xT = self._xT[: self.fin * n].reshape(self.fin, n)
-        gyT = self._yT[: self.fout * n].reshape(self.fout, n)
+        gyT = workspace("yT", self.fout * n).reshape(self.fout, n)
         with _Timer(self, "backward_weight"):
             if not sparse:
                 if self.has_bias:
@@ -242,7 +239,7 @@ class Linear(Layer):
             if sparse:
                 kern = S.pick(K.bwd_input_rows, sw.nnz * n)
                 nw = 1 if kern is K.bwd_input_rows[0] else S.threads()
-                priv = self._priv[: nw * self.fin * n].reshape(nw, self.fin, n)
+                priv = workspace("priv", nw * self.fin * n).reshape(nw, self.fin, n)
                 kern(sw.rowptr, sw.code, sw.val, gyT, priv, gx)
             else:
                 np.dot(gy, w, out=gx)
