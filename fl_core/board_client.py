@@ -153,11 +153,16 @@ class BoardClient:
     shard, uploaded once per session.
     """
 
-    def __init__(self, port: str, *, baud: int = 921600, token: bytes | None = None,
+    def __init__(self, port: str, *, client_id: str | None = None, device: str | None = None,
+                 x: np.ndarray | None = None, y: np.ndarray | None = None,
+                 baud: int = 921600, token: bytes | None = None,
                  token_file: str | None = None, timeout: float = 2.0, retries: int = 5,
                  train_timeout: float = 600.0, profile: Any = None,
                  log: Any = None) -> None:
         self.port = port
+        #: the federation's names for this client and its device class (``Client`` protocol)
+        self.client_id = str(client_id) if client_id is not None else f"board:{port}"
+        self.device = device or (profile if isinstance(profile, str) else None) or "board"
         self.baud = baud
         self._token = _read_token_file(token_file) if token_file else token
         self.timeout = timeout
@@ -175,6 +180,8 @@ class BoardClient:
         self._resident: tuple[str, dict[str, np.ndarray], str] | None = None
         #: host time.time() minus the board's, measured by PING at connect (for import-power)
         self.clock_offset_s = 0.0
+        if x is not None and y is not None:
+            self.set_data(self.client_id, x, y)
 
     # --- connection ---------------------------------------------------------------------
     @property
@@ -418,8 +425,9 @@ class BoardClient:
         rep["measurements"] = [Measurement.from_dict(m) for m in rep["measurements"]]
         return rep
 
-    def evaluate(self, data: str, spec: Any = None, state: dict | None = None,
-                 batch_size: int = 256, wait_s: float = 120.0) -> dict:
+    def evaluate_on_board(self, data: str, spec: Any = None, state: dict | None = None,
+                          batch_size: int = 256, wait_s: float = 120.0) -> dict:
+        """EVAL of ``spec``/``state`` (default: the resident model) on shard ``data``."""
         from embedded import codec
         f: dict[str, Any] = {"data": data, "batch_size": batch_size}
         if spec is not None:
@@ -457,23 +465,42 @@ class BoardClient:
                                 error=f"board {self.board_uuid or self.port} failed: "
                                 f"{type(e).__name__}: {e}")
 
+    def _shard_on_board(self, cid: str) -> str:
+        """The board's name of client ``cid``'s shard, uploading it once per session."""
+        if cid not in self._data:
+            if len(self._data) == 1:
+                cid = next(iter(self._data))      # the board's one shard
+            else:
+                raise BoardError(f"client {cid!r}: task has no data_ref and no shard was given "
+                                 "(BoardClient(x=, y=), set_data or fit(task, x, y))")
+        if cid not in self._uploaded:
+            x, y = self._data[cid]
+            h = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()[:16]
+            name = f"{cid[:100]}-{h}"
+            self.load_data(name, x, y)
+            self._uploaded[cid] = name
+        return self._uploaded[cid]
+
+    def evaluate(self, state: dict[str, np.ndarray], spec: Any) -> dict[str, float]:
+        """Loss and accuracy of ``state`` on this client's shard, computed on the board
+        (NaN with ``error`` when the board fails)."""
+        try:
+            self._ensure()
+            name = self._shard_on_board(self.client_id)
+            rep = self.evaluate_on_board(name, spec, state)
+            return {"loss": rep["loss"], "accuracy": rep["accuracy"], "n": rep["n"]}
+        except (LinkError, BoardError, OSError) as e:
+            self.close()
+            return {"loss": float("nan"), "accuracy": float("nan"), "n": 0,
+                    "error": f"{type(e).__name__}: {e}"}
+
     def _fit(self, task: Any) -> Any:
         from embedded import codec
         from embedded.task import ClientResult
 
         self._ensure()
         if task.data_ref is None:
-            cid = str(task.client_id)
-            if cid not in self._data:
-                raise BoardError(f"client {cid!r}: task has no data_ref and no shard was given "
-                                 "(set_data or fit(task, x, y))")
-            if cid not in self._uploaded:
-                x, y = self._data[cid]
-                h = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()[:16]
-                name = f"{cid[:100]}-{h}"
-                self.load_data(name, x, y)
-                self._uploaded[cid] = name
-            task = replace(task, data_ref=self._uploaded[cid])
+            task = replace(task, data_ref=self._shard_on_board(str(task.client_id)))
         full = codec.decode_state(task.global_state)
         spec_json = task.spec.to_json()
         task_id = hashlib.sha256(task.to_bytes()).hexdigest()[:32]
@@ -539,6 +566,49 @@ class BoardClient:
             self.log(f"no energy estimate: {e}")
             return None
         return _tag(est.totals.energy_j, "J", provenance_of(p))
+
+
+def guess_profile(info: dict) -> str:
+    """The shipped profile closest to a board's INFO (a starting point for calibration)."""
+    model = (info.get("board_model") or "").lower()
+    for key, name in (("raspberry pi 5", "rpi5"), ("raspberry pi 4", "rpi4"),
+                      ("orin", "jetson-orin-nano"), ("jetson nano", "jetson-nano-10w"),
+                      ("jetson-nano", "jetson-nano-10w")):
+        if key in model:
+            return name
+    return "generic-x86"
+
+
+def calibrate_board(bc: BoardClient, models: list[str], sparsities: list[float], *,
+                    base: str | None = None, name: str | None = None, batch: int = 16,
+                    repeats: int = 10, threads: int = 1, log: Any = None) -> tuple[Any, list]:
+    """BENCH ``models`` x ``sparsities`` on the board and fit a profile to them.
+
+    Returns ``(profile, measurements)``; the profile's fitted values say ``measured`` (their
+    sources: ``measured: calibrated from N measurements``) and it is cached for the board
+    (``BoardClient.cached_calibration``). ``base`` defaults to a guess from the board's INFO.
+    """
+    import dataclasses
+
+    from hwmodel.calibration import calibrate
+    from hwmodel.profiles import load_profile
+
+    bc._ensure()
+    ms: list = []
+    for m in models:
+        if log:
+            log(f"BENCH {m} at sparsities {list(sparsities)} ...")
+        ms.extend(bc.bench(m, list(sparsities), batch=batch, repeats=repeats,
+                           threads=threads)["measurements"])
+    base_p = load_profile(base or guess_profile(bc.info))
+    fitted = calibrate(base_p, ms)
+    emu = " (emulated board: host timings)" if bc.emulated else ""
+    fitted = dataclasses.replace(
+        fitted, name=name or f"{base_p.name}-board-{bc.board_uuid[:8]}",
+        description=f"{base_p.description} — calibrated on board {bc.board_uuid}{emu} from "
+                    f"{len(ms)} BENCH measurements of {', '.join(models)}")
+    bc.save_calibration(fitted)
+    return fitted, ms
 
 
 # --- an emulated board: the real agent on a pseudo-terminal ----------------------------------
@@ -678,4 +748,5 @@ class EmulatedBoard:
 
 
 __all__ = ["BoardClient", "BoardError", "EmulatedBoard", "board_dir", "boards_dir",
+           "calibrate_board", "guess_profile",
            "calibration_path", "load_token", "remember_port", "save_token", "sparsefl_home"]

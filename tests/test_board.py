@@ -188,6 +188,13 @@ def test_train_is_bitwise_run_task_and_a_repeated_task_is_served_from_cache(emu)
         assert c["transfer_s"]["value"] == pytest.approx(c["upload_s"]["value"]
                                                          + c["download_s"]["value"])
         assert c["energy_j"]["provenance"] == "estimated" and c["energy_j"]["value"] > 0
+        # the federation's Client protocol; evaluate runs on the board, equal to in-process
+        from fl_core.clients import Client
+        assert isinstance(bc, Client)
+        state = codec.decode_state(task.global_state)
+        net = Network.from_spec(SPEC, seed=0)
+        net.load_state_dict(state)
+        assert bc.evaluate(state, SPEC) == net.evaluate(x, y, 256)
         # the same task again (a retransmitted TRAIN after a reconnect): the cached result
         task_bytes = task.to_bytes()
         tid = "retransmitted-task"
@@ -394,8 +401,17 @@ def test_import_power_attaches_measured_energy_to_windows(emu, capsys, tmp_path)
 # --- a board that dies ---------------------------------------------------------------------------
 def test_agent_killed_mid_train_fails_the_client_within_its_timeout(home):
     x, y = shard()
-    with EmulatedBoard() as board:
-        bc = BoardClient(board.path, timeout=0.5, retries=2, train_timeout=4.0)
+    with EmulatedBoard(profile="rpi4") as board:
+        bc = BoardClient(board.path, timeout=0.5, retries=2, train_timeout=60.0)
+        # the profile slows TRAIN down to hwmodel's estimate on it: still measured-emulated
+        small = make_task(steps=40)
+        r = bc.fit(small, x, y)
+        assert r.ok, r.error
+        est = hwmodel.estimate(SPEC, "rpi4", plan=small.plan, batch=8,
+                               samples=r.stats.samples, epochs=1, radio=None).totals.time_s
+        assert r.costs["time_s"]["provenance"] == "measured-emulated"
+        assert r.costs["time_s"]["value"] == pytest.approx(max(est, r.costs["compute_s"]["value"]))
+        bc.train_timeout = 4.0
         box: dict = {}
         task = make_task(steps=200_000)
 

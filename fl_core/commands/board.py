@@ -135,17 +135,6 @@ def _client(args: argparse.Namespace):
     return bc
 
 
-def guess_profile(info: dict) -> str:
-    """The shipped profile closest to a board's INFO (a starting point for calibration)."""
-    model = (info.get("board_model") or "").lower()
-    for key, name in (("raspberry pi 5", "rpi5"), ("raspberry pi 4", "rpi4"),
-                      ("orin", "jetson-orin-nano"), ("jetson nano", "jetson-nano-10w"),
-                      ("jetson-nano", "jetson-nano-10w")):
-        if key in model:
-            return name
-    return "generic-x86"
-
-
 def _table(rows: list[list[str]], header: list[str]) -> str:
     w = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(v).rjust(w[i]) if i else str(v).ljust(w[i])  # noqa: E731
@@ -259,6 +248,7 @@ def bench_rows(measurements: list, profile: Any) -> list[dict[str, Any]]:
 
 def _estimate_profile(bc: Any, name: str | None) -> Any:
     import hwmodel
+    from fl_core.board_client import guess_profile
     if name:
         return hwmodel.load_profile(name)
     return bc.cached_calibration() or hwmodel.load_profile(guess_profile(bc.info))
@@ -298,10 +288,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # --- calibrate ---------------------------------------------------------------------------------
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    import dataclasses
-
     import hwmodel
-    from hwmodel.calibration import CalibrationError, calibrate, calibration_error
+    from fl_core.board_client import calibrate_board, calibration_path, guess_profile
+    from hwmodel.calibration import CalibrationError, calibration_error
     from hwmodel.profiles import load_profile, save_profile
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -314,29 +303,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if m not in hwmodel.BUILDERS:
             raise CLIError(f"--models: unknown model {m!r}; known: {sorted(hwmodel.BUILDERS)}")
     bc = _client(args)
-    ms: list = []
     try:
-        for m in models:
-            print(f"BENCH {m} at sparsities {sps} ...", file=sys.stderr, flush=True)
-            ms.extend(bc.bench(m, sps, batch=args.batch, repeats=args.repeats,
-                               threads=args.threads)["measurements"])
-        base = load_profile(args.base or guess_profile(bc.info))
-        try:
-            fitted = calibrate(base, ms)
-        except CalibrationError as e:
-            raise CLIError(f"calibrate: {e}") from None
-        name = args.name or f"{base.name}-board-{bc.board_uuid[:8]}"
-        emu = " (emulated board: host timings)" if bc.emulated else ""
-        fitted = dataclasses.replace(fitted, name=name, description=(
-            f"{base.description} — calibrated on board {bc.board_uuid}{emu} from "
-            f"{len(ms)} BENCH measurements of {', '.join(models)}"))
-        out = save_profile(fitted, args.out)
-        cached = bc.save_calibration(fitted)
+        fitted, ms = calibrate_board(bc, models, sps, base=args.base, name=args.name,
+                                     batch=args.batch, repeats=args.repeats,
+                                     threads=args.threads,
+                                     log=lambda s: print(s, file=sys.stderr, flush=True))
+    except CalibrationError as e:
+        raise CLIError(f"calibrate: {e}") from None
     finally:
         bc.close()
+    out = save_profile(fitted, args.out)
+    base = load_profile(args.base or guess_profile(bc.info))
     err0 = calibration_error(base, ms)
     err1 = calibration_error(fitted, ms)
-    print(f"wrote {out} (also cached in {cached})")
+    print(f"wrote {out} (also cached in {calibration_path(bc.board_uuid)})")
     print(f"fitted: {', '.join(fitted.fitted)}")
     print(f"per-layer error: {base.name} median {err0['median_ape_pct']:.0f}% -> calibrated "
           f"median {err1['median_ape_pct']:.0f}% (p90 {err1['p90_ape_pct']:.0f}%, "
