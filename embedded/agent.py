@@ -469,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=8, help="chunks in flight")
     ap.add_argument("--warmup", action="store_true", help="compile every trainer kernel before "
                     "serving (minutes on a Pi's A72; cached under STATE_DIR/numba-cache)")
+    ap.add_argument("--warmup-models", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--emulated", action="store_true", help="this is an emulated board (host "
                     "process): times are reported as measured-emulated, never measured")
     ap.add_argument("--slowdown-profile", default=None, help="with --emulated: a TRAIN lasts at "
@@ -508,9 +509,14 @@ def main(argv: list[str] | None = None) -> int:
         from .agent_commands import warmup
         agent.log("warm-up: compiling every kernel (NUMBA_CACHE_DIR="
                   f"{os.environ.get('NUMBA_CACHE_DIR')})")
-        agent.log(f"warm-up done in {warmup(agent.log):.1f} s")
+        models = tuple(args.warmup_models.split(",")) if args.warmup_models else None
+        took = warmup(agent.log, models) if models else warmup(agent.log)
+        agent.log(f"warm-up done in {took:.1f} s")
         agent.kernels_compiled = True
     agent.meter.start()
+    if agent.meter.available:   # idle baseline before any work: dynamic energy = total - idle
+        idle = agent.meter.measure_idle(1.0)
+        agent.log(f"idle power {idle if idle is None else round(idle, 3)} W")
     stop = threading.Event()
     if args.listen:
         host, port = parse_listen(args.listen)

@@ -399,10 +399,21 @@ def test_import_power_attaches_measured_energy_to_windows(emu, capsys, tmp_path)
 
 
 # --- a board that dies ---------------------------------------------------------------------------
-def test_agent_killed_mid_train_fails_the_client_within_its_timeout(home):
+def test_warmup_sensor_slowdown_and_agent_killed_mid_train(home, tmp_path):
+    """One emulated board with --warmup, a fake Jetson INA3221 sysfs tree (real layout) and a
+    slow-down profile: INFO says compiled, TRAIN energy is the sensor's, time is the profile's;
+    then its agent is killed mid-TRAIN and the client fails within its timeout."""
+    from test_sensors import orin_tree
+    orin_tree(tmp_path)                                # VDD_IN: 5056 mV x 1232 mA, constant
+    watts = 5.056 * 1.232
     x, y = shard()
-    with EmulatedBoard(profile="rpi4") as board:
+    args = ["--warmup", "--warmup-models", "mlp", "--sensor", "jetson-ina3221",
+            "--sysfs-root", str(tmp_path)]
+    with EmulatedBoard(profile="rpi4", agent_args=args, start_timeout=300) as board:
         bc = BoardClient(board.path, timeout=0.5, retries=2, train_timeout=60.0)
+        info = bc.connect()
+        assert info["kernels_compiled"] is True
+        assert [s["kind"] for s in info["sensors"]] == ["jetson-ina3221"]
         # the profile slows TRAIN down to hwmodel's estimate on it: still measured-emulated
         small = make_task(steps=40)
         r = bc.fit(small, x, y)
@@ -411,6 +422,12 @@ def test_agent_killed_mid_train_fails_the_client_within_its_timeout(home):
                                samples=r.stats.samples, epochs=1, radio=None).totals.time_s
         assert r.costs["time_s"]["provenance"] == "measured-emulated"
         assert r.costs["time_s"]["value"] == pytest.approx(max(est, r.costs["compute_s"]["value"]))
+        # energy from the board's sensor: constant power x the window
+        w = json.loads((board_dir(board.board_uuid) / "windows.jsonl").read_text()
+                       .splitlines()[-1])
+        assert r.costs["energy_j"]["provenance"] == "measured"
+        assert r.costs["energy_j"]["value"] == pytest.approx(
+            watts * (w["t_end_board"] - w["t_start_board"]), rel=1e-2)
         bc.train_timeout = 4.0
         box: dict = {}
         task = make_task(steps=200_000)
