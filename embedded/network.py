@@ -91,6 +91,7 @@ class Network:
         self._gacc: dict[str, np.ndarray] = {}
         # last step's per-node timings: name -> {phase: seconds}
         self.times: dict[str, dict[str, float]] = {n.name: {} for n in self.nodes}
+        self.loss_time = 0.0  # seconds of the fused loss + gradient of the last step
         self.reseed(seed)
 
     # ------------------------------------------------------------------ construction
@@ -317,15 +318,20 @@ class Network:
             t0 = time.perf_counter() if timing else 0.0
             gx = layer.backward(gy, need_input_grad=need_in)
             if timing:
-                phase = "backward_input" if need_in else "backward_weight"
                 self.times[name]["backward"] = time.perf_counter() - t0
-                self.times[name]["_bphase"] = phase
             if gx is None:
                 continue
             for src in node.inputs:
                 if src == INPUT or not self._requires_grad[src]:
                     continue
                 gout.setdefault(src, []).append(gx)
+
+    def backward_phase(self, name: str) -> str:
+        """The measurement phase a node's (whole) backward call counts as: layers with
+        parameters compute their input and parameter gradients in one fused pass."""
+        if not self.layers[name].params:
+            return "backward_input"
+        return "backward_input+backward_weight" if self._need_in[name] else "backward_weight"
 
     def first_nonfinite(self) -> str | None:
         """Name of the first node (in DAG order) whose last output holds NaN/inf, or None
@@ -341,7 +347,9 @@ class Network:
         n = x.shape[0]
         logits = self.forward(x, self.training)
         g = self._glogits[:n]
+        t0 = time.perf_counter()
         loss = softmax_xent(logits, y, g)
+        self.loss_time = time.perf_counter() - t0
         if not np.isfinite(loss):
             return float(loss)
         self.backward(g)

@@ -23,6 +23,21 @@ from hwmodel.torch_twin import to_torch  # noqa: E402
 RTOL, ATOL = 1e-4, 1e-5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_pools():
+    """torch and BLAS single-threaded: their spinning pools starve Numba's on a busy host."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - comes with scikit-learn
+        yield
+    else:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
+    torch.set_num_threads(old)
+
+
 def close(a, b, what=""):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL, err_msg=what)
 
