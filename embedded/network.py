@@ -356,17 +356,24 @@ class Network:
         return float(loss)
 
     # ------------------------------------------------------------------ public API
-    def loss_and_grads(self, x: np.ndarray, y: np.ndarray,
-                       plan: SparsityPlan | None = None) -> tuple[float, dict[str, np.ndarray]]:
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray, plan: SparsityPlan | None = None,
+                       *, update_stats: bool = True) -> tuple[float, dict[str, np.ndarray]]:
         """Mean cross-entropy of batch ``x`` against ``y`` and copies of all parameter
         gradients keyed like ``state_dict``. ``plan`` (if given) is applied first; without it
-        the network's current plan is used. Runs in the current train/eval mode."""
+        the network's current plan is used. Runs in the current train/eval mode;
+        ``update_stats=False`` leaves batch-norm running statistics and counters as they were
+        (e.g. for an extra gradient pass that is not a training step)."""
         if plan is not None:
             self.set_plan(plan)
         x = self.check_x(x)
         y = self.check_y(y, x.shape[0])
         self._ensure(x.shape[0])
+        saved = None if update_stats else {
+            (n, k): v.copy() for n, layer in self.layers.items() for k, v in layer.buffers.items()}
         loss = self.step_loss(x, y)
+        if saved is not None:
+            for (n, k), v in saved.items():
+                self.layers[n].buffers[k][...] = v
         if not np.isfinite(loss):
             return loss, {k: np.full_like(v, np.nan) for k, v in self.grads.items()}
         return loss, {k: v.copy() for k, v in self.grads.items()}

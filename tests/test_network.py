@@ -299,6 +299,22 @@ def test_h4_dag_with_fanout_matches_torch(train, variant):
     _compare_net(spec, x, y, rng, train)
 
 
+def test_loss_and_grads_can_leave_running_stats_alone():
+    spec = _resnet_like_spec()
+    net = Network.from_spec(spec)
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((3, 4, 9, 7)).astype(np.float32)
+    y = rng.integers(0, 4, 3)
+    before = net.state_dict()
+    l1, g1 = net.loss_and_grads(x, y, update_stats=False)
+    after = net.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    l2, g2 = net.loss_and_grads(x, y)  # same batch statistics, so the same loss and grads
+    assert l1 == l2 and all(np.array_equal(g1[k], g2[k]) for k in g1)
+    assert int(net.state_dict()["bn1.num_batches_tracked"]) == 1
+    assert not np.array_equal(net.state_dict()["bn1.running_mean"], before["bn1.running_mean"])
+
+
 def test_state_dict_names_shapes_and_errors():
     spec = _resnet_like_spec()
     net = Network.from_spec(spec)
