@@ -14,6 +14,8 @@ COMMANDS = {
     "profiles": "profiles",
     "board": "board",
     "export": "export",
+    "run": "run",
+    "report": "report",
 }
 
 
