@@ -668,6 +668,16 @@ class _PtyBridge:
                 pass
 
 
+def _die_with_parent() -> None:
+    """In the agent's child process (Linux): SIGTERM when the process that started it dies, so
+    a killed ``sparsefl board emulate`` / ``sparsefl run`` leaves no orphaned agent."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 15)   # PR_SET_PDEATHSIG, SIGTERM
+    except (OSError, AttributeError):
+        pass
+
+
 class EmulatedBoard:
     """The real agent in its own process, on a pty pair, paired with this host.
 
@@ -702,7 +712,7 @@ class EmulatedBoard:
         self.proc = subprocess.Popen([sys.executable, "-m", "embedded.agent", *args,
                                       *(agent_args or [])], cwd=REPO, env=env,
                                      stdout=subprocess.PIPE, stderr=self._log,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         r, _, _ = select.select([self.proc.stdout], [], [], start_timeout)
         line = self.proc.stdout.readline().decode() if r else ""
         if not line.startswith("serving "):

@@ -57,22 +57,24 @@ def emu(home, tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "fl_core.cli", "board", "emulate",
                              "--data-root", str(root)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    r, _, _ = select.select([proc.stdout], [], [], 60)
-    if not r:
-        proc.kill()
-        raise AssertionError(f"sparsefl board emulate printed nothing: {proc.stderr.read()!r}")
-    # both lines are printed together (readline buffers: no select between them)
-    lines = [proc.stdout.readline().decode().strip() for _ in range(2)]
-    path = lines[0]
-    assert path.startswith("/dev/"), lines
-    uuid = lines[1].split()[2]
-    pid = int(lines[1].split("agent pid ")[1].split(")")[0].split(",")[0])
-    yield path, uuid, pid, root
-    proc.terminate()
-    proc.wait(timeout=10)
-    assert proc.returncode == 0
-    for s in (proc.stdout, proc.stderr):
-        s.close()
+    try:
+        r, _, _ = select.select([proc.stdout], [], [], 60)
+        assert r, "sparsefl board emulate printed nothing"
+        # both lines are printed together (readline buffers: no select between them)
+        lines = [proc.stdout.readline().decode().strip() for _ in range(2)]
+        path = lines[0]
+        assert path.startswith("/dev/"), lines
+        uuid = lines[1].split()[2]
+        pid = int(lines[1].split("agent pid ")[1].split(")")[0].split(",")[0])
+        yield path, uuid, pid, root
+        proc.terminate()                      # SIGTERM: emulate stops its agent and exits 0
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:           # its agent gets SIGTERM from PR_SET_PDEATHSIG
+            proc.kill()
+            proc.wait(timeout=10)
+        for s in (proc.stdout, proc.stderr):
+            s.close()
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
