@@ -202,3 +202,44 @@ def test_eval_forward_does_not_advance_refresh():
     ref = x @ (w * topk_mask(w, 0.25)).T + layer.params["bias"]
     np.testing.assert_allclose(y_eval, ref, rtol=RTOL, atol=ATOL)
     assert layer._steps == 0
+
+
+def _run(layer, x, gy):
+    y = layer.forward(x, training=True).copy()
+    gx = layer.backward(gy).copy()
+    return y, gx, layer.grads["weight"].copy()
+
+
+@pytest.mark.parametrize("mode", ["dense", "swat", "masked"])
+def test_bitwise_reproducible(mode, monkeypatch):
+    """Same inputs -> bit-identical outputs; for conv also across 1 and 2 threads (every
+    parallel loop owns its outputs and keeps a fixed order inside)."""
+    import numba
+
+    from embedded.kernels import sparse
+
+    monkeypatch.setattr(sparse, "PAR_MIN_WORK", 0)  # force the parallel kernels
+    conv, x, gy = _conv((8, 16, 12, 12, (3, 3), (1, 1), (1, 1), 1, True, 4))
+    lin, xl, gyl = _linear(fin=40, fout=24, n=4)
+    for layer in (conv, lin):
+        if mode == "swat":
+            layer.set_sparsity("swat", LayerSparsity(0.2, 0.3, 1))
+        elif mode == "masked":
+            layer.set_sparsity("masked", None)
+            layer.set_mask(np.random.default_rng(0).random(layer.params["weight"].shape) < 0.4)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        a = _run(conv, x, gy)
+        b = _run(conv, x, gy)
+        c = _run(lin, xl, gyl)
+        d = _run(lin, xl, gyl)
+        numba.set_num_threads(1)
+        e = _run(conv, x, gy)
+    finally:
+        numba.set_num_threads(before)
+    for u, v in zip(a + c, b + d, strict=True):
+        assert np.array_equal(u, v)
+    if mode != "masked" and mode != "dense":  # (masked: fastmath dot; dense: BLAS threads)
+        for u, v in zip(a, e, strict=True):
+            assert np.array_equal(u, v)

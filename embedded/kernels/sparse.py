@@ -30,7 +30,7 @@ _OPTS = {"cache": True, "nogil": True}
 
 #: Work (inner-loop element operations) above which a parallel region pays for its wake-up
 #: (override with SPARSEFL_PAR_MIN_WORK; on a busy machine a wake-up can cost milliseconds).
-PAR_MIN_WORK = int(os.environ.get("SPARSEFL_PAR_MIN_WORK", "200000"))
+PAR_MIN_WORK = int(os.environ.get("SPARSEFL_PAR_MIN_WORK", "1000000"))
 
 
 def dual(fn=None, *, fastmath: bool = False):
