@@ -63,6 +63,7 @@ def _check(name: str, f: dict, schema: dict[str, tuple[Any, bool]]) -> dict:
         if key not in f or f[key] is None:
             if required:
                 raise AgentError(ERR.MALFORMED, f"{name}: missing field {key!r}")
+            f.pop(key, None)   # an optional field given as None = not given
             continue
         v = f[key]
         bad_bool = isinstance(v, bool) and bool not in (types if isinstance(types, tuple)

@@ -690,7 +690,8 @@ class EmulatedBoard:
     """
 
     def __init__(self, profile: str | None = None, state_dir: str | None = None,
-                 agent_args: list[str] | None = None, start_timeout: float = 60.0) -> None:
+                 agent_args: list[str] | None = None, start_timeout: float = 60.0,
+                 env: dict[str, str] | None = None) -> None:
         self._tmp = None if state_dir else tempfile.TemporaryDirectory(prefix="sparsefl-emu-")
         self.state_dir = state_dir or self._tmp.name
         os.makedirs(self.state_dir, exist_ok=True)
@@ -705,7 +706,7 @@ class EmulatedBoard:
                 "--state-dir", self.state_dir, "--emulated"]
         if profile:
             args += ["--slowdown-profile", profile]
-        env = dict(os.environ)
+        env = dict(os.environ, **(env or {}))
         env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
         env.setdefault("NUMBA_CACHE_DIR", str(sparsefl_home() / "numba-cache"))
         self._log = open(os.path.join(self.state_dir, "agent.log"), "ab")  # noqa: SIM115

@@ -126,6 +126,18 @@ def test_probe_pairs_with_no_further_step(emu, capsys):
     assert tok.exists() and (tok.stat().st_mode & 0o777) == 0o600
     code, out = run_cli(capsys, "probe", path)
     assert code == 0 and uuid in out and "none (energy estimated)" in out
+    assert json.loads(run_cli(capsys, "probe", path, "--format", "json")[1])["board_changed"] \
+        is False
+
+
+def test_a_different_board_behind_the_same_port_is_noticed(emu, capsys):
+    from fl_core.board_client import remember_port
+    path, uuid, _, _ = emu
+    remember_port(path, "00000000-0000-4000-8000-000000000000")   # another board was here
+    info = json.loads(run_cli(capsys, "probe", path, "--format", "json")[1])
+    assert info["board_changed"] is True and info["board_uuid"] == uuid
+    info = json.loads(run_cli(capsys, "probe", path, "--format", "json")[1])
+    assert info["board_changed"] is False                           # now remembered
 
 
 def test_list_runs(capsys):
@@ -411,11 +423,19 @@ def test_warmup_sensor_slowdown_and_agent_killed_mid_train(home, tmp_path):
     x, y = shard()
     args = ["--warmup", "--warmup-models", "mlp", "--sensor", "jetson-ina3221",
             "--sysfs-root", str(tmp_path)]
-    with EmulatedBoard(profile="rpi4", agent_args=args, start_timeout=300) as board:
+    # neither TFLite runtime importable on this board: INFER_BENCH answers NOT_AVAILABLE
+    shadow = tmp_path / "shadow"
+    for mod in ("ai_edge_litert", "tflite_runtime"):
+        (shadow / mod).mkdir(parents=True)
+        (shadow / mod / "__init__.py").write_text(f"raise ImportError('no {mod} here')\n")
+    with EmulatedBoard(profile="rpi4", agent_args=args, start_timeout=300,
+                       env={"PYTHONPATH": str(shadow)}) as board:
         bc = BoardClient(board.path, timeout=0.5, retries=2, train_timeout=60.0)
         info = bc.connect()
         assert info["kernels_compiled"] is True
         assert [s["kind"] for s in info["sensors"]] == ["jetson-ina3221"]
+        rep = bc.infer_bench(b"\x1c\0\0\0TFL3" + bytes(32), repeats=1)
+        assert rep["status"] == "NOT_AVAILABLE" and "ai_edge_litert" in rep["reason"]
         # the profile slows TRAIN down to hwmodel's estimate on it: still measured-emulated
         small = make_task(steps=40)
         r = bc.fit(small, x, y)
@@ -446,4 +466,56 @@ def test_warmup_sensor_slowdown_and_agent_killed_mid_train(home, tmp_path):
         r = box["result"]
         assert not r.ok and "failed" in r.error and r.update == b""
         assert r.costs["time_s"]["value"] < 30
+        bc.close()
+
+
+# --- hostile payloads -----------------------------------------------------------------------------
+def test_mutated_training_payloads_never_crash_the_agent(emu):
+    """Structure-aware fuzzing of the training commands: valid payloads with flipped bytes
+    (the frames themselves are valid). Every request gets a reply; the agent serves on."""
+    import random
+    rnd = random.Random(7)
+    x, y = shard(16)
+    task = replace(make_task(steps=2), data_ref="fz")
+    seeds = {
+        MSG.TRAIN: {"task_id": "fuzz", "task": task.to_bytes()},
+        MSG.LOAD_DATA: {"name": "fz", "data": codec.encode_state({"x": x, "y": y})},
+        MSG.LOAD_MODEL: {"spec": SPEC.to_json(),
+                         "state": codec.encode_state(Network.from_spec(SPEC).state_dict())},
+        MSG.BENCH: {"model": "mlp", "sparsities": [0.5], "batch": 2, "repeats": 1},
+        MSG.EVAL: {"data": "fz", "batch_size": 8},
+    }
+    bc = BoardClient(emu[0], timeout=1.0)
+    try:
+        bc.load_data("fz", x, y)
+        outcomes: dict[str, int] = {}
+        internal: list[str] = []
+        for i in range(120):
+            typ = rnd.choice(list(seeds))
+            f = dict(seeds[typ])
+            key = rnd.choice(list(f))
+            v = f[key]
+            if isinstance(v, (bytes, str)):
+                b = bytearray(v.encode() if isinstance(v, str) else v)
+                for _ in range(rnd.randint(1, 4)):
+                    b[rnd.randrange(len(b))] = rnd.randrange(256)
+                v = bytes(b) if isinstance(v, bytes) else b.decode("utf-8", "replace")
+            else:
+                v = rnd.choice([-1, 1 << 40, "x", None, [1.5], 0.0])
+            f[key] = v
+            if typ == MSG.TRAIN:
+                f["task_id"] = f"fuzz-{i}"
+            try:
+                bc.request(typ, f, timeout=20)
+                outcomes["ok"] = outcomes.get("ok", 0) + 1
+            except RemoteError as e:
+                internal.append(str(e)) if e.code == ERR.INTERNAL else None
+                outcomes[e.name] = outcomes.get(e.name, 0) + 1
+            bc.request(MSG.ABORT)
+        assert not internal, internal           # every refusal is a named, checked error
+        assert outcomes.get("MALFORMED", 0) > 10 and outcomes.get("ok", 0) > 10, outcomes
+        assert bc.ping()["agent_time"] > 0
+        r = bc.fit(make_task(steps=2, seed=99), x, y)     # and still trains correctly
+        assert r.ok and r.update == run_task(make_task(steps=2, seed=99), x, y).update
+    finally:
         bc.close()
