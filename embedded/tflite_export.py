@@ -21,7 +21,9 @@ Layout and conventions of the exported model
   (count_include_pad=True). global_avgpool -> MEAN over H, W; add -> ADD; linear ->
   FULLY_CONNECTED; dropout is the identity. flatten keeps torch's NCHW order: when every
   reader is a linear layer its weight columns are permuted, otherwise the map is transposed to
-  NCHW before the RESHAPE. groupnorm is not exported (a clear error names the node).
+  NCHW before the RESHAPE. groupnorm (fp32 only) becomes RESHAPE to (N, H*W, G, C/G), MEAN,
+  SUB, MUL, MEAN, ADD eps, RSQRT, MUL, RESHAPE, MUL gamma, ADD beta; an int8 export of a model
+  with groupnorm is refused with an error naming the node.
 * ``int8=True``: full-integer post-training quantisation from a calibration batch (NCHW, like
   the training data): weights of conv / depthwise conv int8 symmetric **per output channel**,
   linear weights int8 symmetric per tensor (what tflite-runtime 2.14's FULLY_CONNECTED int8
@@ -160,8 +162,9 @@ def _padding(in_hw, k, s, p, out_hw) -> str:
 class _Builder:
     """Turns a ModelSpec + weights into a float graph of TFLite ops (NHWC)."""
 
-    def __init__(self, spec: ModelSpec, state: dict[str, np.ndarray], batch: int):
-        self.spec, self.state, self.batch = spec, state, batch
+    def __init__(self, spec: ModelSpec, state: dict[str, np.ndarray], batch: int,
+                 int8: bool = False):
+        self.spec, self.state, self.batch, self.int8 = spec, state, batch, int8
         self.g = _Graph()
         self.cons = spec.consumers()
         # node -> (tensor index, flatten permutation (C, H, W) or None)
@@ -183,7 +186,8 @@ class _Builder:
                     self.fold_bn[n.name] = nxt.name
                     self.absorbed.add(nxt.name)
         for n in spec.nodes:
-            if n.op not in ("conv2d", "linear", "add", "batchnorm2d") or n.name in self.absorbed:
+            if n.op not in ("conv2d", "linear", "add", "batchnorm2d", "groupnorm") \
+                    or n.name in self.absorbed:
                 continue
             tail = self.fold_bn.get(n.name, n.name)
             if tail != out and len(cons[tail]) == 1 and spec[cons[tail][0]].op == "relu":
@@ -405,8 +409,49 @@ class _Builder:
         self.t[n.name] = self.t[n.inputs[0]]
 
     def _emit_groupnorm(self, n) -> None:
-        raise ExportError(f"node {n.name!r} (groupnorm): groupnorm is not supported by the "
-                          "TFLite exporter; use batchnorm2d or export a model without it")
+        """fp32 only: reshape to (N, H*W, G, C/G), normalise over axes 1 and 3, scale, shift."""
+        if self.int8:
+            raise ExportError(f"node {n.name!r} (groupnorm): int8 export of groupnorm is not "
+                              "supported; export fp32 or use batchnorm2d")
+        x, _ = self._input(n)
+        g, gn = self.g, n.name
+        b, h, w, c = g.tensors[x].shape
+        groups, eps = n.attrs["num_groups"], n.attrs["eps"]
+        grouped = (b, h * w, groups, c // groups)
+        stat = (b, 1, groups, 1)
+
+        def t(suffix, shape):
+            return g.tensor(_Tensor(f"{gn}.{suffix}", shape, "act", range_of=gn))
+
+        xr = t("grouped", grouped)
+        g.op("RESHAPE", [x, g.shape_const(f"{gn}.grouped_shape", [-1, *grouped[1:]])], [xr],
+             ("Reshape", {}))
+        axes = g.shape_const(f"{gn}.axes", [1, 3])
+        mean = t("mean", stat)
+        g.op("MEAN", [xr, axes], [mean], ("Reducer", {"keep_dims": True}))
+        d = t("centred", grouped)
+        g.op("SUB", [xr, mean], [d], ("Sub", {}))
+        d2 = t("squared", grouped)
+        g.op("MUL", [d, d], [d2], ("Mul", {}))
+        var = t("var", stat)
+        g.op("MEAN", [d2, axes], [var], ("Reducer", {"keep_dims": True}))
+        ve = t("var_eps", stat)
+        g.op("ADD", [var, g.const(f"{gn}.eps", np.asarray([eps], np.float32))], [ve],
+             ("Add", {}))
+        inv = t("invstd", stat)
+        g.op("RSQRT", [ve], [inv])
+        nrm = t("normalised", grouped)
+        g.op("MUL", [d, inv], [nrm], ("Mul", {}))
+        back = t("ungrouped", (b, h, w, c))
+        g.op("RESHAPE", [nrm, g.shape_const(f"{gn}.shape", [-1, h, w, c])], [back],
+             ("Reshape", {}))
+        sc = t("scaled", (b, h, w, c))
+        g.op("MUL", [back, g.const(f"{gn}.weight", self.state[f"{gn}.weight"])], [sc],
+             ("Mul", {}))
+        y = self._act(self._tail(gn), (b, h, w, c), gn)
+        g.op("ADD", [sc, g.const(f"{gn}.bias", self.state[f"{gn}.bias"])], [y],
+             ("Add", {"act": self._act_fn(n)}))
+        self.t[gn] = (y, None)
 
 
 # ---------------------------------------------------------------------- calibration
@@ -582,7 +627,7 @@ def _options(b, T, kind: str, o: dict[str, Any]) -> tuple[int, int]:
         T.FullyConnectedOptionsAddFusedActivationFunction(b, act)
         T.FullyConnectedOptionsAddKeepNumDims(b, False)
         off = T.FullyConnectedOptionsEnd(b)
-    elif kind in ("Add", "Mul"):
+    elif kind in ("Add", "Mul", "Sub"):
         getattr(T, f"{kind}OptionsStart")(b)
         getattr(T, f"{kind}OptionsAddFusedActivationFunction")(b, act)
         off = getattr(T, f"{kind}OptionsEnd")(b)
@@ -746,7 +791,7 @@ def export_tflite(spec: ModelSpec, state: Mapping[str, Any], *, int8: bool = Fal
     if int8_io and not int8:
         raise ExportError("int8_io needs int8=True")
     st = check_state(spec, state)
-    builder = _Builder(spec, st, batch)
+    builder = _Builder(spec, st, batch, int8)
     g, x, y = builder.build()
     if not int8:
         return _serialise(g, [x], [y], f"sparsefl {spec.name} fp32", False)

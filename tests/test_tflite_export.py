@@ -256,16 +256,36 @@ def test_int8_top1_within_one_point_on_digits():
     assert len(int8) < len(fp32) / 2  # weights stored as int8
 
 
-def test_groupnorm_is_refused_naming_the_node():
-    spec = ModelSpec("gn", (4, 4, 4), [
-        _n("conv", "conv2d", "input", out_channels=4, kernel=1),
-        _n("gn1", "groupnorm", "conv", num_groups=2),
-        _n("flat", "flatten", "gn1"),
+def groupnorm_spec() -> ModelSpec:
+    return ModelSpec("gn", (4, 5, 6), [
+        _n("conv", "conv2d", "input", out_channels=6, kernel=1),
+        _n("gn1", "groupnorm", "conv", num_groups=3),
+        _n("relu", "relu", "gn1"),
+        _n("gn2", "groupnorm", "relu", num_groups=6, eps=1e-3),
+        _n("flat", "flatten", "gn2"),
         _n("fc", "linear", "flat", out_features=3),
     ])
-    st = Network.from_spec(spec, 0).state_dict()
+
+
+def test_groupnorm_fp32_matches_and_int8_is_refused_naming_the_node():
+    spec = groupnorm_spec()
+    rng = np.random.default_rng(12)
+    net = Network.from_spec(spec, 0)
+    st = net.state_dict()
+    for k in ("gn1.weight", "gn1.bias", "gn2.weight", "gn2.bias"):
+        st[k] = rng.normal(1.0 if k.endswith("weight") else 0.0, 0.5, st[k].shape).astype(
+            np.float32)
+    st["conv.bias"] = rng.normal(0, 2.0, st["conv.bias"].shape).astype(np.float32)
+    net.load_state_dict(st)
+    net.eval()
+    x = rng.normal(size=(5, *spec.input_shape)).astype(np.float32)
+    ref = net.predict(x)
+    model = export_tflite(spec, st)
+    assert {"RSQRT", "SUB", "MEAN"} <= op_names(model)
+    np.testing.assert_allclose(run_tflite(model, x), ref, rtol=0,
+                               atol=1e-5 * max(1.0, float(np.abs(ref).max())))
     with pytest.raises(ExportError, match="'gn1'.*groupnorm"):
-        export_tflite(spec, st)
+        export_tflite(spec, st, int8=True, calib=x)
 
 
 def test_bad_weights_and_calibration_are_named():
