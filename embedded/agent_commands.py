@@ -312,9 +312,9 @@ class BoardCommands:
                                  "state or LOAD_MODEL first")
             full = dict(res.state)
             full.update(received)
-            masks = task.global_masks if task.global_masks is not None else res.masks
         else:
-            full, masks = received, task.global_masks
+            full = received
+        masks = task.global_masks   # masks always travel with the task (only weights are deltas)
         x, y = self._shard("TRAIN", task.data_ref)
         if tuple(x.shape[1:]) != tuple(task.spec.input_shape):
             raise AgentError(ERR.MALFORMED, f"TRAIN: shard {task.data_ref!r} has samples of shape "
@@ -325,7 +325,6 @@ class BoardCommands:
         if "base" in f:
             from . import codec
             task.global_state = codec.encode_state(full)
-            task.global_masks = masks
         prov = Provenance.MEASURED_EMULATED if self.emulated else Provenance.MEASURED
         meter = self.agent.meter
         self.agent.counters["train_runs"] += 1

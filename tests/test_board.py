@@ -254,6 +254,41 @@ def test_later_rounds_send_only_changed_tensors(emu):
         bc.close()
 
 
+def test_masked_feddst_rounds_with_resident_deltas_equal_run_task(emu):
+    """A masked plan with a FedDST schedule: masks travel with every task, weights as deltas."""
+    from embedded.mask_schedule import MaskSchedule
+    from embedded.uplink import UplinkRule, encode_masks
+    from hwmodel import SparsityPlan
+    x, y = shard()
+    g = Network.from_spec(SPEC, seed=1).state_dict()
+    plan = SparsityPlan.erk(SPEC, 0.6, mode="masked", layers="all")
+    masks = {}
+    for n in plan.layers:
+        w = g[f"{n}.weight"]
+        k = round(plan.weight_density(n) * w.size)
+        masks[n] = np.abs(w) >= np.sort(np.abs(w).ravel())[::-1][k - 1]
+        g[f"{n}.weight"] = w * masks[n]
+    t1 = replace(make_task(steps=5), plan=plan, uplink=UplinkRule("masked"),
+                 schedule=MaskSchedule.feddst(0.3), global_state=codec.encode_state(g),
+                 global_masks=encode_masks(masks))
+    bc = BoardClient(emu[0], timeout=1.0, train_timeout=60)
+    try:
+        r1 = bc.fit(t1, x, y)
+        assert r1.ok, r1.error
+        assert r1.update == run_task(t1, x, y).update and r1.mask_events
+        g2 = dict(g)
+        g2["fc2.bias"] = g2["fc2.bias"] * 0.5
+        m2 = {n: np.roll(m, 1) for n, m in masks.items()}
+        t2 = replace(t1, round=2, global_state=codec.encode_state(g2),
+                     global_masks=encode_masks(m2))
+        r2 = bc.fit(t2)
+        assert r2.ok, r2.error
+        assert r2.update == run_task(t2, x, y).update
+        assert r2.costs["link_bytes_down"]["value"] < r1.costs["link_bytes_down"]["value"] / 2
+    finally:
+        bc.close()
+
+
 def test_abort_stops_a_running_train(emu):
     x, y = shard()
     bc = BoardClient(emu[0], timeout=1.0)
