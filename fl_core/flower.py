@@ -35,6 +35,30 @@ Wire format (what travels inside a Flower ``Message``):
 * ``RecordDict["sparsefl.info"]`` (node → server, ``query``): ``ConfigRecord`` with
   ``partition-id``, ``client-id``, ``num-samples``, ``device``.
 
+Real SuperNodes (``flwr run`` with the Deployment Runtime): point a Flower app's
+``pyproject.toml`` at the module-level apps and describe the run in its config, e.g.::
+
+    [tool.flwr.app.components]
+    serverapp = "fl_core.flower:server_app"
+    clientapp = "fl_core.flower:client_app"
+
+    [tool.flwr.app.config]
+    strategy = "zerofl"
+    strategy-params = '{"sparsity": 0.9, "mask_ratio": 0.1}'
+    model = "lenet5"
+    model-options = '{"num_classes": 10, "input_shape": [1, 28, 28]}'
+    dataset = "fashion_mnist"
+    partition = "lda"
+    alpha = 1.0
+    num-clients = 10
+    clients-per-round = 10
+    num-server-rounds = 20
+    seed = 0
+    out-dir = "runs/flower-zerofl"
+
+and start each SuperNode with ``--node-config "partition-id=<i> data-path='/data/fmnist'"``
+(and ``device='rpi4'`` for hetero-FLASH's budgets). Keys: :data:`RUN_CONFIG_KEYS`.
+
 Nothing received is unpickled by this module (the Ray simulation backend ships the
 ``ClientApp`` object to its actors with cloudpickle: that is Flower's own machinery, in-process
 on one machine, not data from the network).
@@ -548,10 +572,104 @@ def run_flower_simulation(strategy_name: str, spec: ModelSpec | str, num_clients
                      rows, wall, inner)
 
 
+# ------------------------------------------------------------------------------ flwr run
+RUN_CONFIG_KEYS = {
+    "strategy": "strategy name (fl_core.strategies.STRATEGIES)",
+    "model": "builder name or path to a ModelSpec .json",
+    "model-options": "JSON object of builder options (else num_classes/input_shape from data)",
+    "dataset": "dataset name (fl_core.data.DATASETS)",
+    "dataset-path": "path to the dataset files (nodes may override with node_config data-path)",
+    "dataset-options": "JSON object of load_dataset options",
+    "partition": "partition scheme (fl_core.data.SCHEMES)",
+    "alpha": "Dirichlet alpha (lda, per_class)", "k": "classes per client (pathological)",
+    "num-clients": "number of clients = SuperNodes", "clients-per-round": "sampled per round",
+    "num-server-rounds": "rounds", "seed": "run seed",
+    "strategy-params": "JSON object of strategy parameters",
+    "train": "JSON object of TrainConfig fields",
+    "server-eval": "evaluate the global model on the test split on the server (bool)",
+    "out-dir": "where to write final_model.npz and rounds.json (optional)",
+}
+
+
+def _json_obj(rc: Mapping[str, Any], key: str) -> dict[str, Any]:
+    v = rc.get(key, "{}")
+    try:
+        d = json.loads(v) if isinstance(v, str) else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"run config {key!r}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"run config {key!r}: expected a JSON object string, got {v!r}")
+    return d
+
+
+def strategy_from_run_config(rc: Mapping[str, Any]
+                             ) -> tuple[FlowerStrategy, int, tuple[np.ndarray, np.ndarray] | None]:
+    """(FlowerStrategy, rounds, test split or None) from a ``flwr run`` run config
+    (``[tool.flwr.app.config]``; keys in :data:`RUN_CONFIG_KEYS`)."""
+    from embedded.train import TrainConfig
+    from hwmodel.models import BUILDERS, build, load_model
+
+    unknown = sorted(set(rc) - set(RUN_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"run config: unknown key(s) {unknown}; allowed: "
+                         f"{', '.join(RUN_CONFIG_KEYS)}")
+    missing = sorted({"strategy", "model", "dataset", "partition", "num-clients",
+                      "num-server-rounds"} - set(rc))
+    if missing:
+        raise ValueError(f"run config: missing key(s) {missing}")
+    data = DataSpec(dataset=str(rc["dataset"]), partition=str(rc["partition"]),
+                    num_clients=int(rc["num-clients"]), seed=int(rc.get("seed", 0)),
+                    alpha=None if "alpha" not in rc else float(rc["alpha"]),
+                    k=None if "k" not in rc else int(rc["k"]),
+                    path=str(rc["dataset-path"]) if rc.get("dataset-path") else None,
+                    options=_json_obj(rc, "dataset-options"))
+    server_eval = bool(rc.get("server-eval", False))
+    name, opts = str(rc["model"]), _json_obj(rc, "model-options")
+    ds = load_partition(data)[0] if server_eval or (name in BUILDERS and not opts) else None
+    if name in BUILDERS:
+        if not opts:
+            opts = {"num_classes": ds.num_classes, "input_shape": tuple(ds.input_shape)}
+        spec = build(name, **{k: tuple(v) if isinstance(v, list) else v
+                              for k, v in opts.items()})
+    else:
+        spec = load_model(name)
+    rounds = int(rc["num-server-rounds"])
+    train = TrainConfig.from_dict(_json_obj(rc, "train"), "run config 'train'")
+    inner = make_strategy(str(rc["strategy"]), spec, rounds=rounds, seed=data.seed, train=train,
+                          **_json_obj(rc, "strategy-params"))
+    cpr = rc.get("clients-per-round")
+    fs = FlowerStrategy(inner, data, clients_per_round=None if cpr is None else int(cpr))
+    return fs, rounds, ((ds.x_test, ds.y_test) if server_eval else None)
+
+
+server_app = ServerApp()
+"""A module-level ServerApp for ``flwr run`` (``fl_core.flower:server_app``), configured by the
+run config (``[tool.flwr.app.config]``, keys in :data:`RUN_CONFIG_KEYS`)."""
+
+
+@server_app.main()
+def _server_main(grid: Grid, context: Context) -> None:
+    fs, rounds, test = strategy_from_run_config(dict(context.run_config))
+    out: dict[str, Any] = {}
+    make_server_app(fs, rounds, test=test, out=out)(grid, context)
+    out_dir = context.run_config.get("out-dir")
+    if out_dir:
+        import os
+
+        os.makedirs(str(out_dir), exist_ok=True)
+        arrays = {f"w/{k}": v for k, v in fs.inner.weights.items()}
+        arrays.update({f"m/{k}": v for k, v in (fs.inner.masks or {}).items()})
+        np.savez(os.path.join(str(out_dir), "final_model.npz"), **arrays)
+        rows = [dict(r, **(out.get("evals", {}).get(r["round"]) or {})) for r in fs.history]
+        with open(os.path.join(str(out_dir), "rounds.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 client_app = make_client_app()
 """A module-level ClientApp for ``flwr run`` / SuperNodes (``fl_core.flower:client_app``)."""
 
 __all__ = ["DATA_KEY", "INFO_KEY", "RESULT_KEY", "TASK_KEY", "DataSpec", "FlowerAdapterError",
-           "FlowerRun", "FlowerStrategy", "backend_config", "client_app", "client_id_for",
-           "load_partition", "make_client_app", "make_server_app", "pack_bytes",
-           "run_flower_simulation", "shard", "state_record", "unpack_bytes"]
+           "FlowerRun", "FlowerStrategy", "RUN_CONFIG_KEYS", "backend_config", "client_app",
+           "client_id_for", "load_partition", "make_client_app", "make_server_app",
+           "pack_bytes", "run_flower_simulation", "server_app", "shard", "state_record",
+           "strategy_from_run_config", "unpack_bytes"]

@@ -15,7 +15,7 @@ the same global weights and masks.
 
 from __future__ import annotations
 
-import itertools
+import json
 
 import numpy as np
 import pytest
@@ -118,7 +118,6 @@ class LocalGrid(Grid):
                               state=RecordDict(), run_config={})
             for i in range(num_nodes)}
         self.fail = fail
-        self._ids = itertools.count(1)
 
     def set_run(self, run_id):  # pragma: no cover - not used in-process
         raise NotImplementedError
@@ -142,7 +141,6 @@ class LocalGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None):
         out = []
         for m in messages:
-            m.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
             node = m.metadata.dst_node_id
             if node in self.fail and m.metadata.message_type == "train":
                 out.append(Message(Error(code=0, reason="ClientApp raised: boom"), reply_to=m))
@@ -200,6 +198,29 @@ def test_failed_node_is_recorded_and_round_goes_on(task_identity):
     assert "boom" in row["failures"]["c0002"]
     ref, _ = own_path("zerofl", 1, drop=frozenset({"c0002"}))
     assert_same_model(fs.inner.weights, fs.inner.masks, ref.weights, ref.masks)
+
+
+def test_flwr_run_server_app_from_run_config(task_identity, tmp_path):
+    """The module-level ServerApp (``flwr run``) reads the run config and writes the model."""
+    from fl_core.flower import server_app
+
+    rc = {"strategy": "zerofl", "strategy-params": json.dumps(PARAMS["zerofl"]),
+          "model": "mlp", "model-options": '{"num_classes": 10, "input_shape": [1, 8, 8], '
+          '"hidden": [32, 32]}', "dataset": "digits", "partition": "iid", "num-clients": 3,
+          "clients-per-round": 3, "num-server-rounds": 1, "seed": DATA.seed,
+          "train": json.dumps(TRAIN.to_dict()), "server-eval": True, "out-dir": str(tmp_path)}
+    server_app(LocalGrid(3), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                     run_config=rc))
+    ref, _ = own_path("zerofl", 1)
+    with np.load(tmp_path / "final_model.npz") as z:
+        got = {k[2:]: z[k] for k in z.files if k.startswith("w/")}
+        assert not any(k.startswith("m/") for k in z.files)
+    assert_same_model(got, None, ref.weights, ref.masks)
+    rows = json.loads((tmp_path / "rounds.json").read_text())
+    assert rows[0]["clients_ok"] == 3 and 0.0 <= rows[0]["accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="unknown key"):
+        server_app(LocalGrid(3), Context(run_id=1, node_id=0, node_config={},
+                                         state=RecordDict(), run_config=dict(rc, colour=1)))
 
 
 # ------------------------------------------------------------------------------ payloads
