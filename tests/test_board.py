@@ -179,6 +179,9 @@ def test_bench_measures_every_layer_beside_the_estimate(emu, capsys):
     want = float(predict(hwmodel.load_profile("rpi4"), [m])[0])
     assert r["estimated_s"] == pytest.approx(want, rel=1e-9)
     assert r["error_pct"] == pytest.approx(100 * (want - r["measured_s"]) / r["measured_s"])
+    used = [r for r in rep["rows"] if r["estimated_s"] is not None]
+    assert rep["total"]["measured_s"] == pytest.approx(sum(r["measured_s"] for r in used))
+    assert rep["total"]["estimated_s"] == pytest.approx(sum(r["estimated_s"] for r in used))
     code, out = run_cli(capsys, "bench", emu[0], "--model", "mlp", "--sparsity", "0",
                         "--batch", "4", "--repeats", "2")
     assert code == 0 and "fc2" in out and "estimate us" in out

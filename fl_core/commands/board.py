@@ -267,6 +267,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bc.close()
     ms = rep["measurements"]
     rows = bench_rows(ms, profile)
+    used = [r for r in rows if r["estimated_s"] is not None]
+    tm = sum(r["measured_s"] for r in used)
+    te = sum(r["estimated_s"] for r in used)
+    total = {"measured_s": tm, "estimated_s": te,
+             "error_pct": 100.0 * (te - tm) / tm if tm > 0 else None, "rows": len(used)}
     meas_prov = ms[0].provenance if ms else "measured"
     est_prov = provenance_of(profile).value
     if args.format == "json":
@@ -274,13 +279,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           "sparsity": args.sparsity, "batch": args.batch,
                           "profile": profile.name, "measured_provenance": meas_prov,
                           "estimate_provenance": est_prov, "energy": rep.get("energy"),
-                          "rows": rows}, indent=2))
+                          "rows": rows, "total": total}, indent=2))
         return 0
     print(f"board {bc.board_uuid}  model {rep['model']}  sparsity {args.sparsity:g}  batch "
           f"{args.batch}  ({meas_prov}; estimate: {profile.name}, {est_prov})")
     body = [[r["layer"], r["phase"], f"{r['density']:.2f}", _us(r["measured_s"]),
              _us(r["iqr_s"]), _us(r["estimated_s"]),
              "-" if r["error_pct"] is None else f"{r['error_pct']:+.0f}%"] for r in rows]
+    body.append(["step (sum)", "", "", _us(tm), "", _us(te),
+                 "-" if total["error_pct"] is None else f"{total['error_pct']:+.0f}%"])
     print(_table(body, ["layer", "phase", "density", "measured us", "IQR us", "estimate us",
                         "error"]))
     return 0
