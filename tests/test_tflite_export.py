@@ -157,6 +157,9 @@ def test_file_layout_identifier_buffer0_names_and_ohwi():
     m = tflite.Model.GetRootAsModel(model, 0)
     assert m.Version() == 3
     assert m.Buffers(0).DataLength() == 0
+    for i in range(1, m.BuffersLength()):  # constant data starts on a 16-byte boundary
+        tab = m.Buffers(i)._tab
+        assert tab.Vector(tab.Offset(4)) % 16 == 0
     sg = m.Subgraphs(0)
     tensors = {sg.Tensors(i).Name().decode(): sg.Tensors(i) for i in range(sg.TensorsLength())}
     inp, out = sg.Tensors(sg.Inputs(0)), sg.Tensors(sg.Outputs(0))
