@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from hwmodel.plan import SparsityPlan
-from hwmodel.spec import INPUT, WEIGHTED_OPS, ModelSpec
+from hwmodel.spec import INPUT, ModelSpec
 
 from .kernels.elementwise import ACC, ADD_FWD, all_finite, pick
 from .kernels.loss import softmax_xent, xent_and_correct
@@ -425,6 +425,3 @@ class Network:
         visit(self._gacc)
         visit(getattr(self, "_glogits", None))
         return int(sum(seen.values()))
-
-    def weighted_layer_ops(self) -> dict[str, str]:
-        return {n.name: n.op for n in self.nodes if n.op in WEIGHTED_OPS}
