@@ -77,7 +77,7 @@ def pack_input(x, xbits, xq, sh, sw, ph, pw, Hq, Wq, hist, want_hist):
 def pack_grad_out(gy, gyb, gyT, gbias, want_bias, want_T, rstride):
     """NCHW gy -> batch-last gyb (Co, OH, rstride/N, N): row oh of channel co starts at
     ``(co*OH + oh)*rstride``; columns ow >= OW (when rstride > OW*N) are zeroed. Also
-    gbias[co] = sum of gy[:, co] and, if ``want_T``, the channels-last gyT (OH, OW, N, Co)."""
+    gbias[co] = sum of gy[:, co] and, if ``want_T``, the channels-last gyT (OH, N, OW, Co)."""
     N, Co, OH, OW = gy.shape
     L = OW * N
     for co in prange(Co):
@@ -101,7 +101,7 @@ def pack_grad_out(gy, gyb, gyT, gbias, want_bias, want_T, rstride):
         for oh in prange(OH):
             for n in range(N):
                 for ow in range(OW):
-                    d0 = ((oh * OW + ow) * N + n) * Co
+                    d0 = ((oh * N + n) * OW + ow) * Co
                     dst = gyT[d0:d0 + Co]
                     for co in range(Co):
                         dst[co] = gy[n, co, oh, ow]
@@ -212,70 +212,80 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, cnt, kbuf, nch, cb, sh, sw, Hq, Wq, N
 
     Every kept activation a (``|a| >= thr``, ``a != 0``) at plane (ci, phs, pws), position
     (i, j), sample n adds, for each tap kh = phs + mh*sh, kw = pws + mw*sw (landing on output
-    (i - mh, j - mw)), ``a * gyT[oh, ow, n, group]`` to ``gWt[ci, kh, kw, :]`` (contiguous
-    over the group's output channels). Input channels are split into ``nch`` static chunks
-    (one per worker); a chunk walks the spatial positions outermost and its channels inside,
-    so the few gyT rows around (i, j) stay in cache. The kept samples of each (ci, i, j) are
-    compacted without branches (``kbuf[ci]``), so a skipped activation costs about one
-    instruction. The per-channel accumulation order does not depend on ``nch``. Blocks are
-    then written to the torch layout ``gw``; cnt[ci] = number kept.
+    (i - mh, j - mw)), ``a * gyT[oh, n, ow, group]`` to ``gWt[ci, kh, KW-1-kw, :]``
+    (gyT is (OH, N, OW, Co), gWt keeps kw reversed). With groups == 1 and column stride 1
+    the taps of one kernel row then form ONE contiguous axpy (nw*Co long) instead of nw
+    short ones. Input channels are split into ``nch`` static chunks (one per worker) walked
+    in blocks of ``cb`` channels per spatial position, so the gyT rows around (i, j) stay in
+    cache. The kept samples of each (ci, i, j) are compacted without branches
+    (``kbuf[ci]``). The per-channel accumulation order does not depend on ``nch`` or ``cb``.
+    Blocks are then written to the torch layout ``gw``; cnt[ci] = number kept.
     """
     Co, Cig, _, _ = gw.shape
     Cin = cnt.size
     Cog = Co // (Cin // Cig)
     blk = KH * KW * Cog
     rs = Wq * N
+    fast = Cog == Co and sw == 1
     for c in prange(nch):
         ci0 = Cin * c // nch
         ci1 = Cin * (c + 1) // nch
         gWt[ci0 * blk:ci1 * blk] = 0.0
         cnt[ci0:ci1] = 0
         for cb0 in range(ci0, ci1, cb):
-          cb1 = min(ci1, cb0 + cb)
-          for phs in range(sh):
-            nh = (KH - phs + sh - 1) // sh  # taps kh = phs + mh*sh land on oh = i - mh
-            for pws in range(sw):
-                nw = (KW - pws + sw - 1) // sw
-                for i in range(Hq):
-                    for j in range(Wq):
-                        for ci in range(cb0, cb1):
-                            cq = (ci * sh + phs) * sw + pws
-                            base = (cq * Hq + i) * rs + j * N
-                            xs = xq[base:base + N]
-                            kb = kbuf[ci]
-                            m = 0
-                            for n in range(N):
-                                a = xs[n]
-                                kb[m] = n
-                                m += (a != 0.0) & (abs(a) >= thr)
-                            if m == 0:
-                                continue
-                            cnt[ci] += m
-                            co0 = (ci // Cig) * Cog
-                            g = gWt[ci * blk:(ci + 1) * blk]
-                            for q in range(m):
-                                n = kb[q]
-                                a = xs[n]
-                                for mh in range(nh):
-                                    oh = i - mh
-                                    if oh < 0:
-                                        break
-                                    if oh >= OH:
-                                        continue
-                                    kh = phs + mh * sh
-                                    for mw in range(nw):
-                                        ow = j - mw
-                                        if ow < 0:
+            cb1 = min(ci1, cb0 + cb)
+            for phs in range(sh):
+                nh = (KH - phs + sh - 1) // sh  # taps kh = phs + mh*sh land on oh = i - mh
+                for pws in range(sw):
+                    nw = (KW - pws + sw - 1) // sw
+                    for i in range(Hq):
+                        for j in range(Wq):
+                            # output columns ow = j - mw valid for mw in [mw0, mw1]
+                            mw0 = max(0, j - OW + 1)
+                            mw1 = min(nw - 1, j)
+                            for ci in range(cb0, cb1):
+                                cq = (ci * sh + phs) * sw + pws
+                                base = (cq * Hq + i) * rs + j * N
+                                xs = xq[base:base + N]
+                                kb = kbuf[ci]
+                                m = 0
+                                for n in range(N):
+                                    a = xs[n]
+                                    kb[m] = n
+                                    m += (a != 0.0) & (abs(a) >= thr)
+                                cnt[ci] += m  # kept, even where no output reads it
+                                if m == 0 or mw0 > mw1:
+                                    continue
+                                co0 = (ci // Cig) * Cog
+                                g = gWt[ci * blk:(ci + 1) * blk]
+                                for q in range(m):
+                                    n = kb[q]
+                                    a = xs[n]
+                                    for mh in range(nh):
+                                        oh = i - mh
+                                        if oh < 0:
                                             break
-                                        if ow >= OW:
+                                        if oh >= OH:
                                             continue
-                                        kw = pws + mw * sw
-                                        s0 = ((oh * OW + ow) * N + n) * Co + co0
-                                        src = gyT[s0:s0 + Cog]
-                                        d0 = (kh * KW + kw) * Cog
-                                        dst = g[d0:d0 + Cog]
-                                        for t in range(Cog):
-                                            dst[t] += a * src[t]
+                                        kh = phs + mh * sh
+                                        rowb = (oh * N + n) * OW
+                                        if fast:
+                                            ln = (mw1 - mw0 + 1) * Co
+                                            s0 = (rowb + j - mw1) * Co
+                                            d0 = (kh * KW + KW - 1 - mw1) * Co
+                                            src = gyT[s0:s0 + ln]
+                                            dst = g[d0:d0 + ln]
+                                            for t in range(ln):
+                                                dst[t] += a * src[t]
+                                            continue
+                                        for mw in range(mw0, mw1 + 1):
+                                            kw = pws + mw * sw
+                                            s0 = (rowb + j - mw) * Co + co0
+                                            src = gyT[s0:s0 + Cog]
+                                            d0 = (kh * KW + KW - 1 - kw) * Cog
+                                            dst = g[d0:d0 + Cog]
+                                            for t in range(Cog):
+                                                dst[t] += a * src[t]
         for ci in range(ci0, ci1):
             co0 = (ci // Cig) * Cog
             cig = ci - (ci // Cig) * Cig
@@ -283,7 +293,7 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, cnt, kbuf, nch, cb, sh, sw, Hq, Wq, N
             for cl in range(Cog):
                 for kh in range(KH):
                     for kw in range(KW):
-                        gw[co0 + cl, cig, kh, kw] = g[(kh * KW + kw) * Cog + cl]
+                        gw[co0 + cl, cig, kh, kw] = g[(kh * KW + KW - 1 - kw) * Cog + cl]
 
 
 @dual(fastmath=True)
