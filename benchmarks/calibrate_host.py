@@ -2,8 +2,9 @@
 
     python benchmarks/calibrate_host.py [--backend numba|torch]
         [--models lenet5,femnist_cnn,resnet8,mlp] [--batches 16,32] [--sparsities 0,0.5,0.9,0.95]
-        [--threads 1] [--repeats 15] [--clock cpu|wall]
+        [--threads 1] [--repeats 15] [--clock cpu|wall] [--cache-bytes N]
         [--json benchmarks/results/calibrate_host.json] [--write-profile PATH]
+        [--from-json PATH]    # refit measurements saved by an earlier run (no timing)
 
 For each model, batch and sparsity, every layer's phases (forward, backward-input,
 backward-weight, SGD-momentum update) and the loss are timed (median and IQR over
@@ -26,7 +27,15 @@ threads, repeats) -> list of Measurement):
 
 Timings use process CPU time by default (``--clock cpu``; BLAS pools are capped to
 ``--threads``), because the development host is shared: other jobs preempt us and inflate wall
-time, not CPU time. With one thread, CPU time is the busy time of the kernels.
+time, not CPU time. With one thread, CPU time is the busy time of the kernels. One thread is
+the default (``--threads``); the noise of the run is reported (IQR / median of the repeats).
+
+The time model fitted is :mod:`hwmodel.estimator`'s with the optional refinements (efficiency
+per op class and phase, elementwise efficiency per op, sparse kernels per op class and phase,
+top-K / compression costs, per-kind overheads, a cache bandwidth below ``--cache-bytes``,
+default this core's L2 size from sysfs); see :mod:`hwmodel.calibration`. The held-out error is
+also reported for the rows whose kind of work (pool, norm, add, ...) some other model exercises
+("covered"): a kind only one model has can only be predicted from the coarser fit.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ import numpy as np  # noqa: E402
 
 import hwmodel  # noqa: E402
 from hwmodel.calibration import calibrate, calibration_error, leave_one_model_out  # noqa: E402
+from hwmodel.calibration import predict as hwmodel_predict  # noqa: E402
 from hwmodel.measure import Measurement  # noqa: E402
 from hwmodel.profiles import load_profile, save_profile  # noqa: E402
 from hwmodel.spec import INPUT, ModelSpec  # noqa: E402
@@ -317,6 +327,36 @@ def step_errors(ms: list[Measurement], runs: list[str], pred: list[float]) -> di
             "p90_ape_pct": float(np.percentile(vals, 90)), "runs": ape}
 
 
+def l2_cache_bytes() -> int:
+    """This host's per-core L2 size (sysfs), 0 if unknown."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for idx in sorted(os.listdir(base)):
+            d = os.path.join(base, idx)
+            with open(os.path.join(d, "level"), encoding="ascii") as f:
+                if f.read().strip() != "2":
+                    continue
+            with open(os.path.join(d, "size"), encoding="ascii") as f:
+                txt = f.read().strip().upper()
+            mult = {"K": 1024, "M": 1024 ** 2}.get(txt[-1], 1)
+            return int(txt.rstrip("KM")) * mult
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def covered_error(ms: list[Measurement], pred: list[float]) -> dict:
+    """Held-out error over the measurements whose layer type some other model also has."""
+    types: dict[str, set[str]] = {}
+    for m in ms:
+        types.setdefault(m.layer_type, set()).add(m.model)
+    ape = [100.0 * abs(p - m.median_s) / m.median_s for m, p in zip(ms, pred, strict=True)
+           if np.isfinite(p) and len(types[m.layer_type] - {m.model}) > 0]
+    a = np.array(ape)
+    return {"n": int(a.size), "median_ape_pct": float(np.median(a)) if a.size else None,
+            "p90_ape_pct": float(np.percentile(a, 90)) if a.size else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="numba", choices=sorted(BACKENDS))
@@ -332,7 +372,12 @@ def main(argv: list[str] | None = None) -> int:
                                                    "calibrate_host.json"))
     ap.add_argument("--write-profile", default=None, metavar="PATH",
                     help="also save the calibrated profile TOML here")
+    ap.add_argument("--cache-bytes", type=int, default=None,
+                    help="working-set size of the cache term (default: this core's L2; 0: off)")
+    ap.add_argument("--from-json", default=None, metavar="PATH",
+                    help="refit the measurements of an earlier run's JSON instead of timing")
     args = ap.parse_args(argv)
+    cache_bytes = l2_cache_bytes() if args.cache_bytes is None else args.cache_bytes
     CLOCK["now"] = time.process_time if args.clock == "cpu" else time.perf_counter
     try:  # BLAS threads that spin after a call would count as our CPU time: cap them too
         from threadpoolctl import threadpool_limits
@@ -344,19 +389,37 @@ def main(argv: list[str] | None = None) -> int:
     sparsities = [float(s) for s in args.sparsities.split(",")]
 
     t0 = time.perf_counter()
-    ms, runs = collect(models, batches, sparsities, args.threads, args.repeats, args.backend)
+    if args.from_json:
+        with open(args.from_json, encoding="utf-8") as f:
+            old = json.load(f)
+        ms = [Measurement.from_dict(m) for m in old["measurements"]]
+        runs = old.get("runs") or [f"{m.model}/{m.batch}/?" for m in ms]
+        models = sorted({m.model for m in ms}, key=[m.model for m in ms].index)
+    else:
+        ms, runs = collect(models, batches, sparsities, args.threads, args.repeats, args.backend)
     t_measure = time.perf_counter() - t0
+    noise = np.array([m.iqr_s / m.median_s for m in ms if m.median_s > 0])
     base = load_profile(args.profile)
     before = calibration_error(base, ms)
-    fitted = calibrate(base, ms)
+    t1 = time.perf_counter()
+    fitted = calibrate(base, ms, cache_bytes=cache_bytes)
     after = calibration_error(fitted, ms)
-    lomo = leave_one_model_out(base, ms)
-    steps = step_errors(ms, runs, lomo.pop("predictions"))
+    lomo = leave_one_model_out(base, ms, cache_bytes=cache_bytes)
+    t_fit = time.perf_counter() - t1
+    preds = lomo.pop("predictions")
+    steps = step_errors(ms, runs, preds)
+    covered = covered_error(ms, preds)
+    base_steps = step_errors(ms, runs, list(hwmodel_predict(base, ms)))
+    in_steps = step_errors(ms, runs, list(hwmodel_predict(fitted, ms)))
 
     note = ("torch backend: dense kernels, every measurement at density 1; the sparse-efficiency "
             "curve is not fitted from them" if args.backend == "torch" else "")
     print(f"calibrate_host: {len(ms)} per-layer/phase measurements ({args.backend}, "
-          f"{args.threads} thread(s), batches {batches}) of {', '.join(models)} in {t_measure:.1f} s")
+          f"{args.threads} thread(s), {args.clock} clock, batches {batches}) of {', '.join(models)} "
+          f"in {t_measure:.1f} s; fits {t_fit:.1f} s; cache term below {cache_bytes} B")
+    print(f"  noise: IQR/median of the repeats: median {100 * np.median(noise):.1f}%, "
+          f"p90 {100 * np.percentile(noise, 90):.1f}% (shared host; load average "
+          f"{os.getloadavg()[0]:.1f})")
     if note:
         print(f"  note: {note}")
     print(f"  uncalibrated {args.profile}: median {before['median_ape_pct']:.1f}%  "
@@ -368,13 +431,21 @@ def main(argv: list[str] | None = None) -> int:
     for m, r in lomo["models"].items():
         print(f"    held out {m:<12} n={r['n']:<4} median {r['median_ape_pct']:.1f}%  "
               f"p90 {r['p90_ape_pct']:.1f}%")
+    print(f"  leave-one-model-out, rows whose layer type another model has (n={covered['n']}): "
+          f"median {covered['median_ape_pct']:.1f}%  p90 {covered['p90_ape_pct']:.1f}%")
+    print(f"  whole training steps ({steps['n']} runs): uncalibrated median "
+          f"{base_steps['median_ape_pct']:.1f}% p90 {base_steps['p90_ape_pct']:.1f}%; in sample "
+          f"median {in_steps['median_ape_pct']:.1f}% p90 {in_steps['p90_ape_pct']:.1f}%")
     print(f"  leave-one-model-out, whole training steps ({steps['n']} runs): median "
           f"{steps['median_ape_pct']:.1f}%  p90 {steps['p90_ape_pct']:.1f}%")
     for r, e in steps["runs"].items():
         print(f"    {r:<22} {e:.1f}%")
     fit_values = {
         "efficiency": fitted.efficiency, "overhead_s": fitted.overhead_s,
-        "mem_bandwidth_gbs": fitted.mem_bandwidth_gbs,
+        "mem_bandwidth_gbs": fitted.mem_bandwidth_gbs, "overheads": fitted.overheads,
+        "cache_bytes": fitted.cache_bytes, "cache_bandwidth_gbs": fitted.cache_bandwidth_gbs,
+        "overlap": fitted.overlap, "compress_nnz_s": fitted.compress_nnz_s,
+        "sparse_kernels": {k: [v.efficiency, v.fixed] for k, v in fitted.sparse_kernels.items()},
         "sparse_efficiency": {"densities": list(fitted.sparse_efficiency.densities),
                               "efficiency": list(fitted.sparse_efficiency.efficiency)},
         "fitted": list(fitted.fitted),
@@ -385,7 +456,12 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "calibrate_host", "date": dt.date.today().isoformat(),
         "backend": args.backend, "note": note, "clock": args.clock, "threads": args.threads, "batches": batches,
         "models": models, "sparsities": sparsities, "profile": args.profile,
-        "error_uncalibrated": before, "error_in_sample": after, "leave_one_model_out": lomo, "leave_one_model_out_steps": steps,
+        "error_uncalibrated": before, "error_in_sample": after, "leave_one_model_out": lomo,
+        "leave_one_model_out_steps": steps, "leave_one_model_out_covered": covered,
+        "steps_uncalibrated": base_steps, "steps_in_sample": in_steps,
+        "noise_iqr_over_median": {"median": float(np.median(noise)),
+                                  "p90": float(np.percentile(noise, 90))}, "cache_bytes": cache_bytes,
+        "runs": runs,
         "fitted": fit_values, "host": platform.platform(), "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(), "measure_s": t_measure,
         "measurements": [m.to_dict() for m in ms],

@@ -1,9 +1,8 @@
-"""Calibration: fit a DeviceProfile's efficiencies, sparse-efficiency curve, per-layer overhead
-(and memory bandwidth) to per-layer per-phase timings, and report the error.
+"""Calibration: fit a DeviceProfile's time model to per-layer, per-phase timings; report the error.
 
 Each :class:`~hwmodel.measure.Measurement` names a builder model, a layer, a phase, the weight
 density and saved-activation density the kernel ran at, and the batch. Its predicted time is
-the roofline of :mod:`hwmodel.estimator` for that row of :func:`hwmodel.counts.count`, with the
+:func:`hwmodel.estimator.time_rows` for that row of :func:`hwmodel.counts.count`, with the
 layer alone at the measured densities in SWAT's convention (forward and backward-input at
 ``density``, backward-weight at ``act_density``; a masked trainer reports
 ``act_density = density``). A layer that times several phases in one call (batch norm's
@@ -12,12 +11,30 @@ backward, the loss's fused forward and gradient) gives them joined by ``+``
 ``layer="step"`` records (whole steps) and phases the count says do no work (a flatten, relu's
 weight gradient) are not used for fitting; ``layer="loss"`` is the softmax cross-entropy.
 
-The fit is ``scipy.optimize.least_squares`` on ``log(predicted) - log(measured)`` with the
-parameters in log space and bounded (efficiencies in (1e-4, 1], overhead in (1e-9, 0.1] s,
-bandwidth in (0.1, 1000] GB/s), a Cauchy loss (scale 0.3 in log time) against outliers. The
-measured densities (2 significant digits) join the sparse-efficiency table; its entries are fitted only where a
-measurement at density < 1 falls within their interpolation reach; an op
-class is fitted only if some measurement exercises it. The fitted paths go into
+The fitted model is the estimator's with compute and memory time added (``memory.overlap = 0``):
+then every term is a count times an unknown (1/efficiency, seconds per byte, seconds per
+non-zero, seconds of overhead), so the fit is a **linear** least squares on relative error
+(each measurement's row divided by its time; bounded, ``scipy.optimize.lsq_linear``; a few
+iterations of Cauchy re-weighting, scale 0.3, against outliers). The unknowns, named by the
+profile value paths they set:
+
+* ``efficiency.<class>_<phase>`` (conv/gemm MACs per phase) and elementwise efficiencies per
+  kind and forward/backward (``efficiency.pool_forward``, ``efficiency.norm_backward``, ...),
+  ``efficiency.update``, ``efficiency.elementwise`` (bias adds), ``efficiency.topk`` and
+  ``efficiency.compress`` (book-keeping passes);
+* ``sparse_kernels.<class>_<phase>``: a sparse row's MAC time is ``dense × (d/es + f)``, fitted
+  as two coefficients (on ``d × dense MACs`` and on dense MACs); ``sparse_kernels.compress_nnz_s``;
+* ``overheads.<kind>`` and ``overhead_s``; ``memory.bandwidth_gbs`` and, with ``cache_bytes``,
+  ``memory.cache_bandwidth_gbs`` (rows moving at most ``cache_bytes``).
+
+**Back-off** (no leak, no wild guesses): unknowns form a tree (``efficiency.pool_forward`` →
+``efficiency.pool`` → ``efficiency.elementwise``; ``efficiency.conv_forward`` →
+``efficiency.conv``; ``sparse_kernels.conv_forward`` → ``sparse_kernels.conv`` →
+``sparse_kernels.all``; ``overheads.pool`` → ``overhead_s``; cache → DRAM bandwidth). The fit
+runs from the coarsest level (children merged into their root) to the finest; an unknown with
+no measurement that exercises it keeps the value of its nearest fitted ancestor, so a model
+held out with an op no other model has (ResNet's batch norm) is predicted from the coarser fit.
+The profile keeps the fields no measurement touches. The fitted paths go into
 ``profile.fitted`` and their sources say ``measured: calibrated from N measurements on DATE``.
 """
 
@@ -29,21 +46,28 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.optimize import least_squares
+from scipy.optimize import lsq_linear
 
 from .counts import count_rows
-from .estimator import roofline_time, sparse_efficiency_vec
+from .estimator import (
+    elem_efficiency_keys,
+    kind_of,
+    row_params,
+    sparse_efficiency_vec,
+    time_rows,
+)
 from .measure import PHASES, Measurement
 from .models import build
 from .plan import LayerSparsity, SparsityPlan
-from .profile import OP_CLASSES, DeviceProfile, SparseEfficiency
+from .profile import EFFICIENCY_KEYS, DeviceProfile, SparseKernel
 from .spec import ModelSpec
 
 #: What calibrate fits by default.
 DEFAULT_FIT = ("efficiency", "sparse_efficiency", "overhead_s", "bandwidth")
-_EFF_BOUNDS = (1e-4, 1.0)
-_OVH_BOUNDS = (1e-9, 0.1)
-_BW_BOUNDS = (0.1, 1000.0)
+#: Cauchy re-weighting scale (relative error) and iterations.
+ROBUST_SCALE = 0.3
+ROBUST_ITERATIONS = 4
+_MAX_BW_GBS = 1000.0
 
 
 class CalibrationError(ValueError):
@@ -59,12 +83,15 @@ def _phases(phase: str, i: int) -> list[str]:
     return parts
 
 
+_COLS = ("kind", "phase", "dense_macs", "density", "elem_flops", "topk", "compress", "nnz",
+         "bytes", "midx")
+
+
 def _features(measurements: Sequence[Measurement]) -> dict[str, np.ndarray]:
     """The count rows of each measurement, as arrays; ``midx`` maps rows to measurements."""
     specs: dict[str, ModelSpec] = {}
     cache: dict[tuple, dict] = {}
-    cols: dict[str, list] = {k: [] for k in ("op_class", "dense_macs", "density", "elem_flops",
-                                             "bytes", "midx")}
+    cols: dict[str, list] = {k: [] for k in _COLS}
     measured, models, src = [], [], []
     for i, m in enumerate(measurements):
         if m.layer == "step":
@@ -100,17 +127,22 @@ def _features(measurements: Sequence[Measurement]) -> dict[str, np.ndarray]:
             continue  # phases the model says do no work (flatten, relu's weight gradient)
         j = len(measured)
         for r in picked:
-            cols["op_class"].append(r["op_class"])
+            cols["kind"].append(kind_of(r["type"], r["phase"]))
+            cols["phase"].append(r["phase"])
             cols["dense_macs"].append(r["dense_macs"])
             cols["density"].append(r["density"])
             cols["elem_flops"].append(r["elem_flops"])
+            cols["topk"].append(r["topk_flops"])
+            cols["compress"].append(r["compress_flops"])
+            cols["nnz"].append(r["compress_nnz"])
             cols["bytes"].append(r["bytes_read"] + r["bytes_written"])
             cols["midx"].append(j)
         measured.append(float(m.median_s))
         models.append(m.model)
         src.append(i)
     out = {k: np.asarray(v) for k, v in cols.items()}
-    out["dense_macs"] = out["dense_macs"].astype(np.float64)
+    for k in ("dense_macs", "density", "elem_flops", "topk", "compress", "nnz", "bytes"):
+        out[k] = out[k].astype(np.float64)
     out["midx"] = out["midx"].astype(np.int64)
     out["measured"] = np.asarray(measured, dtype=np.float64)
     out["model"] = np.asarray(models)
@@ -128,8 +160,10 @@ def predict(profile: DeviceProfile, measurements: Sequence[Measurement]) -> np.n
 
 
 def _predict(profile: DeviceProfile, f: dict[str, np.ndarray]) -> np.ndarray:
-    t = roofline_time(profile, f["op_class"], f["dense_macs"], f["density"], f["elem_flops"],
-                      f["bytes"])
+    if f["kind"].size == 0:
+        return np.zeros(f["measured"].size)
+    t = time_rows(profile, f["kind"], f["phase"], f["dense_macs"], f["density"], f["elem_flops"],
+                  f["bytes"], f["topk"], f["compress"], f["nnz"])
     return np.bincount(f["midx"], weights=t, minlength=f["measured"].size)
 
 
@@ -150,119 +184,293 @@ def calibration_error(profile: DeviceProfile, measurements: Sequence[Measurement
     return _summary(_ape(_predict(profile, f), f["measured"]))
 
 
-def _free_sparse_entries(se: SparseEfficiency, densities: np.ndarray) -> list[int]:
-    xs = list(se.densities)
-    free = set()
-    for d in densities[densities < 1.0]:
-        for i, x in enumerate(xs):
-            if x >= 1.0:
+# ---------------------------------------------------------------------------- the linear system
+_ELEM_KINDS = ("pool", "global_avgpool", "norm", "activation", "add", "loss")
+
+
+def _parent(name: str) -> str | None:
+    """The back-off parent of an unknown (see the module docstring)."""
+    if name.startswith("efficiency."):
+        key = name.split(".", 1)[1]
+        if key in ("conv", "gemm", "elementwise"):
+            return None
+        if key.startswith(("conv_", "gemm_")):
+            return "efficiency." + key.split("_", 1)[0]
+        for k in _ELEM_KINDS:
+            if key.startswith(k + "_"):
+                return "efficiency." + k
+        return "efficiency.elementwise"
+    if name.startswith("sparse_a.") or name.startswith("sparse_b."):
+        head, key = name.split(".", 1)
+        if key == "all":
+            return None
+        if "_" in key:
+            return f"{head}.{key.split('_', 1)[0]}"
+        return f"{head}.all"
+    if name.startswith("overheads."):
+        return "overhead_s"
+    if name == "memory.cache_bandwidth_gbs":
+        return "memory.bandwidth_gbs"
+    return None
+
+
+def _group(name: str) -> str:
+    if name.startswith("efficiency."):
+        return "efficiency"
+    if name.startswith(("sparse_a.", "sparse_b.", "sparse_kernels.")):
+        return "sparse_efficiency"
+    if name.startswith(("overheads.", "overhead_s")):
+        return "overhead_s"
+    return "bandwidth"
+
+
+def _lower_bound(name: str) -> float:
+    if name.startswith(("efficiency.", "sparse_a.")):
+        return 1.0  # 1/efficiency (an efficiency is at most 1); sparse: 1/(e·es) with es <= 1/e
+    if name.startswith("memory."):
+        return 1.0 / _MAX_BW_GBS
+    return 0.0
+
+
+def _design(f: dict[str, np.ndarray], peak: float, cache_bytes: int) -> tuple[np.ndarray, list[str]]:
+    """Per-row columns of the linear model (time = columns · unknowns), and their names."""
+    n_rows = f["kind"].size
+    cols: dict[str, np.ndarray] = {}
+
+    def add(name: str, i: int, v: float) -> None:
+        if v:
+            cols.setdefault(name, np.zeros(n_rows))[i] += v
+
+    for i in range(n_rows):
+        k, ph, d = str(f["kind"][i]), str(f["phase"][i]), float(f["density"][i])
+        dm = 2.0 * f["dense_macs"][i] / peak
+        if dm > 0:
+            if d < 1.0:
+                add(f"sparse_a.{k}_{ph}", i, dm * d)
+                add(f"sparse_b.{k}_{ph}", i, dm)
+            else:
+                add(f"efficiency.{k}_{ph}", i, dm)
+        el = (f["elem_flops"][i] - f["topk"][i] - f["compress"][i]) / peak
+        add("efficiency." + elem_efficiency_keys(k, ph)[0], i, el)
+        add("efficiency.topk", i, f["topk"][i] / peak)
+        add("efficiency.compress", i, f["compress"][i] / peak)
+        add("sparse_kernels.compress_nnz_s", i, f["nnz"][i])
+        cls = k if k in ("conv", "gemm") else "elementwise"
+        add(f"overheads.{k if k != 'elementwise' else cls}", i, 1.0)
+        gb = f["bytes"][i] / 1e9
+        if cache_bytes > 0 and f["bytes"][i] <= cache_bytes:
+            add("memory.cache_bandwidth_gbs", i, gb)
+        else:
+            add("memory.bandwidth_gbs", i, gb)
+    names = sorted(cols)
+    a = np.stack([cols[n] for n in names], axis=1) if names else np.zeros((n_rows, 0))
+    return a, names
+
+
+def _ancestors(name: str) -> list[str]:
+    out = [name]
+    while (p := _parent(out[-1])) is not None:
+        out.append(p)
+    return out
+
+
+def _solve(x: np.ndarray, y: np.ndarray, offset: np.ndarray, lb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bounded linear least squares on relative error with Cauchy re-weighting; returns the
+    unknowns and which columns had data."""
+    rel = x / y[:, None]
+    target = 1.0 - offset / y
+    support = np.abs(rel).sum(axis=0) > 0
+    theta = np.where(support, lb, 0.0)
+    if not support.any():
+        return theta, support
+    w = np.ones(len(y))
+    a = rel[:, support]
+    for _ in range(ROBUST_ITERATIONS):
+        aw = a * w[:, None]
+        scale = np.maximum(np.abs(aw).max(axis=0), 1e-300)
+        res = lsq_linear(aw / scale, target * w, bounds=(lb[support] * scale, np.inf),
+                         method="bvls")
+        theta[support] = res.x / scale
+        r = rel @ theta - target
+        w = 1.0 / np.sqrt(1.0 + (r / ROBUST_SCALE) ** 2)
+    return theta, support
+
+
+def _fit_theta(x: np.ndarray, names: list[str], y: np.ndarray, offset: np.ndarray,
+               free: np.ndarray) -> tuple[dict[str, float], set[str]]:
+    """Coarse-to-fine fit (see the module docstring): the value of every unknown and its ancestors,
+    and the set of names some measurement exercised (directly or through a descendant)."""
+    anc = [_ancestors(n) for n in names]
+    depth = max((len(a) for a in anc), default=0)
+    values: dict[str, float] = {}
+    supported: set[str] = set()
+    for level in range(depth):
+        mapped = [a[max(0, len(a) - 1 - level)] for a in anc]
+        uniq = sorted(set(m for m, fr in zip(mapped, free, strict=True) if fr))
+        if not uniq:
+            break
+        pos = {m: j for j, m in enumerate(uniq)}
+        xl = np.zeros((x.shape[0], len(uniq)))
+        for j, (m, fr) in enumerate(zip(mapped, free, strict=True)):
+            if fr:
+                xl[:, pos[m]] += x[:, j]
+        lb = np.array([_lower_bound(m) for m in uniq])
+        theta, sup = _solve(xl, y, offset, lb)
+        for m, t, s in zip(uniq, theta, sup, strict=True):
+            if s:
+                values[m] = float(t)
+                supported.add(m)
+    return values, supported
+
+
+def _value_of(name: str, values: dict[str, float]) -> float | None:
+    for a in _ancestors(name):
+        if a in values:
+            return values[a]
+    return None
+
+
+def _group_times(profile: DeviceProfile, f: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-row time of each term group under ``profile`` (for the groups not being fitted)."""
+    p = row_params(profile, f["kind"], f["phase"])
+    peak = profile.peak_gflops * 1e9
+    d = f["density"]
+    se = sparse_efficiency_vec(profile.sparse_efficiency, np.minimum(d, 1.0))
+    has = np.isfinite(p.sk_eff)
+    phi = np.where(d < 1.0, np.where(has, d / np.where(has, p.sk_eff, 1.0) + p.sk_fixed, d / se), 1.0)
+    mac = 2.0 * f["dense_macs"] / (p.e_mac * peak)
+    eff = profile.efficiency
+    e_t = eff.get("topk", eff["elementwise"])
+    e_c = eff.get("compress", eff["elementwise"])
+    el = ((f["elem_flops"] - f["topk"] - f["compress"]) / (p.e_el * peak) + f["topk"] / (e_t * peak)
+          + f["compress"] / (e_c * peak) + f["nnz"] * profile.compress_nnz_s)
+    bw = np.full(d.shape, profile.mem_bandwidth_gbs * 1e9)
+    if profile.cache_bytes > 0:
+        cbw = (profile.cache_bandwidth_gbs or profile.mem_bandwidth_gbs) * 1e9
+        bw = np.where(f["bytes"] <= profile.cache_bytes, cbw, bw)
+    return {"efficiency": np.where(d < 1.0, 0.0, mac) + el,
+            "sparse_efficiency": np.where(d < 1.0, mac * phi, 0.0),
+            "overhead_s": p.overhead, "bandwidth": f["bytes"] / bw}
+
+
+def _apply(profile: DeviceProfile, values: dict[str, float], names: list[str],
+           supported: set[str], fit: Sequence[str], cache_bytes: int) -> tuple[DeviceProfile, list[str]]:
+    """The profile with the fitted unknowns written in; the value paths set."""
+    eff = dict(profile.efficiency)
+    overheads = dict(profile.overheads)
+    kernels = dict(profile.sparse_kernels)
+    changes: dict[str, Any] = {}
+    paths: list[str] = []
+    touched = set(names)  # columns some measurement exercises (value: nearest fitted ancestor)
+    if "efficiency" in fit:
+        for c in ("conv", "gemm", "elementwise"):
+            v = values.get(f"efficiency.{c}")
+            if v is not None:
+                eff[c] = min(1.0, 1.0 / v)
+                paths.append(f"efficiency.{c}")
+        for key in EFFICIENCY_KEYS:
+            n = f"efficiency.{key}"
+            if n in touched:
+                v = _value_of(n, values)
+                if v is not None:
+                    eff[key] = min(1.0, 1.0 / v)
+                    paths.append(n)
+    if "sparse_efficiency" in fit:
+        for n in names:
+            if not n.startswith("sparse_a."):
                 continue
-            lo = xs[i - 1] if i > 0 else 0.0
-            hi = xs[i + 1] if i + 1 < len(xs) else 1.0
-            if lo < d < hi or (i == 0 and d <= x):
-                free.add(i)
-    return sorted(free)
-
-
-def _refine_grid(profile: DeviceProfile, densities: np.ndarray) -> DeviceProfile:
-    """Add the measured densities (2 significant digits) to the sparse-efficiency table, each
-    starting at the profile's current interpolated value, so the fit can shape the curve where
-    the data are."""
-    se = profile.sparse_efficiency
-    measured = {float(f"{d:.2g}") for d in densities[densities < 1.0]}
-    new = sorted(set(float(x) for x in se.densities) | measured)
-    if len(new) == len(se.densities):
-        return profile
-    eff = [float(sparse_efficiency_vec(se, d)) for d in new]
-    return dataclasses.replace(profile, sparse_efficiency=SparseEfficiency(tuple(new), tuple(eff)))
-
-
-def _with(profile: DeviceProfile, eff: dict[str, float], sp: list[float], overhead: float,
-          bw: float) -> DeviceProfile:
-    return dataclasses.replace(
-        profile, efficiency=dict(eff),
-        sparse_efficiency=SparseEfficiency(tuple(profile.sparse_efficiency.densities), tuple(sp)),
-        overhead_s=overhead, mem_bandwidth_gbs=bw)
+            key = n.split(".", 1)[1]
+            a, b = _value_of(n, values), _value_of("sparse_b." + key, values)
+            if a is None or n not in touched:
+                continue
+            b = b or 0.0
+            e_dense = eff.get(key, eff[key.split("_", 1)[0]])
+            kernels[key] = SparseKernel(1.0 / (a * e_dense), b * e_dense)
+            paths.append(f"sparse_kernels.{key}")
+        v = values.get("sparse_kernels.compress_nnz_s")
+        if v is not None:
+            changes["compress_nnz_s"] = v
+            paths.append("sparse_kernels.compress_nnz_s")
+    if "overhead_s" in fit:
+        if "overhead_s" in values:
+            changes["overhead_s"] = values["overhead_s"]
+            paths.append("overhead_s")
+        for n in names:
+            if n.startswith("overheads.") and n in touched:
+                v = _value_of(n, values)
+                if v is not None:
+                    overheads[n.split(".", 1)[1]] = v
+                    paths.append(n)
+    if "bandwidth" in fit:
+        if "memory.bandwidth_gbs" in values:
+            changes["mem_bandwidth_gbs"] = 1.0 / values["memory.bandwidth_gbs"]
+            paths.append("memory.bandwidth_gbs")
+        if cache_bytes > 0:
+            v = _value_of("memory.cache_bandwidth_gbs", values)
+            if v is not None:
+                changes["cache_bandwidth_gbs"] = 1.0 / v
+                changes["cache_bytes"] = int(cache_bytes)
+                paths += ["memory.cache_bandwidth_gbs", "memory.cache_bytes"]
+    changes["overlap"] = 0.0
+    paths.append("memory.overlap")
+    new = dataclasses.replace(profile, efficiency=eff, overheads=overheads,
+                              sparse_kernels=kernels, **changes)
+    return new, paths
 
 
 def calibrate(profile: DeviceProfile, measurements: Sequence[Measurement],
-              fit: Sequence[str] = DEFAULT_FIT, date: str | None = None) -> DeviceProfile:
+              fit: Sequence[str] = DEFAULT_FIT, date: str | None = None,
+              cache_bytes: int | None = None) -> DeviceProfile:
     """A new profile fitted to ``measurements`` (see the module docstring).
 
-    ``fit`` chooses among ``efficiency``, ``sparse_efficiency``, ``overhead_s`` and
-    ``bandwidth``. Raises :class:`CalibrationError` when nothing can be fitted.
+    ``fit`` chooses among ``efficiency``, ``sparse_efficiency`` (the sparse kernels and the
+    per-non-zero compression cost), ``overhead_s`` (with the per-kind overheads) and
+    ``bandwidth`` (with the cache bandwidth); the others keep the profile's values.
+    ``cache_bytes`` (default: the profile's; 0 turns the cache term off) is the working-set
+    size below which rows move at the cache bandwidth. The result adds compute and memory time
+    (``memory.overlap = 0``). Raises :class:`CalibrationError` when nothing can be fitted.
     """
     unknown = set(fit) - set(DEFAULT_FIT)
     if unknown:
         raise CalibrationError(f"fit: unknown item(s) {sorted(unknown)}; expected some of {DEFAULT_FIT}")
+    if not fit:
+        raise CalibrationError("nothing to fit: fit is empty")
+    cache = int(profile.cache_bytes if cache_bytes is None else cache_bytes)
+    if cache < 0:
+        raise CalibrationError(f"cache_bytes: expected an integer >= 0, got {cache_bytes!r}")
     f = _features(measurements)
     n = int(f["measured"].size)
     if n == 0:
         raise CalibrationError("no per-layer measurements to calibrate from")
-    # parameters: (path, getter start value, bounds)
-    params: list[tuple[str, float, tuple[float, float]]] = []
-    sp_free: list[int] = []
-    if "efficiency" in fit:
-        present = set(f["op_class"].tolist())
-        # elementwise efficiency also times the sparse book-keeping of conv/linear rows
-        if np.any(f["elem_flops"] > 0):
-            present.add("elementwise")
-        for c in OP_CLASSES:
-            if c in present:
-                params.append((f"efficiency.{c}", float(profile.efficiency[c]), _EFF_BOUNDS))
-    if "sparse_efficiency" in fit:
-        profile = _refine_grid(profile, f["density"])
-        sp_free = _free_sparse_entries(profile.sparse_efficiency, f["density"])
-        for i in sp_free:
-            params.append((f"sparse_efficiency.efficiency[{i}]",
-                           float(profile.sparse_efficiency.efficiency[i]), _EFF_BOUNDS))
-    if "overhead_s" in fit:
-        params.append(("overhead_s", max(float(profile.overhead_s), 1e-6), _OVH_BOUNDS))
-    if "bandwidth" in fit:
-        params.append(("memory.bandwidth_gbs", float(profile.mem_bandwidth_gbs), _BW_BOUNDS))
-    if not params:
+    peak = profile.peak_gflops * 1e9
+    rows, names = _design(f, peak, cache)
+    x = np.zeros((n, len(names)))
+    np.add.at(x, f["midx"], rows)
+    free = np.array([_group(nm) in fit for nm in names])
+    fixed_groups = [g for g in DEFAULT_FIT if g not in fit]
+    offset = np.zeros(n)
+    if fixed_groups:
+        gt = _group_times(profile, f)
+        for g in fixed_groups:
+            offset += np.bincount(f["midx"], weights=gt[g], minlength=n)
+    values, supported = _fit_theta(x, names, f["measured"], offset, free)
+    if not values:
         raise CalibrationError("nothing to fit: no parameter is exercised by the measurements")
-
-    lo = np.log([p[2][0] for p in params])
-    hi = np.log([p[2][1] for p in params])
-    x0 = np.clip(np.log([p[1] for p in params]), lo + 1e-9, hi - 1e-9)
-    log_meas = np.log(f["measured"])
-
-    def unpack(x: np.ndarray) -> DeviceProfile:
-        eff = dict(profile.efficiency)
-        sp = list(profile.sparse_efficiency.efficiency)
-        ovh, bw = profile.overhead_s, profile.mem_bandwidth_gbs
-        for (path, _, _), v in zip(params, np.exp(x), strict=True):
-            if path.startswith("efficiency."):
-                eff[path.split(".", 1)[1]] = float(v)
-            elif path.startswith("sparse_efficiency."):
-                sp[int(path[path.index("[") + 1:-1])] = float(v)
-            elif path == "overhead_s":
-                ovh = float(v)
-            else:
-                bw = float(v)
-        return _with(profile, eff, sp, ovh, bw)
-
-    def resid(x: np.ndarray) -> np.ndarray:
-        pred = _predict(unpack(x), f)
-        return np.log(np.maximum(pred, 1e-15)) - log_meas
-
-    res = least_squares(resid, x0, bounds=(lo, hi), loss="cauchy", f_scale=0.3,
-                        x_scale=1.0, diff_step=1e-4, max_nfev=2000)
-    fitted_profile = unpack(res.x)
+    fitted_profile, paths = _apply(profile, values, names, supported, fit, cache)
     when = date or _dt.date.today().isoformat()
     note = f"measured: calibrated from {n} measurements on {when}"
-    paths = sorted({p[0] for p in params if not p[0].startswith("sparse_efficiency.")}
-                   | ({"sparse_efficiency.efficiency"} if sp_free else set()))
     sources = dict(profile.sources)
     for p in paths:
         sources[p] = note
+    sources["memory.overlap"] = (f"measured: calibrated from {n} measurements on {when}; "
+                                 "compute and memory time add (overlap 0), the form the fit uses")
     return dataclasses.replace(fitted_profile, sources=sources,
                                fitted=tuple(sorted(set(profile.fitted) | set(paths))))
 
 
 def leave_one_model_out(profile: DeviceProfile, measurements: Sequence[Measurement],
-                        fit: Sequence[str] = DEFAULT_FIT) -> dict[str, Any]:
+                        fit: Sequence[str] = DEFAULT_FIT,
+                        cache_bytes: int | None = None) -> dict[str, Any]:
     """Fit on every model but one, test on that one, for each model; pooled held-out error too.
 
     Returns ``{"models": {name: {n, median_ape_pct, p90_ape_pct}}, "n", "median_ape_pct",
@@ -280,7 +488,7 @@ def leave_one_model_out(profile: DeviceProfile, measurements: Sequence[Measureme
         train = [m for m in measurements if m.model != held and m.layer != "step"]
         idx = [i for i, m in enumerate(measurements) if m.model == held]
         test = [measurements[i] for i in idx]
-        prof = calibrate(profile, train, fit)
+        prof = calibrate(profile, train, fit, cache_bytes=cache_bytes)
         f = _features(test)
         pred = _predict(prof, f)
         held_out[np.asarray(idx)[f["src"]]] = pred
@@ -289,6 +497,6 @@ def leave_one_model_out(profile: DeviceProfile, measurements: Sequence[Measureme
         report["models"][held] = _summary(ape)
     report.update(_summary(np.concatenate(pooled)))
     per = [m for m in measurements if m.layer != "step"]
-    report["in_sample"] = calibration_error(calibrate(profile, per, fit), per)
+    report["in_sample"] = calibration_error(calibrate(profile, per, fit, cache_bytes=cache_bytes), per)
     report["predictions"] = held_out.tolist()
     return report

@@ -11,6 +11,9 @@ Conventions (printed beside numbers by the CLI, see :data:`FLOPS_CONVENTION`)
 * ``elem_flops`` are elementwise operations (one FLOP per add, multiply, compare or select):
   batch norm, group norm, relu, pools, add, dropout, bias adds, the loss, the optimizer update,
   and the sparse book-keeping (top-K selection, building compressed weights/activations).
+  ``topk_flops`` and ``compress_flops`` (one per element scanned) are the book-keeping part of
+  ``elem_flops``; ``compress_nnz`` counts the non-zeros the compression writes (the kept
+  weights of ``W_s`` plus the kept saved-input values), which the cost model may charge apart.
 * ``flops = 2 * macs + elem_flops``. For a conv/linear row without bias and without sparse
   book-keeping this is exactly ``2 * macs``.
 * Bytes assume fp32 tensors (4 bytes) and int32 indices; each phase reads its inputs once and
@@ -96,7 +99,7 @@ _ELEM = {
 #: Columns of the frame, in order.
 COLUMNS = (
     "layer", "type", "phase", "op_class", "macs", "dense_macs", "density", "elem_flops",
-    "topk_flops", "compress_flops", "flops", "bytes_read", "bytes_written", "params",
+    "topk_flops", "compress_flops", "compress_nnz", "flops", "bytes_read", "bytes_written", "params",
     "weight_density", "act_density", "param_bytes", "compressed_weight_bytes", "grad_bytes",
     "optim_bytes", "saved_act_bytes", "buffer_bytes", "work_bytes", "csr_bytes", "bitmap_bytes",
 )
@@ -198,22 +201,24 @@ def _weighted_rows(L: _Layer, plan: SparsityPlan, B: int, opt: str) -> list[dict
 
     # ---- forward (with the sparse book-keeping that precedes and follows it)
     f = rows["forward"]
-    topk = compress = 0.0
+    topk = compress = compress_nnz = 0.0
     extra_read = extra_written = 0.0
     if mode == "swat" and w_sparse:
         topk += TOPK_FLOPS_PER_ELEMENT * L.weight / period
         compress += L.weight  # threshold pass over the dense W, writes W_s in CSR
+        compress_nnz += nnz_w
         extra_read += L.weight * F32 * (1.0 + 1.0 / period)
         extra_written += csr
     if a_sparse:
         topk += TOPK_FLOPS_PER_ELEMENT * x / period
         compress += x  # threshold pass over the input, writes the compressed saved copy
+        compress_nnz += nnz_a
         extra_read += x * F32 * (1.0 + 1.0 / period)
         extra_written += saved
     f["dense_macs"] = float(B * L.macs)
     f["density"] = wd
     f["macs"] = B * L.macs * wd
-    f["topk_flops"], f["compress_flops"] = topk, compress
+    f["topk_flops"], f["compress_flops"], f["compress_nnz"] = topk, compress, compress_nnz
     f["elem_flops"] = (y if L.bias else 0) + topk + compress
     f["bytes_read"] = x * F32 + w_read + extra_read
     f["bytes_written"] = y * F32 + extra_written

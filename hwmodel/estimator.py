@@ -2,13 +2,26 @@
 
 Time model, per layer and phase (one row of :func:`hwmodel.counts.count`)::
 
-    compute = 2·dense_macs / (eff[op class] · peak) · d / sparse_eff(d)  +  elem_flops / (eff[elementwise] · peak)
-    time    = max(compute, (bytes_read + bytes_written) / bandwidth) + overhead_s   (rows that do work)
+    compute = 2·dense_macs / (eff_mac · peak) · phi(d)
+              + other_elem_flops / (eff_el · peak) + topk_flops / (eff[topk] · peak)
+              + compress_flops / (eff[compress] · peak) + compress_nnz · compress_nnz_s
+    memory  = (bytes_read + bytes_written) / bw      (bw = cache_bandwidth if bytes <= cache_bytes)
+    time    = max(compute, memory) + (1 - overlap) · min(compute, memory) + overhead[kind]
+              (rows that do work; 0 otherwise)
 
-``eff`` is ``profile.efficiency`` ("conv" for conv2d, "gemm" for linear, "elementwise" else),
-``peak`` the FP32 peak of the cluster the trainer runs on, ``d`` the density the phase's MACs
-scale with (1 for dense layers) and ``sparse_eff`` the profile's sparse-efficiency curve (see
-:class:`hwmodel.profile.SparseEfficiency`): a sparse kernel takes ``dense time × d / eff(d)``.
+``peak`` is the FP32 peak of the cluster the trainer runs on. Efficiencies are looked up from
+the most specific key the profile has (:func:`kind_of` names a row's kind):
+``eff_mac``: ``<class>_<phase>`` (``conv_backward_weight``) then the class (``conv``/``gemm``);
+``eff_el`` of an elementwise row: ``<kind>_<forward|backward>``, ``<kind>``, ``elementwise``
+(``update`` rows: ``update``, ``elementwise``; a conv/gemm row's bias: ``elementwise``);
+``topk`` and ``compress`` fall back to ``elementwise``. ``phi(d)`` is 1 for dense rows; for a
+sparse row ``d / es + f`` when the profile has a :class:`~hwmodel.profile.SparseKernel` for
+``<class>_<phase>`` and ``d / sparse_eff(d)`` (the profile's sparse-efficiency curve, see
+:class:`hwmodel.profile.SparseEfficiency`) otherwise. ``overhead[kind]`` falls back to
+``overhead_s``. With none of the optional fields (no finer keys, no sparse kernels,
+``compress_nnz_s = 0``, no cache, ``overlap = 1``) this is the plain roofline
+``max(2·dense_macs·d/sparse_eff(d) / (eff[class]·peak) + elem_flops / (eff[elementwise]·peak),
+bytes / bandwidth) + overhead_s``.
 
 Energy: ``energy = busy_w × time`` for compute (``busy_w`` is the whole device under load, so
 it already holds the idle floor). The *idle share* is the time the device is awake but not
@@ -99,33 +112,142 @@ def _eff(profile: DeviceProfile, cls: str) -> float:
         raise ValueError(f"profile {profile.name!r}: no efficiency for op class {cls!r}") from None
 
 
+_KIND = {"conv2d": "conv", "linear": "gemm", "maxpool2d": "pool", "avgpool2d": "pool",
+         "global_avgpool": "global_avgpool", "batchnorm2d": "norm", "groupnorm": "norm",
+         "relu": "activation", "dropout": "activation", "flatten": "activation", "add": "add",
+         "cross_entropy": "loss"}
+
+
+def kind_of(layer_type: str, phase: str) -> str:
+    """The kind of work of a count row: ``update`` for optimizer rows, else by op (``conv``,
+    ``gemm``, ``pool``, ``global_avgpool``, ``norm``, ``activation``, ``add``, ``loss``;
+    ``elementwise`` for an op not listed)."""
+    if phase == "update":
+        return "update"
+    return _KIND.get(layer_type, "elementwise")
+
+
+def mac_efficiency_keys(kind: str, phase: str) -> tuple[str, ...]:
+    """Lookup order of the MAC efficiency of a conv/gemm row."""
+    return (f"{kind}_{phase}", kind)
+
+
+def elem_efficiency_keys(kind: str, phase: str) -> tuple[str, ...]:
+    """Lookup order of the elementwise efficiency of a row (a conv/gemm row's bias adds use
+    ``elementwise``)."""
+    if kind in ("conv", "gemm", "elementwise"):
+        return ("elementwise",)
+    if kind == "update":
+        return ("update", "elementwise")
+    half = "forward" if phase == "forward" else "backward"
+    return (f"{kind}_{half}", kind, "elementwise")
+
+
+def _lookup(table: dict[str, float], keys: tuple[str, ...], default: float) -> float:
+    for k in keys:
+        if k in table:
+            return float(table[k])
+    return default
+
+
+@dataclass(frozen=True)
+class _RowParams:
+    """Profile constants per row (arrays aligned with the rows)."""
+
+    e_mac: np.ndarray
+    e_el: np.ndarray
+    overhead: np.ndarray
+    sk_eff: np.ndarray  # sparse kernel: efficiency per kept MAC (NaN: use the curve)
+    sk_fixed: np.ndarray
+
+
+def row_params(profile: DeviceProfile, kinds: Any, phases: Any) -> _RowParams:
+    """Look up each row's efficiencies, overhead and sparse kernel (see the module docstring)."""
+    kinds = np.asarray(kinds)
+    phases = np.broadcast_to(np.asarray(phases), kinds.shape)
+    eff = profile.efficiency
+    base_el = _eff(profile, "elementwise")
+    cache: dict[tuple[str, str], tuple[float, ...]] = {}
+    out = np.empty(kinds.shape + (5,))
+    for idx in np.ndindex(kinds.shape):
+        key = (str(kinds[idx]), str(phases[idx]))
+        v = cache.get(key)
+        if v is None:
+            k, ph = key
+            cls = k if k in ("conv", "gemm") else "elementwise"
+            e_mac = _lookup(eff, mac_efficiency_keys(k, ph), _eff(profile, cls)) if cls != "elementwise" else 1.0
+            e_el = _lookup(eff, elem_efficiency_keys(k, ph), base_el)
+            ovh = _lookup(profile.overheads, (k, cls), profile.overhead_s)
+            sk = profile.sparse_kernels.get(f"{k}_{ph}")
+            v = cache[key] = (e_mac, e_el, ovh, np.nan if sk is None else sk.efficiency,
+                              0.0 if sk is None else sk.fixed)
+        out[idx] = v
+    return _RowParams(*(out[..., i] for i in range(5)))
+
+
+def time_rows(profile: DeviceProfile, kind: Any, phase: Any, dense_macs: Any, density: Any,
+              elem_flops: Any, bytes_moved: Any, topk_flops: Any = 0.0, compress_flops: Any = 0.0,
+              compress_nnz: Any = 0.0, params: _RowParams | None = None,
+              sparse_eff: Any = None) -> np.ndarray:
+    """Seconds per row (the module docstring's model); numeric arrays broadcast against the
+    rows' ``kind``/``phase``. ``elem_flops`` includes ``topk_flops`` and ``compress_flops``
+    (as in :func:`hwmodel.counts.count`). Rows without work take 0. ``params`` (from
+    :func:`row_params`) and ``sparse_eff`` (the curve at ``density``) may be precomputed."""
+    p = row_params(profile, kind, phase) if params is None else params
+    peak = profile.peak_gflops * 1e9
+    d = np.asarray(density, dtype=np.float64)
+    dm = np.asarray(dense_macs, dtype=np.float64)
+    topk = np.asarray(topk_flops, dtype=np.float64)
+    comp = np.asarray(compress_flops, dtype=np.float64)
+    el_all = np.asarray(elem_flops, dtype=np.float64)
+    sparse = d < 1.0
+    if sparse_eff is None:
+        sparse_eff = sparse_efficiency_vec(profile.sparse_efficiency, np.minimum(d, 1.0))
+    has_sk = np.isfinite(p.sk_eff)
+    sk_eff = np.where(has_sk, p.sk_eff, 1.0)
+    phi = np.where(sparse, np.where(has_sk, d / sk_eff + p.sk_fixed, d / sparse_eff), 1.0)
+    mac = 2.0 * dm / (p.e_mac * peak) * phi
+    e_topk = _lookup(profile.efficiency, ("topk", "elementwise"), 1.0)
+    e_comp = _lookup(profile.efficiency, ("compress", "elementwise"), 1.0)
+    el = ((el_all - topk - comp) / (p.e_el * peak) + topk / (e_topk * peak)
+          + comp / (e_comp * peak) + np.asarray(compress_nnz, dtype=np.float64) * profile.compress_nnz_s)
+    by = np.asarray(bytes_moved, dtype=np.float64)
+    bw = profile.mem_bandwidth_gbs * 1e9
+    if profile.cache_bytes > 0:
+        cbw = (profile.cache_bandwidth_gbs or profile.mem_bandwidth_gbs) * 1e9
+        mem = by / np.where(by <= profile.cache_bytes, cbw, bw)
+    else:
+        mem = by / bw
+    comp_t = mac + el
+    t = np.maximum(comp_t, mem)
+    if profile.overlap != 1.0:
+        t = t + (1.0 - profile.overlap) * np.minimum(comp_t, mem)
+    work = (comp_t + mem) > 0
+    return np.where(work, t + p.overhead, 0.0)
+
+
 def roofline_time(profile: DeviceProfile, op_class: np.ndarray, dense_macs: np.ndarray,
                   density: np.ndarray, elem_flops: np.ndarray, bytes_moved: np.ndarray,
                   sparse_eff: np.ndarray | None = None) -> np.ndarray:
-    """Seconds per row (see the module docstring); arrays broadcast. Rows without work take 0."""
-    peak = profile.peak_gflops * 1e9
-    op_class = np.asarray(op_class)
-    eff = np.where(op_class == "conv", _eff(profile, "conv"),
-                   np.where(op_class == "gemm", _eff(profile, "gemm"), _eff(profile, "elementwise")))
-    d = np.asarray(density, dtype=np.float64)
-    if sparse_eff is None:
-        sparse_eff = sparse_efficiency_vec(profile.sparse_efficiency, d)
-    mac = 2.0 * np.asarray(dense_macs, dtype=np.float64) / (eff * peak) * d / sparse_eff
-    el = np.asarray(elem_flops, dtype=np.float64) / (_eff(profile, "elementwise") * peak)
-    mem = np.asarray(bytes_moved, dtype=np.float64) / (profile.mem_bandwidth_gbs * 1e9)
-    work = (mac + el + mem) > 0
-    return np.where(work, np.maximum(mac + el, mem) + profile.overhead_s, 0.0)
+    """Seconds per row from the op class alone (``conv``/``gemm``/``elementwise``, forward
+    keys): :func:`time_rows` without the per-kind, per-phase and book-keeping refinements."""
+    return time_rows(profile, op_class, "forward", dense_macs, density, elem_flops, bytes_moved,
+                     sparse_eff=sparse_eff)
 
 
 def rows_time(profile: DeviceProfile, rows: list[dict]) -> np.ndarray:
-    """Roofline seconds of count rows (dicts or a DataFrame's records)."""
-    return roofline_time(
+    """Seconds of count rows (dicts or a DataFrame's records), per :func:`time_rows`."""
+    return time_rows(
         profile,
-        np.array([r["op_class"] for r in rows]),
-        np.array([r["dense_macs"] for r in rows]),
-        np.array([r["density"] for r in rows]),
-        np.array([r["elem_flops"] for r in rows]),
-        np.array([r["bytes_read"] + r["bytes_written"] for r in rows]),
+        np.array([kind_of(r["type"], r["phase"]) for r in rows]),
+        np.array([r["phase"] for r in rows]),
+        np.array([r["dense_macs"] for r in rows], dtype=np.float64),
+        np.array([r["density"] for r in rows], dtype=np.float64),
+        np.array([r["elem_flops"] for r in rows], dtype=np.float64),
+        np.array([r["bytes_read"] + r["bytes_written"] for r in rows], dtype=np.float64),
+        np.array([r["topk_flops"] for r in rows], dtype=np.float64),
+        np.array([r["compress_flops"] for r in rows], dtype=np.float64),
+        np.array([r.get("compress_nnz", 0.0) for r in rows], dtype=np.float64),
     )
 
 
@@ -501,7 +623,7 @@ def budget(spec_or_name: ModelSpec | str, device: DeviceProfile | str, sparsity:
 
 
 # ---------------------------------------------------------------------------- fleets
-_Q = ("dense_macs", "elem_flops", "bytes", "fwd_macs", "flops")
+_Q = ("dense_macs", "elem_flops", "bytes", "topk", "compress", "nnz", "fwd_macs", "flops")
 _MEM = ("param_bytes", "compressed_weight_bytes", "grad_bytes", "optim_bytes", "buffer_bytes",
         "saved_act_bytes")
 
@@ -511,6 +633,9 @@ def _row_quantities(rows: list[dict]) -> dict[str, np.ndarray]:
         "dense_macs": np.array([r["dense_macs"] for r in rows]),
         "elem_flops": np.array([r["elem_flops"] for r in rows]),
         "bytes": np.array([r["bytes_read"] + r["bytes_written"] for r in rows]),
+        "topk": np.array([r["topk_flops"] for r in rows]),
+        "compress": np.array([r["compress_flops"] for r in rows]),
+        "nnz": np.array([r["compress_nnz"] for r in rows]),
         "fwd_macs": np.array([r["macs"] if r["phase"] == "forward" else 0.0 for r in rows]),
         "flops": np.array([r["flops"] for r in rows]),
         "work": np.array([r["work_bytes"] for r in rows]),
@@ -523,7 +648,7 @@ def _row_quantities(rows: list[dict]) -> dict[str, np.ndarray]:
 class _Branch:
     """Per-row coefficients: q(B, d) = c0 + c1·B + c2·d + c3·B·d (c2 = c3 = 0 when dense)."""
 
-    op_class: np.ndarray
+    op_class: np.ndarray  # the rows' kinds (hwmodel.estimator.kind_of)
     sparse_row: np.ndarray  # rows whose MACs scale with d
     coef: dict[str, np.ndarray]  # quantity -> (4, R)
 
@@ -531,7 +656,7 @@ class _Branch:
     def static(self) -> np.ndarray:
         """Rows whose time does not depend on the density."""
         dep = ~self.sparse_row
-        for k in ("dense_macs", "elem_flops", "bytes"):
+        for k in ("dense_macs", "elem_flops", "bytes", "topk", "compress", "nnz"):
             dep &= (self.coef[k][2] == 0) & (self.coef[k][3] == 0)
         return dep
 
@@ -557,7 +682,8 @@ class _ModelTables:
     def __init__(self, spec: ModelSpec, mode: str, batch: int, optimizer: str, layers: str | list[str]):
         self.spec = spec
         dense = count_rows(spec, SparsityPlan.dense(), 1, optimizer)
-        self.op_class = np.array([r["op_class"] for r in dense])
+        self.op_class = np.array([kind_of(r["type"], r["phase"]) for r in dense])
+        self.phase = np.array([r["phase"] for r in dense])
         qd1 = _row_quantities(dense)
         qd2 = _row_quantities(count_rows(spec, SparsityPlan.dense(), 2, optimizer))
         zero = {k: np.zeros_like(v) for k, v in qd1.items()}
@@ -760,10 +886,13 @@ def estimate_fleet(spec_or_name: ModelSpec | str, devices: Any, sparsity: Any = 
             st = branch.static
             bs = np.arange(batch + 1, dtype=np.float64)
             zero = np.zeros(batch + 1)
-            t_st = roofline_time(prof, branch.op_class[st][None, :],
-                                 branch.at("dense_macs", bs, zero)[:, st], 1.0,
-                                 branch.at("elem_flops", bs, zero)[:, st],
-                                 branch.at("bytes", bs, zero)[:, st])
+            t_st = time_rows(prof, tab.op_class[st][None, :], tab.phase[st][None, :],
+                             branch.at("dense_macs", bs, zero)[:, st], 1.0,
+                             branch.at("elem_flops", bs, zero)[:, st],
+                             branch.at("bytes", bs, zero)[:, st],
+                             branch.at("topk", bs, zero)[:, st],
+                             branch.at("compress", bs, zero)[:, st],
+                             branch.at("nnz", bs, zero)[:, st])
             t_st = np.where(bs[:, None] > 0, t_st, 0.0).sum(axis=1)
             ct = ee * (nf * t_st[batch] + t_st[rem[bm]])
             dy = ~st
@@ -772,13 +901,15 @@ def estimate_fleet(spec_or_name: ModelSpec | str, devices: Any, sparsity: Any = 
                 sr = branch.sparse_row[dy][None, :]
                 dens = np.where(sr, dd[:, None], 1.0)
                 sef = np.where(sr, se, 1.0)
+                rp = row_params(prof, tab.op_class[dy][None, :], tab.phase[dy][None, :])
 
                 def step(b: np.ndarray, dd=dd, dens=dens, sef=sef, branch=branch, dy=dy,
-                         prof=prof) -> np.ndarray:
-                    t = roofline_time(prof, branch.op_class[dy][None, :],
-                                      branch.at("dense_macs", b, dd, dy), dens,
-                                      branch.at("elem_flops", b, dd, dy),
-                                      branch.at("bytes", b, dd, dy), sparse_eff=sef)
+                         prof=prof, rp=rp) -> np.ndarray:
+                    t = time_rows(prof, None, None, branch.at("dense_macs", b, dd, dy), dens,
+                                  branch.at("elem_flops", b, dd, dy),
+                                  branch.at("bytes", b, dd, dy), branch.at("topk", b, dd, dy),
+                                  branch.at("compress", b, dd, dy), branch.at("nnz", b, dd, dy),
+                                  params=rp, sparse_eff=sef)
                     return np.where(b[:, None] > 0, t, 0.0).sum(axis=1)
 
                 ct = ct + ee * (nf * step(bf) + step(br))

@@ -11,6 +11,25 @@ from dataclasses import dataclass, field
 #: Dense op classes with their own efficiency factor (fraction of the cluster's FP32 peak).
 OP_CLASSES = ("conv", "gemm", "elementwise")
 
+#: Finer kinds of work (optional profile keys; each falls back to its op class, see
+#: :func:`hwmodel.estimator.kind_of`): elementwise ops by op, and the optimizer update.
+ELEMENTWISE_KINDS = ("pool", "global_avgpool", "norm", "activation", "add", "loss", "update")
+#: Phases a conv/gemm efficiency or sparse kernel may be given for.
+MAC_PHASES = ("forward", "backward_input", "backward_weight")
+#: Optional keys of ``DeviceProfile.efficiency`` beyond OP_CLASSES (fallback order in
+#: :mod:`hwmodel.estimator`): conv/gemm per phase, elementwise kinds (also per forward/backward),
+#: and the sparse book-keeping (``topk`` selection, ``compress`` threshold passes).
+EFFICIENCY_KEYS = (
+    tuple(f"{c}_{p}" for c in ("conv", "gemm") for p in MAC_PHASES)
+    + tuple(k for k in ELEMENTWISE_KINDS)
+    + tuple(f"{k}_{p}" for k in ELEMENTWISE_KINDS if k != "update" for p in ("forward", "backward"))
+    + ("topk", "compress")
+)
+#: Keys of ``DeviceProfile.sparse_kernels``.
+SPARSE_KERNEL_KEYS = tuple(f"{c}_{p}" for c in ("conv", "gemm") for p in MAC_PHASES)
+#: Keys of ``DeviceProfile.overheads`` (per-kind fixed time; default ``overhead_s``).
+OVERHEAD_KEYS = ("conv", "gemm", "elementwise") + ELEMENTWISE_KINDS
+
 
 @dataclass(frozen=True)
 class Cluster:
@@ -52,6 +71,19 @@ class SparseEfficiency:
     efficiency: tuple[float, ...]
 
 
+@dataclass(frozen=True)
+class SparseKernel:
+    """A sparse kernel's time relative to the dense kernel of the same op class and phase.
+
+    ``sparse time = dense time × (density / efficiency + fixed)``: ``efficiency`` is the speed
+    per kept MAC relative to the dense kernel (1: as fast per MAC), ``fixed`` the
+    density-independent share (scanning outputs, index arithmetic) as a fraction of dense time.
+    """
+
+    efficiency: float
+    fixed: float
+
+
 @dataclass
 class DeviceProfile:
     """One device (or one calibrated board). Plain floats; ``sources`` says where each came from.
@@ -76,6 +108,18 @@ class DeviceProfile:
     battery_wh: float | None = None
     sources: dict[str, str] = field(default_factory=dict)
     fitted: tuple[str, ...] = ()
+    # --- optional refinements (defaults reproduce the plain roofline above) ---------------
+    #: per (op class, phase) sparse kernels; those absent use ``sparse_efficiency``
+    sparse_kernels: dict[str, SparseKernel] = field(default_factory=dict)
+    #: seconds per non-zero written when building a compressed weight/activation (0: none)
+    compress_nnz_s: float = 0.0
+    #: per-kind fixed time per layer and phase (absent kinds: ``overhead_s``)
+    overheads: dict[str, float] = field(default_factory=dict)
+    #: rows moving at most ``cache_bytes`` run at ``cache_bandwidth_gbs`` (0: no cache term)
+    cache_bytes: int = 0
+    cache_bandwidth_gbs: float | None = None
+    #: compute/memory overlap: time = max(c, m) + (1 - overlap) · min(c, m); 1 = roofline max
+    overlap: float = 1.0
     path: str = field(default="", compare=False)  # the TOML file it was loaded from (not identity)
 
     @property

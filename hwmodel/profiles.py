@@ -9,7 +9,11 @@ schema is in ``docs/profiles.md``. The value paths (also the keys of
     memory.ram_bytes | bandwidth_gbs
     power.idle_w | busy_w | battery_wh (optional)
     efficiency.conv | gemm | elementwise
+    efficiency.<finer key> (optional, see hwmodel.profile.EFFICIENCY_KEYS)
     sparse_efficiency.densities | efficiency
+    memory.cache_bytes | cache_bandwidth_gbs | overlap (optional)
+    sparse_kernels.<class>_<phase> | compress_nnz_s (optional)
+    overheads.<kind> (optional)
     radios.<name>.up_j_per_byte | down_j_per_byte | session_j | up_mbps | down_mbps
 
 Shipped profiles live in the ``profiles`` package (found through importlib.resources, so an
@@ -30,7 +34,17 @@ from typing import Any
 
 import numpy as np
 
-from .profile import OP_CLASSES, Cluster, DeviceProfile, Radio, SparseEfficiency
+from .profile import (
+    EFFICIENCY_KEYS,
+    OP_CLASSES,
+    OVERHEAD_KEYS,
+    SPARSE_KERNEL_KEYS,
+    Cluster,
+    DeviceProfile,
+    Radio,
+    SparseEfficiency,
+    SparseKernel,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,7 +67,7 @@ class _Spec:
 
     unit: str
     kind: str  # "int", "float" or "floats" (a non-empty list of numbers)
-    bound: str  # "pos" (> 0), "nonneg" (>= 0) or "frac" (in (0, 1])
+    bound: str  # "pos" (> 0), "nonneg" (>= 0), "frac" (in (0, 1]) or "unit" (in [0, 1])
     required: bool = True
 
 
@@ -65,6 +79,10 @@ _CLUSTER = {
 _MEMORY = {
     "ram_bytes": _Spec("B", "int", "pos"),
     "bandwidth_gbs": _Spec("GB/s", "float", "pos"),
+    # optional refinements (absent: no cache term, the roofline max)
+    "cache_bytes": _Spec("B", "int", "nonneg", required=False),
+    "cache_bandwidth_gbs": _Spec("GB/s", "float", "pos", required=False),
+    "overlap": _Spec("fraction", "float", "unit", required=False),
 }
 _POWER = {
     "idle_w": _Spec("W", "float", "pos"),
@@ -72,6 +90,10 @@ _POWER = {
     "battery_wh": _Spec("Wh", "float", "pos", required=False),
 }
 _EFFICIENCY = {c: _Spec("fraction", "float", "frac") for c in OP_CLASSES}
+_EFFICIENCY.update({k: _Spec("fraction", "float", "frac", required=False) for k in EFFICIENCY_KEYS})
+_SPARSE_KERNELS = {k: _Spec("ratio", "floats", "nonneg", required=False) for k in SPARSE_KERNEL_KEYS}
+_SPARSE_KERNELS["compress_nnz_s"] = _Spec("s", "float", "nonneg", required=False)
+_OVERHEADS = {k: _Spec("s", "float", "nonneg", required=False) for k in OVERHEAD_KEYS}
 _SPARSE = {
     "densities": _Spec("fraction", "floats", "frac"),
     "efficiency": _Spec("fraction", "floats", "frac"),
@@ -87,10 +109,11 @@ _OVERHEAD = _Spec("s", "float", "nonneg")
 _TOP_KEYS = (
     "name", "description", "train_cluster", "fitted", "overhead_s",
     "clusters", "memory", "power", "efficiency", "sparse_efficiency", "radios",
+    "sparse_kernels", "overheads",
 )
 _VALUE_KEYS = ("value", "unit", "source")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-_BOUND_TEXT = {"pos": "> 0", "nonneg": ">= 0", "frac": "in (0, 1]"}
+_BOUND_TEXT = {"pos": "> 0", "nonneg": ">= 0", "frac": "in (0, 1]", "unit": "in [0, 1]"}
 
 
 # --------------------------------------------------------------------------- locating files
@@ -196,7 +219,7 @@ def _number(ctx: _Ctx, field: str, v: Any, kind: str) -> float | int:
 
 
 def _check_bound(ctx: _Ctx, field: str, x: float, spec: _Spec) -> None:
-    ok = {"pos": x > 0, "nonneg": x >= 0, "frac": 0 < x <= 1}[spec.bound]
+    ok = {"pos": x > 0, "nonneg": x >= 0, "frac": 0 < x <= 1, "unit": 0 <= x <= 1}[spec.bound]
     if not ok:
         raise ctx.fail(field, f"expected a value {_BOUND_TEXT[spec.bound]} ({spec.unit}), got {x!r}")
 
@@ -313,7 +336,28 @@ def profile_from_dict(doc: dict, where: str = "<profile>") -> DeviceProfile:
     power = _values(ctx, _table(ctx, doc, "power", ""), _POWER, "power.")
     if power["busy_w"] < power["idle_w"]:
         raise ctx.fail("power.busy_w.value", f"expected busy_w >= idle_w ({power['idle_w']} W), got {power['busy_w']}")
-    eff = _values(ctx, _table(ctx, doc, "efficiency", ""), _EFFICIENCY, "efficiency.")
+    eff = {k: v for k, v in _values(ctx, _table(ctx, doc, "efficiency", ""), _EFFICIENCY,
+                                    "efficiency.").items() if v is not None}
+    kernels: dict[str, SparseKernel] = {}
+    nnz_s = 0.0
+    skt = _table(ctx, doc, "sparse_kernels", "", required=False)
+    if skt is not None:
+        sk = _values(ctx, skt, _SPARSE_KERNELS, "sparse_kernels.")
+        for k in SPARSE_KERNEL_KEYS:
+            if sk[k] is not None:
+                if len(sk[k]) != 2:
+                    raise ctx.fail(f"sparse_kernels.{k}.value", "expected two numbers [efficiency "
+                                   f"per kept MAC, fixed fraction of dense time], got {list(sk[k])!r}")
+                if not sk[k][0] > 0:
+                    raise ctx.fail(f"sparse_kernels.{k}.value[0]", "expected an efficiency > 0 "
+                                   f"(ratio), got {sk[k][0]!r}")
+                kernels[k] = SparseKernel(float(sk[k][0]), float(sk[k][1]))
+        nnz_s = sk["compress_nnz_s"] or 0.0
+    ovt = _table(ctx, doc, "overheads", "", required=False)
+    overheads = {}
+    if ovt is not None:
+        overheads = {k: v for k, v in _values(ctx, ovt, _OVERHEADS, "overheads.").items()
+                     if v is not None}
     sp = _values(ctx, _table(ctx, doc, "sparse_efficiency", ""), _SPARSE, "sparse_efficiency.")
     sparse = SparseEfficiency(sp["densities"], sp["efficiency"])
     try:
@@ -353,6 +397,12 @@ def profile_from_dict(doc: dict, where: str = "<profile>") -> DeviceProfile:
         battery_wh=power["battery_wh"],
         sources=ctx.sources,
         fitted=tuple(fitted_raw),
+        sparse_kernels=kernels,
+        compress_nnz_s=float(nnz_s),
+        overheads=overheads,
+        cache_bytes=int(mem["cache_bytes"] or 0),
+        cache_bandwidth_gbs=mem["cache_bandwidth_gbs"],
+        overlap=1.0 if mem["overlap"] is None else float(mem["overlap"]),
     )
 
 
@@ -365,10 +415,19 @@ def value_paths(profile: DeviceProfile) -> list[tuple[str, str, Any]]:
         out += [(f"clusters.{c.name}.{k}", s.unit, getattr(c, k)) for k, s in _CLUSTER.items()]
     out += [("memory.ram_bytes", "B", profile.ram_bytes),
             ("memory.bandwidth_gbs", "GB/s", profile.mem_bandwidth_gbs),
+            *([("memory.cache_bytes", "B", int(profile.cache_bytes))] if profile.cache_bytes else []),
+            *([("memory.cache_bandwidth_gbs", "GB/s", profile.cache_bandwidth_gbs)]
+              if profile.cache_bandwidth_gbs is not None else []),
+            *([("memory.overlap", "fraction", profile.overlap)] if profile.overlap != 1.0 else []),
             ("power.idle_w", "W", profile.idle_w), ("power.busy_w", "W", profile.busy_w)]
     if profile.battery_wh is not None:
         out.append(("power.battery_wh", "Wh", profile.battery_wh))
     out += [(f"efficiency.{k}", "fraction", v) for k, v in profile.efficiency.items()]
+    out += [(f"sparse_kernels.{k}", "ratio", (sk.efficiency, sk.fixed))
+            for k, sk in profile.sparse_kernels.items()]
+    if profile.compress_nnz_s or "sparse_kernels.compress_nnz_s" in profile.sources:
+        out.append(("sparse_kernels.compress_nnz_s", "s", profile.compress_nnz_s))
+    out += [(f"overheads.{k}", "s", v) for k, v in profile.overheads.items()]
     out += [("sparse_efficiency.densities", "fraction", tuple(profile.sparse_efficiency.densities)),
             ("sparse_efficiency.efficiency", "fraction", tuple(profile.sparse_efficiency.efficiency))]
     for rname, r in profile.radios.items():
