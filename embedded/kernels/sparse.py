@@ -8,7 +8,7 @@ compute kernel needs to find the matching input: a tap code for conv, the column
 and a column-grouped copy (CSC: ``colptr``, ``c_code``, ``c_row``, ``c_widx``, ``c_val``) for
 the backward-input kernels. Rows are filled in index order, so the structure is
 deterministic. One fused kernel builds it all (one dispatch: a parallel count, a serial
-prefix sum, a parallel fill, a serial counting sort by column).
+prefix sum, a parallel fill, and for conv a serial counting sort by column).
 
 Kept set: ``|w| >= thr`` and ``w != 0`` (swat), or ``mask != 0`` (masked).
 
@@ -72,27 +72,9 @@ def _prefix(counts, rowptr):
     return s
 
 
-@njit(cache=True, nogil=True)
-def _csc(keys, nnz, ncols, colptr, perm, counts):
-    """Stable counting sort of entries 0..nnz-1 by ``keys`` (column id)."""
-    counts[:ncols] = 0
-    for p in range(nnz):
-        counts[keys[p]] += 1
-    s = 0
-    for c in range(ncols):
-        colptr[c] = s
-        s += counts[c]
-        counts[c] = colptr[c]
-    colptr[ncols] = s
-    for p in range(nnz):
-        k = keys[p]
-        perm[counts[k]] = p
-        counts[k] += 1
-
-
 @dual
 def build(w2, m2, use_mask, thr, geo, rowptr, counts, widx, val, code, col,
-          colptr, perm, c_code, c_row, c_widx, c_val):
+          colptr, c_code, c_row, c_widx, c_val):
     """Fused CSR + CSC build of the kept entries of ``w2`` (rows, row_len).
 
     Kept: ``m2 != 0`` if ``use_mask`` else ``|w| >= thr and w != 0``. ``geo`` describes how a
@@ -233,11 +215,11 @@ class SparseWeight:
         self.val = np.zeros(cap, np.float32)
         self.code = np.zeros(cap, np.int32)
         self.col = np.zeros(cap, np.int32)
-        self.perm = np.zeros(cap, np.int32)
-        self.c_code = np.zeros(cap, np.int32)
-        self.c_row = np.zeros(cap, np.int32)
-        self.c_widx = np.zeros(cap, np.int32)
-        self.c_val = np.zeros(cap, np.float32)
+        ccap = cap if self.geo[0] == 1 else 1  # the CSC copy exists for conv only
+        self.c_code = np.zeros(ccap, np.int32)
+        self.c_row = np.zeros(ccap, np.int32)
+        self.c_widx = np.zeros(ccap, np.int32)
+        self.c_val = np.zeros(ccap, np.float32)
 
     def build(self, w2: np.ndarray, thr: float = 0.0, mask2: np.ndarray | None = None) -> int:
         """(Re)build from ``w2`` with threshold ``thr`` or ``mask2``; returns nnz."""
@@ -246,7 +228,7 @@ class SparseWeight:
         k = pick(build, w2.size)
         for _ in range(2):
             nnz = k(w2, m2, use_mask, np.float32(thr), self.geo, self.rowptr, self.counts,
-                    self.widx, self.val, self.code, self.col, self.colptr, self.perm,
+                    self.widx, self.val, self.code, self.col, self.colptr,
                     self.c_code, self.c_row, self.c_widx, self.c_val)
             if nnz >= 0:
                 self.nnz = int(nnz)
@@ -259,7 +241,7 @@ class SparseWeight:
                                        self.nnz, bool(self.geo[0] == 1))
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.widx, self.val, self.code, self.col, self.perm,
+        return sum(a.nbytes for a in (self.widx, self.val, self.code, self.col,
                                       self.c_code, self.c_row, self.c_widx, self.c_val))
 
 
