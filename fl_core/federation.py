@@ -234,11 +234,12 @@ class Federation:
                 return
             self.restore(ck.meta, ck.arrays)
             return
-        if self.out.exists() and any(self.out.iterdir()):
-            if not force:
-                raise RunDirError(f"{self.out} already exists; choose another --out, resume it "
-                                  "with --resume, or pass --force to replace it")
-            shutil.rmtree(self.out)
+        check_out_dir(self.out, force)
+        if self.out.exists():
+            if self.out.is_dir():
+                shutil.rmtree(self.out)
+            else:
+                self.out.unlink()
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "config.toml", resolved_toml(self.cfg))
         self.strategy.initialize()
@@ -432,10 +433,21 @@ class Federation:
         }
 
 
+def check_out_dir(out_dir: str | Path, force: bool = False) -> None:
+    """Refuse an existing, non-empty run directory unless ``force`` (checked before any work)."""
+    p = Path(out_dir)
+    if p.exists() and (not p.is_dir() or any(p.iterdir())) and not force:
+        raise RunDirError(f"{p} already exists; choose another --out, resume it with "
+                          "--resume, or pass --force to replace it")
+
+
 def open_run(cfg: RunConfig | None, out_dir: str | Path, resume: bool = False,
-             **kw: Any) -> Federation:
+             force: bool = False, **kw: Any) -> Federation:
     """A Federation for a new run (``cfg``) or for resuming ``out_dir`` (its config.toml)."""
     from .config import load_config
+
+    if not resume:
+        check_out_dir(out_dir, force)
 
     if resume:
         path = Path(out_dir) / "config.toml"
@@ -447,5 +459,6 @@ def open_run(cfg: RunConfig | None, out_dir: str | Path, resume: bool = False,
     return Federation(cfg, out_dir, **kw)
 
 
-__all__ = ["Federation", "RoundOutcome", "RunDirError", "build_spec", "check_result",
+__all__ = ["Federation", "RoundOutcome", "RunDirError", "build_spec", "check_out_dir",
+           "check_result",
            "load_data", "make_strategy", "open_run"]

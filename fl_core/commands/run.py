@@ -45,14 +45,15 @@ def _table(summary: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import CLIError
-    from ..config import ConfigError, load_config
-    from ..federation import RunDirError, open_run
+    # errors are ValueErrors (ConfigError, RunDirError): the CLI prints them without a
+    # traceback (not CLIError: under ``python -m fl_core.cli`` that class exists twice)
+    from ..config import load_config
+    from ..federation import open_run
 
     try:
         if args.resume is not None:
             if args.config is not None or args.out is not None or args.force:
-                raise CLIError("--resume DIR takes the config and output from DIR; do not "
+                raise ValueError("--resume DIR takes the config and output from DIR; do not "
                                "also give CONFIG, --out or --force")
             fed = open_run(None, args.resume, resume=True, progress=not args.no_progress,
                            workers=args.workers)
@@ -61,10 +62,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             cfg = load_config(args.config)
             out = args.out or cfg.output_dir()
-            fed = open_run(cfg, out, progress=not args.no_progress, workers=args.workers)
+            fed = open_run(cfg, out, force=args.force, progress=not args.no_progress,
+                           workers=args.workers)
             summary = fed.run(force=args.force)
-    except (ConfigError, RunDirError) as e:
-        raise CLIError(str(e)) from None
     except KeyboardInterrupt:
         print(f"\ninterrupted: checkpoint and partial report in {out}; continue with "
               f"`sparsefl run --resume {out}`", file=sys.stderr)
