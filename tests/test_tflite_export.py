@@ -8,6 +8,10 @@ the Numba side's NCHW batch is transposed before it goes into the interpreter.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -215,6 +219,10 @@ def test_int8_every_layer_close_to_float(int8_io):
     assert q["conv1.weight"].ScaleLength() == 8 and q["conv3.weight"].ScaleLength() == 16
     assert q["conv3.weight"].QuantizedDimension() == 3
     assert q["add1"].ScaleLength() == 1 and q["gap"].ScaleLength() == 1
+    # full integer: every tensor between the interface and the logits is int8 (or int32 bias /
+    # shape constants); no float op hides inside
+    inner = {k: v for k, v in types.items() if k not in ("input", "logits")}
+    assert set(inner.values()) <= {tflite.TensorType.INT8, tflite.TensorType.INT32}
     got = run_tflite(model, x, int8_io=int8_io)
     span = float(ref.max() - ref.min())
     err = np.abs(got - ref)
@@ -268,6 +276,22 @@ def groupnorm_spec() -> ModelSpec:
         _n("flat", "flatten", "gn2"),
         _n("fc", "linear", "flat", out_features=3),
     ])
+
+
+def test_exporter_needs_neither_torch_nor_tensorflow(tmp_path):
+    code = ("import sys\n"
+            "from embedded.tflite_export import export_tflite, check_state\n"
+            "from hwmodel.models import build\n"
+            "import numpy as np\n"
+            "spec = build('lenet5')\n"
+            "st = {k: np.zeros(s, np.float32) for k, s in spec.state_shapes().items()}\n"
+            "assert export_tflite(spec, st)[4:8] == b'TFL3'\n"
+            "bad = [m for m in ('torch', 'tensorflow', 'numba') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": root})
+    assert r.returncode == 0, r.stderr
 
 
 def test_groupnorm_fp32_matches_and_int8_is_refused_naming_the_node():
