@@ -63,6 +63,19 @@ Nothing received is unpickled by this module (the Ray simulation backend ships t
 ``ClientApp`` object to its actors with cloudpickle: that is Flower's own machinery, in-process
 on one machine, not data from the network).
 
+Notes and limits:
+
+* ``flwr.simulation.run_simulation`` is marked deprecated in flwr 1.41 in favour of
+  ``flwr run``; it is still the in-process Python API (no installed app, no SuperLink) and
+  works; Ray is its only backend. On this 2-core box Ray's start-up dominates a small run
+  (about 17 s for ``ray.init`` under load; the rounds of the test take ~1.5 s).
+* Same seed, same ``TrainConfig.threads`` ⇒ bitwise the same model as ``fl_core.federation``
+  (tests/test_flower.py). With ``threads=None`` each Ray actor uses every core; set
+  ``threads`` to ``client_cpus`` to avoid oversubscription.
+* A Flower run is not checkpointed/resumable here (``FlowerStrategy.inner.state_dict()`` is
+  available); device costs (energy, estimated time) are not attached — use our loop for
+  accuracy-vs-energy reports; Flower is the scale-out engine.
+
 flwr is optional: this module is the only one in sparsefl that imports it.
 """
 
