@@ -131,7 +131,6 @@ class Conv2d(Layer):
         self._full = S.SparseWeight(self.cout, self.cin, geo)   # every tap (dense direct)
         self._full_built = False
         self._mask_built = None
-        self._ones = np.ones((self.cout, self.cig * self.kk), np.uint8)
         # dense tap codes (row r = (ci, kh, kw) for groups == 1): used by im2col/col2im
         ci, kh, kw = np.meshgrid(np.arange(self.cin), np.arange(self.kh), np.arange(self.kw),
                                  indexing="ij")
@@ -222,7 +221,7 @@ class Conv2d(Layer):
             self.measured_density = self._sw.nnz / w.size
             return self._sw
         if not self._full_built:
-            self._full.build(w2, 0.0, self._ones)
+            self._full.build(w2, 0.0, np.ones(w2.shape, np.uint8))  # once
             self._full_built = True
         else:
             self._full.refresh(w.reshape(-1))
@@ -370,7 +369,8 @@ class Conv2d(Layer):
             np.dot(gyb.reshape(self.cout, -1), col.T, out=out.reshape(self.cout, -1))
             return
         if not self._full_built:
-            self._full.build(self.params["weight"].reshape(self.cout, -1), 0.0, self._ones)
+            w2 = self.params["weight"].reshape(self.cout, -1)
+            self._full.build(w2, 0.0, np.ones(w2.shape, np.uint8))
             self._full_built = True
         f = self._full
         S.pick(K.bwd_weight_sddmm, out.size * self.oh * L)(
