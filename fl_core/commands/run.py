@@ -20,7 +20,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None, metavar="CONFIG",
                    help="run config (.toml); default: the bundled quick example")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="run directory (default: [output] dir of the config, else runs/<name>)")
+                   help="run directory; an existing one is an error unless --force (default: [output] dir "
+                   "of the config, else runs/<name>; if taken, the first free <dir>-2, <dir>-3, ...)")
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run in DIR from its last checkpoint (its config.toml)")
     p.add_argument("--force", action="store_true",
@@ -44,6 +45,20 @@ def _table(summary: dict) -> str:
     ])
 
 
+def _free_dir(path: str, force: bool) -> str:
+    """The config's output dir, or (when it is taken and no --force) the first free
+    ``<dir>-2``, ``<dir>-3``, ...: an existing run is never overwritten."""
+    import os
+
+    if force or not os.path.exists(path):
+        return path
+    i = 2
+    while os.path.exists(f"{path}-{i}"):
+        i += 1
+    print(f"{path} exists; writing this run to {path}-{i}", file=sys.stderr)
+    return f"{path}-{i}"
+
+
 def run(args: argparse.Namespace) -> int:
     # errors are ValueErrors (ConfigError, RunDirError): the CLI prints them without a
     # traceback (not CLIError: under ``python -m fl_core.cli`` that class exists twice)
@@ -61,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             summary = fed.run(resume=True)
         else:
             cfg = load_config(args.config)
-            out = args.out or cfg.output_dir()
+            out = args.out or _free_dir(cfg.output_dir(), args.force)
             fed = open_run(cfg, out, force=args.force, progress=not args.no_progress,
                            workers=args.workers)
             summary = fed.run(force=args.force)
