@@ -275,9 +275,12 @@ def _numba_steps(spec: ModelSpec, batch: int, sparsity: float, threads: int,
                 # an add passes its gradient through; the fan-out sum happens in the network,
                 # outside any node's timer: its backward is not a measurement of the add
                 if "backward" in times and node.op != "add":
-                    ph = times["_bphase"]
-                    if layer.params and ph == "backward_input":
-                        ph = "backward_input+backward_weight"
+                    if hasattr(net, "backward_phase"):
+                        ph = net.backward_phase(node.name)
+                    else:  # older trainer: the phase rode along in the timings
+                        ph = times["_bphase"]
+                        if layer.params and ph == "backward_input":
+                            ph = "backward_input+backward_weight"
                     add(node.name, node.op, ph, times["backward"])
             if node.name in opt.times and layer.params:
                 add(node.name, node.op, "update", opt.times[node.name])

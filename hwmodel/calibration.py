@@ -192,7 +192,7 @@ def _parent(name: str) -> str | None:
     """The back-off parent of an unknown (see the module docstring)."""
     if name.startswith("efficiency."):
         key = name.split(".", 1)[1]
-        if key in ("conv", "gemm", "elementwise"):
+        if key in ("conv", "gemm", "elementwise", "conv_bias", "gemm_bias"):
             return None
         if key.startswith(("conv_", "gemm_")):
             return "efficiency." + key.split("_", 1)[0]

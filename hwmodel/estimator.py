@@ -13,7 +13,8 @@ Time model, per layer and phase (one row of :func:`hwmodel.counts.count`)::
 the most specific key the profile has (:func:`kind_of` names a row's kind):
 ``eff_mac``: ``<class>_<phase>`` (``conv_backward_weight``) then the class (``conv``/``gemm``);
 ``eff_el`` of an elementwise row: ``<kind>_<forward|backward>``, ``<kind>``, ``elementwise``
-(``update`` rows: ``update``, ``elementwise``; a conv/gemm row's bias: ``elementwise``);
+(``update`` rows: ``update``, ``elementwise``; a conv/gemm row's bias: ``<class>_bias``,
+``elementwise``);
 ``topk`` and ``compress`` fall back to ``elementwise``. ``phi(d)`` is 1 for dense rows; for a
 sparse row ``d / es + f`` when the profile has a :class:`~hwmodel.profile.SparseKernel` for
 ``<class>_<phase>`` and ``d / sparse_eff(d)`` (the profile's sparse-efficiency curve, see
@@ -133,9 +134,11 @@ def mac_efficiency_keys(kind: str, phase: str) -> tuple[str, ...]:
 
 
 def elem_efficiency_keys(kind: str, phase: str) -> tuple[str, ...]:
-    """Lookup order of the elementwise efficiency of a row (a conv/gemm row's bias adds use
-    ``elementwise``)."""
-    if kind in ("conv", "gemm", "elementwise"):
+    """Lookup order of the elementwise efficiency of a row (a conv/gemm row's bias adds:
+    ``<class>_bias``, then ``elementwise``)."""
+    if kind in ("conv", "gemm"):
+        return (f"{kind}_bias", "elementwise")
+    if kind == "elementwise":
         return ("elementwise",)
     if kind == "update":
         return ("update", "elementwise")

@@ -18,12 +18,13 @@ ELEMENTWISE_KINDS = ("pool", "global_avgpool", "norm", "activation", "add", "los
 MAC_PHASES = ("forward", "backward_input", "backward_weight")
 #: Optional keys of ``DeviceProfile.efficiency`` beyond OP_CLASSES (fallback order in
 #: :mod:`hwmodel.estimator`): conv/gemm per phase, elementwise kinds (also per forward/backward),
-#: and the sparse book-keeping (``topk`` selection, ``compress`` threshold passes).
+#: the sparse book-keeping (``topk`` selection, ``compress`` threshold passes), and the
+#: elementwise work inside a conv/gemm row (``conv_bias``, ``gemm_bias``: the bias add).
 EFFICIENCY_KEYS = (
     tuple(f"{c}_{p}" for c in ("conv", "gemm") for p in MAC_PHASES)
     + tuple(k for k in ELEMENTWISE_KINDS)
     + tuple(f"{k}_{p}" for k in ELEMENTWISE_KINDS if k != "update" for p in ("forward", "backward"))
-    + ("topk", "compress")
+    + ("topk", "compress", "conv_bias", "gemm_bias")
 )
 #: Keys of ``DeviceProfile.sparse_kernels``.
 SPARSE_KERNEL_KEYS = tuple(f"{c}_{p}" for c in ("conv", "gemm") for p in MAC_PHASES)

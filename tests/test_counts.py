@@ -19,7 +19,7 @@ from hwmodel.counts import (
 from hwmodel.measure import PHASES
 from hwmodel.plan import LayerSparsity, PlanError, SparsityPlan
 
-NUMERIC = ["macs", "dense_macs", "elem_flops", "topk_flops", "compress_flops", "flops",
+NUMERIC = ["macs", "dense_macs", "elem_flops", "topk_flops", "compress_flops", "compress_nnz", "flops",
            "bytes_read", "bytes_written", "params", "param_bytes", "compressed_weight_bytes",
            "grad_bytes", "optim_bytes", "saved_act_bytes", "buffer_bytes", "work_bytes",
            "csr_bytes", "bitmap_bytes"]
@@ -172,8 +172,12 @@ def test_topk_cost_amortised_by_period():
     # the threshold pass that builds W_s and the compressed input runs every step
     assert one.loc[("conv2", "forward"), "compress_flops"] == w + x
     assert ten.loc[("conv2", "forward"), "compress_flops"] == w + x
+    # the non-zeros those passes write: floor(d * n + 0.5) kept weights and saved inputs
+    assert one.loc[("conv2", "forward"), "compress_nnz"] == math.floor(0.2 * w + 0.5) + math.floor(0.5 * x + 0.5)
+    assert one.loc[("conv2", "backward_input"), "compress_nnz"] == 0
     dense = count(spec, None, batch)
     assert dense.topk_flops.sum() == 0 and dense.compress_flops.sum() == 0
+    assert dense.compress_nnz.sum() == 0
 
 
 def test_sparse_memory_matches_real_csr_and_bitmap_arrays():

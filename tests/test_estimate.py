@@ -13,7 +13,7 @@ import hwmodel
 from hwmodel.counts import count
 from hwmodel.estimator import budget, estimate, estimate_fleet
 from hwmodel.plan import LayerSparsity, SparsityPlan
-from hwmodel.profile import Cluster, DeviceProfile, Radio, SparseEfficiency
+from hwmodel.profile import Cluster, DeviceProfile, Radio, SparseEfficiency, SparseKernel
 from hwmodel.profiles import load_profile
 
 CONTRACT_TOP = {"model", "device", "sparsity", "layers", "totals", "dense_totals"}
@@ -259,3 +259,94 @@ def test_default_sparse_layers_follow_the_method():
     # SWAT keeps the first layer and the classifier dense; FedDST-style masked sparsifies all
     assert dens(swat, "conv1") == 1.0 and dens(swat, "fc3") == 1.0 and dens(swat, "fc1") == 0.5
     assert dens(masked, "conv1") == 0.5 and dens(masked, "fc3") == 0.5
+
+
+# ----------------------------------------------------------------------------- the richer model
+def _table_eff(densities, effs, d):
+    """Sparse-efficiency curve by hand: linear in log-density, clamped below, towards (1, 1)."""
+    xs, ys = list(densities), list(effs)
+    if xs[-1] < 1.0:
+        xs, ys = xs + [1.0], ys + [1.0]
+    if d >= 1.0:
+        return 1.0
+    d = max(d, xs[0])
+    for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:], strict=False):
+        if x0 <= d <= x1:
+            return y0 + (y1 - y0) * (math.log(d) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    raise AssertionError(d)
+
+
+@pytest.mark.parametrize("name", ["rpi4", "pixel4", "generic-x86"])
+def test_shipped_profile_estimate_is_the_plain_roofline(name):
+    """A shipped (old-format) profile: every row is max(compute, memory) + overhead_s with the
+    op-class efficiencies and the sparse curve, as before the optional fields existed."""
+    prof = load_profile(name)
+    peak = prof.cluster.peak_gflops * 1e9
+    spec = hwmodel.build("lenet5")
+    plan = SparsityPlan.uniform(spec, 0.7, mode="swat")
+    est = estimate(spec, prof, plan=plan, batch=8, samples=8)
+    se = prof.sparse_efficiency
+    want = 0.0
+    for r in count(spec, plan, batch=8).itertuples():
+        cls = {"conv2d": "conv", "linear": "gemm"}.get(r.type, "elementwise")
+        e = prof.efficiency[cls]
+        compute = (2 * r.dense_macs * r.density / _table_eff(se.densities, se.efficiency, r.density)
+                   / (e * peak) + r.elem_flops / (prof.efficiency["elementwise"] * peak))
+        mem = (r.bytes_read + r.bytes_written) / (prof.mem_bandwidth_gbs * 1e9)
+        if compute + mem > 0:
+            want += max(compute, mem) + prof.overhead_s
+    assert est.totals.time_s == pytest.approx(want, rel=1e-12)
+
+
+def test_refined_model_by_hand_for_every_row():
+    eff = {"conv": 0.3, "gemm": 0.4, "elementwise": 0.1, "conv_backward_weight": 0.2,
+           "gemm_forward": 0.35, "pool_forward": 0.01, "pool": 0.02, "activation": 0.05,
+           "update": 0.25, "topk": 0.03, "compress": 0.04}
+    kernels = {"conv_forward": SparseKernel(0.5, 0.1), "gemm_backward_weight": SparseKernel(0.3, 0.2)}
+    prof = make_profile(efficiency=eff, sparse_kernels=kernels, compress_nnz_s=3e-9,
+                        overheads={"conv": 1e-5, "pool": 7e-6, "update": 2e-6},
+                        cache_bytes=200_000, cache_bandwidth_gbs=20.0, overlap=0.25)
+    spec = hwmodel.build("lenet5")
+    plan = SparsityPlan("swat", {"conv2": LayerSparsity(0.2, 0.3), "fc1": LayerSparsity(0.1, 0.4)})
+    est = estimate(spec, prof, plan=plan, batch=8, samples=8)
+    peak = 48e9
+    se = prof.sparse_efficiency
+    kinds = {"conv2d": "conv", "linear": "gemm", "maxpool2d": "pool", "relu": "activation",
+             "flatten": "activation", "cross_entropy": "loss"}
+    want = 0.0
+    for r in count(spec, plan, batch=8).itertuples():
+        kind = "update" if r.phase == "update" else kinds[r.type]
+        half = "forward" if r.phase == "forward" else "backward"
+        if kind in ("conv", "gemm"):
+            e_mac = eff.get(f"{kind}_{r.phase}", eff[kind])
+            e_el = eff["elementwise"]
+        else:
+            e_mac = 1.0
+            e_el = eff.get(f"{kind}_{half}", eff.get(kind, eff["elementwise"]))
+        d = r.density
+        if d < 1:
+            sk = kernels.get(f"{kind}_{r.phase}")
+            phi = d / sk.efficiency + sk.fixed if sk else d / _table_eff(se.densities, se.efficiency, d)
+        else:
+            phi = 1.0
+        compute = (2 * r.dense_macs / (e_mac * peak) * phi
+                   + (r.elem_flops - r.topk_flops - r.compress_flops) / (e_el * peak)
+                   + r.topk_flops / (0.03 * peak) + r.compress_flops / (0.04 * peak)
+                   + r.compress_nnz * 3e-9)
+        nbytes = r.bytes_read + r.bytes_written
+        mem = nbytes / ((20.0 if nbytes <= 200_000 else 5.0) * 1e9)
+        overhead = {"conv": 1e-5, "pool": 7e-6, "update": 2e-6}.get(kind, 2e-5)
+        if compute + mem > 0:
+            want += max(compute, mem) + 0.75 * min(compute, mem) + overhead
+    assert est.totals.time_s == pytest.approx(want, rel=1e-12)
+    plain = estimate(spec, make_profile(), plan=plan, batch=8, samples=8)
+    assert abs(plain.totals.time_s / est.totals.time_s - 1) > 0.05  # the refinements matter
+    # the sparse rows really took the kernel path and the book-keeping was charged
+    rows = count(spec, plan, batch=8).set_index(["layer", "phase"])
+    assert rows.loc[("conv2", "forward"), "compress_nnz"] > 0
+    # the fleet agrees with the per-client estimate under the refinements too
+    fleet = estimate_fleet(spec, [prof, prof], sparsity=[0.0, 0.8], samples=40, radio=None)
+    one = estimate(spec, prof, 0.8, batch=32, samples=40)
+    assert fleet.compute_time_s[1] == pytest.approx(one.totals.time_s, rel=1e-6)
+    zero = estimate(spec, prof, 0.0, batch=32, samples=40)
+    assert fleet.compute_time_s[0] == pytest.approx(zero.totals.time_s, rel=1e-6)

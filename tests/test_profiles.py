@@ -430,3 +430,72 @@ def test_sparsefl_profiles_via_cli_main(capsys):
     _check_json(capsys.readouterr().out)
     assert main(["profiles", "nosuch"]) == 2
     assert "known profiles" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- optional refinements
+
+@pytest.mark.parametrize("name", list_profiles())
+def test_old_format_profiles_get_the_neutral_defaults(name):
+    p = load_profile(name)
+    assert set(p.efficiency) == set(OP_CLASSES)  # no finer keys: every row uses its op class
+    assert p.sparse_kernels == {} and p.overheads == {}
+    assert p.compress_nnz_s == 0.0 and p.cache_bytes == 0 and p.cache_bandwidth_gbs is None
+    assert p.overlap == 1.0  # the roofline max
+
+
+_EXTRA = '''
+[sparse_kernels]
+conv_forward = { value = [0.6, 0.05], unit = "ratio", source = "measured: test" }
+compress_nnz_s = { value = 2e-09, unit = "s", source = "measured: test" }
+
+[overheads]
+pool = { value = 8e-06, unit = "s", source = "measured: test" }
+'''
+
+
+def _with_extras(tmp_path: Path, extra: str = _EXTRA, mem: str = "", eff: str = "") -> Path:
+    text = BASE
+    if mem:
+        text = text.replace("[memory]\n", "[memory]\n" + mem + "\n", 1)
+    if eff:
+        text = text.replace("[efficiency]\n", "[efficiency]\n" + eff + "\n", 1)
+    f = tmp_path / "rich-board.toml"
+    f.write_text(text + extra)
+    return f
+
+
+def test_optional_fields_load_and_round_trip(tmp_path):
+    mem = ('cache_bytes = { value = 1048576, unit = "B", source = "lscpu: L2" }\n'
+           'cache_bandwidth_gbs = { value = 30.0, unit = "GB/s", source = "measured: test" }\n'
+           'overlap = { value = 0.0, unit = "fraction", source = "measured: test" }')
+    eff = ('conv_backward_weight = { value = 0.2, unit = "fraction", source = "measured: test" }\n'
+           'pool_forward = { value = 0.004, unit = "fraction", source = "measured: test" }')
+    p = load_profile(_with_extras(tmp_path, mem=mem, eff=eff))
+    assert p.efficiency["conv_backward_weight"] == 0.2 and p.efficiency["pool_forward"] == 0.004
+    assert p.sparse_kernels["conv_forward"].efficiency == 0.6
+    assert p.sparse_kernels["conv_forward"].fixed == 0.05
+    assert p.compress_nnz_s == 2e-9 and p.overheads == {"pool": 8e-6}
+    assert p.cache_bytes == 1048576 and p.cache_bandwidth_gbs == 30.0 and p.overlap == 0.0
+    assert p.sources["sparse_kernels.conv_forward"] == "measured: test"
+    again = load_profile(save_profile(p, tmp_path / "again.toml"))
+    again.path = p.path
+    assert again == p
+
+
+def test_error_sparse_kernel_needs_two_numbers(tmp_path):
+    bad = _EXTRA.replace("[0.6, 0.05]", "[0.6]")
+    msg = _error(_with_extras(tmp_path, bad))
+    assert "sparse_kernels.conv_forward.value" in msg and "two numbers" in msg
+    msg = _error(_with_extras(tmp_path, _EXTRA.replace("[0.6, 0.05]", "[0.0, 0.05]")))
+    assert "sparse_kernels.conv_forward.value[0]" in msg and "> 0" in msg
+
+
+def test_error_unknown_optional_keys_and_bounds(tmp_path):
+    msg = _error(_with_extras(tmp_path, _EXTRA.replace("pool = {", "pooling = {")))
+    assert "overheads.pooling" in msg and "unknown key" in msg
+    msg = _error(_with_extras(tmp_path, eff='pool_fwd = { value = 0.1, unit = "fraction", source = "x" }'))
+    assert "efficiency.pool_fwd" in msg and "unknown key" in msg
+    msg = _error(_with_extras(tmp_path, mem='overlap = { value = 1.5, unit = "fraction", source = "x" }'))
+    assert "memory.overlap.value" in msg and "[0, 1]" in msg
+    msg = _error(_with_extras(tmp_path, _EXTRA.replace('value = 8e-06, unit = "s"', 'value = 8e-06, unit = "ms"')))
+    assert "overheads.pool.unit" in msg
