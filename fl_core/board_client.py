@@ -158,7 +158,7 @@ class BoardClient:
                  baud: int = 921600, token: bytes | None = None,
                  token_file: str | None = None, timeout: float = 2.0, retries: int = 5,
                  train_timeout: float = 600.0, profile: Any = None,
-                 log: Any = None) -> None:
+                 chunk_size: int = 4096, log: Any = None) -> None:
         self.port = port
         #: the federation's names for this client and its device class (``Client`` protocol)
         self.client_id = str(client_id) if client_id is not None else f"board:{port}"
@@ -168,6 +168,7 @@ class BoardClient:
         self.timeout = timeout
         self.retries = retries
         self.train_timeout = train_timeout
+        self.chunk_size = chunk_size      # smaller on a noisy line (fewer bytes per resend)
         self.profile = profile            # energy estimate without a sensor (name or profile)
         self.log = log or (lambda s: print(f"board {port}: {s}", file=sys.stderr, flush=True))
         self.link: Link | None = None
@@ -193,7 +194,7 @@ class BoardClient:
         self.close()
         try:
             self.link = open_link(self.port, self.baud, timeout=self.timeout,
-                                  retries=self.retries)
+                                  retries=self.retries, chunk_size=self.chunk_size)
         except LinkError as e:
             raise BoardError(str(e)) from None
         link = self.link
@@ -270,6 +271,7 @@ class BoardClient:
              "t_start": float(rep["t_start"]) + self.clock_offset_s,
              "t_end": float(rep["t_end"]) + self.clock_offset_s,
              "energy_j": (rep.get("energy") or {}).get("energy_j"),
+             "energy_window_s": (rep.get("energy") or {}).get("duration_s"),
              "energy_provenance": (rep.get("energy") or {}).get("provenance", "estimated")}
         try:
             p = board_dir(self.board_uuid) / "windows.jsonl"

@@ -91,9 +91,9 @@ def make_task(steps: int = 4, seed: int = 3, rnd: int = 1, spec=SPEC) -> ClientT
                                         epochs=1 + steps // 4))
 
 
-def shard(n: int = 48) -> tuple[np.ndarray, np.ndarray]:
+def shard(n: int = 48, spec=SPEC) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
-    return (rng.standard_normal((n, *SPEC.input_shape)).astype(np.float32),
+    return (rng.standard_normal((n, *spec.input_shape)).astype(np.float32),
             (np.arange(n) % 10).astype(np.int64))
 
 
@@ -398,7 +398,7 @@ def test_calibrate_writes_a_loadable_measured_profile(emu, capsys, tmp_path):
                          "--base", "rpi4")
     assert code == 0, text
     prof = hwmodel.load_profile(str(out))
-    assert prof.calibrated and {"efficiency.gemm", "sparse_efficiency.efficiency"} <= set(prof.fitted)
+    assert prof.calibrated and "efficiency.gemm" in prof.fitted
     for path in prof.fitted:
         assert prof.sources[path].startswith("measured:")
     assert prof.name.startswith("rpi4-board-")
@@ -486,8 +486,10 @@ def test_warmup_sensor_slowdown_and_agent_killed_mid_train(home, tmp_path):
         w = json.loads((board_dir(board.board_uuid) / "windows.jsonl").read_text()
                        .splitlines()[-1])
         assert r.costs["energy_j"]["provenance"] == "measured"
-        assert r.costs["energy_j"]["value"] == pytest.approx(
-            watts * (w["t_end_board"] - w["t_start_board"]), rel=1e-2)
+        assert r.costs["energy_j"]["value"] == pytest.approx(watts * w["energy_window_s"],
+                                                             rel=1e-6)
+        assert w["energy_window_s"] == pytest.approx(w["t_end_board"] - w["t_start_board"],
+                                                     abs=0.05)
         bc.train_timeout = 4.0
         box: dict = {}
         task = make_task(steps=200_000)
@@ -557,3 +559,34 @@ def test_mutated_training_payloads_never_crash_the_agent(emu):
         assert r.ok and r.update == run_task(make_task(steps=2, seed=99), x, y).update
     finally:
         bc.close()
+
+
+def test_train_over_a_faulty_line_is_bit_exact(home, tmp_path):
+    """BoardClient through the fault-injecting relay (bit flips, drops, duplicates, latency, a
+    921,600-baud line): the round's result is bitwise the in-process one, or the client fails
+    cleanly — never a silently corrupted update."""
+    from relay import Faults, Relay, spawn_agent, stop_agent
+    token = b"f" * 32
+    (tmp_path / "token").write_bytes(token)
+    small = hwmodel.build("mlp", input_shape=(1, 8, 8), hidden=(16,))
+    x, y = shard(32, small)
+    # 3e-4 faults per byte: with 512-byte chunks (both sides) ~1 chunk in 7 needs a resend
+    f = {"flip": 1e-4, "drop": 1e-4, "dup": 1e-4, "latency": 0.002, "baud": 921600}
+    with Relay(Faults(**f), Faults(**f), seed=3) as relay:
+        proc, line = spawn_agent(["--port", relay.a_path, "--token-file", str(tmp_path / "token"),
+                                  "--sensor", "none", "--emulated", "--chunk-size", "512"],
+                                 str(tmp_path / "state"))
+        try:
+            bc = BoardClient(relay.b_path, token=token, timeout=1.0, retries=8,
+                             train_timeout=120, chunk_size=512)
+            task = make_task(steps=4, seed=21, spec=small)
+            results = [bc.fit(task, x, y), bc.fit(replace(task, seed=22))]
+            ref = [run_task(task, x, y), run_task(replace(task, seed=22), x, y)]
+            for r, want in zip(results, ref, strict=True):
+                assert r.ok, r.error
+                assert r.update == want.update
+            d = (relay.down, relay.up)                 # the line really was faulty
+            assert sum(x.flipped + x.dropped + x.duplicated for x in d) > 5
+            bc.close()
+        finally:
+            stop_agent(proc)
