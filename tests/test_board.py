@@ -140,6 +140,21 @@ def test_a_different_board_behind_the_same_port_is_noticed(emu, capsys):
     assert info["board_changed"] is False                           # now remembered
 
 
+def test_pair_stores_the_token_where_commands_look(emu, capsys, tmp_path):
+    path, uuid, _, _ = emu
+    stored = board_dir(uuid) / "token"
+    given = tmp_path / "board.token"
+    given.write_bytes(stored.read_bytes())
+    stored.unlink()
+    assert cli.main(["board", "probe", path]) == 2
+    assert f"no pairing token for board {uuid}" in capsys.readouterr().err
+    code, out = run_cli(capsys, "pair", path, "--token-file", str(given))
+    assert code == 0 and uuid in out
+    assert stored.read_bytes().strip() == given.read_bytes().strip()
+    assert (stored.stat().st_mode & 0o777) == 0o600
+    assert run_cli(capsys, "probe", path)[0] == 0
+
+
 def test_list_runs(capsys):
     code, out = run_cli(capsys, "list", "--format", "json")
     assert code == 0 and isinstance(json.loads(out), list)
