@@ -84,8 +84,9 @@ def unpack_job(data: bytes) -> tuple[bytes, np.ndarray, np.ndarray, str]:
     if pos + nt + nx + ny != len(mv) or shape[0] != int(h["y_len"]):
         raise ValueError("worker job: declared sizes do not match the payload")
     task = bytes(mv[pos:pos + nt])
-    x = np.frombuffer(mv[pos + nt:pos + nt + nx], dtype=np.float32).reshape(shape)
-    y = np.frombuffer(mv[pos + nt + nx:], dtype=np.int64)
+    # writable copies: Numba compiles read-only arrays as a separate (slower to warm) type
+    x = np.frombuffer(mv[pos + nt:pos + nt + nx], dtype=np.float32).reshape(shape).copy()
+    y = np.frombuffer(mv[pos + nt + nx:], dtype=np.int64).copy()
     return task, x, y, str(h["provenance"])
 
 
