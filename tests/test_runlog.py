@@ -199,3 +199,21 @@ def test_pareto_front_by_hand():
 def test_load_run_missing_files_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="rounds.csv"):
         load_run(tmp_path)
+
+
+def test_report_command_single_and_compare(tmp_path, capsys):
+    from fl_core.cli import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    _fake_run(a, 0, [0.3, 0.6])
+    _fake_run(b, 1, [0.3, 0.8])
+    assert main(["report", str(a)]) == 0
+    assert (a / "report.md").is_file() and "report:" in capsys.readouterr().out
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "| zerofl | 2 | 0.7 ± 0.1414 |" in out      # mean and sample std of 0.6, 0.8
+    assert (tmp_path / "cmp" / "pareto.png").read_bytes()[:8] == PNG
+    assert main(["report", str(tmp_path / "nope"), str(a)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
