@@ -456,7 +456,16 @@ class BoardClient:
         if x is not None and y is not None:
             self.set_data(task.client_id, x, y)
         try:
-            return self._fit(task)
+            try:
+                return self._fit(task)
+            except RemoteError as e:
+                # the agent restarted behind an open port (pairing and shards gone): pair and
+                # upload again, once
+                if e.code not in (ERR.UNAUTHORIZED, ERR.REFUSED):
+                    raise
+                self.log(f"{e.name}: {e.remote_message}; reconnecting and retrying once")
+                self.connect()
+                return self._fit(task)
         except (LinkError, BoardError, OSError) as e:
             self.close()          # the next fit reconnects (the board may be back)
             wall = time.monotonic() - t0

@@ -228,6 +228,10 @@ def test_train_is_bitwise_run_task_and_a_repeated_task_is_served_from_cache(emu)
         net.load_state_dict(state)
         assert bc.evaluate(state, SPEC) == net.evaluate(x, y, 256)
         # the same task again (a retransmitted TRAIN after a reconnect): the cached result
+        # the board forgot everything (as after an agent restart): fit uploads again, once
+        bc.request(MSG.RESET)
+        again = bc.fit(task)
+        assert again.ok and again.update == ref.update
         task_bytes = task.to_bytes()
         tid = "retransmitted-task"
         f = {"task_id": tid, "task": replace(task, data_ref=bc._uploaded["c0"]).to_bytes()}
@@ -238,7 +242,7 @@ def test_train_is_bitwise_run_task_and_a_repeated_task_is_served_from_cache(emu)
         assert again["result"] == first["result"]
         assert ClientResult.from_bytes(first["result"]).update == ref.update
         runs = bc.request(MSG.INFO)["counters"]["train_runs"]
-        assert runs == runs0 + 2          # fit + the first TRAIN; the repeat trained nothing
+        assert runs == runs0 + 3   # fit, fit after RESET, the first TRAIN; the repeat trained nothing
         assert task.to_bytes() == task_bytes
     finally:
         bc.close()
