@@ -597,7 +597,8 @@ def calibrate_board(bc: BoardClient, models: list[str], sparsities: list[float],
 
     Returns ``(profile, measurements)``; the profile's fitted values say ``measured`` (their
     sources: ``measured: calibrated from N measurements``) and it is cached for the board
-    (``BoardClient.cached_calibration``). ``base`` defaults to a guess from the board's INFO.
+    (``BoardClient.cached_calibration``); the measurements are kept beside it as
+    ``calibration-measurements.csv``. ``base`` defaults to a guess from the board's INFO.
     """
     import dataclasses
 
@@ -611,6 +612,11 @@ def calibrate_board(bc: BoardClient, models: list[str], sparsities: list[float],
             log(f"BENCH {m} at sparsities {list(sparsities)} ...")
         ms.extend(bc.bench(m, list(sparsities), batch=batch, repeats=repeats,
                            threads=threads)["measurements"])
+    from hwmodel.measure import to_csv
+    # keep the raw BENCH data whatever the fit does (it is what a refit starts from)
+    raw = board_dir(bc.board_uuid) / "calibration-measurements.csv"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(to_csv(ms))
     base_p = load_profile(base or guess_profile(bc.info))
     fitted = calibrate(base_p, ms)
     emu = " (emulated board: host timings)" if bc.emulated else ""

@@ -421,6 +421,10 @@ def test_calibrate_writes_a_loadable_measured_profile(emu, capsys, tmp_path):
     for path in prof.fitted:
         assert prof.sources[path].startswith("measured:")
     assert prof.name.startswith("rpi4-board-")
+    from hwmodel.measure import from_csv
+    raw = from_csv((board_dir(emu[1]) / "calibration-measurements.csv").read_text())
+    assert {m.model for m in raw} == {"mlp"} and {m.batch for m in raw} == {8}
+    assert all(m.provenance == "measured-emulated" and m.repeats == 3 for m in raw)
     # cached per board: a BoardClient's energy estimate is now a calibrated estimate
     bc = BoardClient(emu[0], timeout=1.0, train_timeout=60)
     try:
