@@ -41,7 +41,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from fl_core.cli import CLIError
+from fl_core.cli import CLIError as _CLIError
+
+
+class CLIError(_CLIError, ValueError):
+    """A user-facing error. Also a ValueError: under ``python -m fl_core.cli`` the module's
+    ``main`` catches ``__main__.CLIError``, a different class, but ValueError all the same."""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
