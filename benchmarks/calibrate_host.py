@@ -2,7 +2,7 @@
 
     python benchmarks/calibrate_host.py [--backend numba|torch]
         [--models lenet5,femnist_cnn,resnet8,mlp] [--batches 16,32] [--sparsities 0,0.5,0.9,0.95]
-        [--threads 1] [--repeats 15] [--clock cpu|wall] [--cache-bytes N]
+        [--threads 1] [--repeats 15] [--clock cpu|wall] [--cache-bytes N] [--interleave 3]
         [--json benchmarks/results/calibrate_host.json] [--write-profile PATH]
         [--from-json PATH]    # refit measurements saved by an earlier run (no timing)
 
@@ -209,27 +209,50 @@ def numba_measure(spec: ModelSpec, batch: int, sparsity: float, threads: int,
     update, and the fused softmax cross-entropy (loss and gradient) is ``forward+backward_input``
     of ``loss``. The densities recorded are the ones the kernels measured.
     """
-    import numba
+    with _trainer_clock(threads):
+        gen = _numba_steps(spec, batch, sparsity, threads, repeats)
+        return _drive(gen, [False] * 3 + [True] * repeats)
 
-    import embedded.layers.conv as conv_mod
-    import embedded.network as net_mod
-    import embedded.optim as optim_mod
 
-    numba.set_num_threads(threads)
-    # the trainer times itself with time.perf_counter; point it at our clock for this run
-    saved = {m: m.time for m in (conv_mod, net_mod, optim_mod)}
-    shim = type("Clock", (), {"perf_counter": staticmethod(CLOCK["now"])})
-    for m in saved:
-        m.time = shim
-    try:
-        return _numba_steps(spec, batch, sparsity, threads, repeats)
-    finally:
-        for m, t in saved.items():
+class _trainer_clock:
+    """The trainer times itself with time.perf_counter; point it at our clock meanwhile."""
+
+    def __init__(self, threads: int):
+        import numba
+
+        import embedded.layers.conv as conv_mod
+        import embedded.network as net_mod
+        import embedded.optim as optim_mod
+
+        numba.set_num_threads(threads)
+        self.mods = (conv_mod, net_mod, optim_mod)
+
+    def __enter__(self) -> None:
+        self.saved = {m: m.time for m in self.mods}
+        shim = type("Clock", (), {"perf_counter": staticmethod(CLOCK["now"])})
+        for m in self.mods:
+            m.time = shim
+
+    def __exit__(self, *exc: object) -> None:
+        for m, t in self.saved.items():
             m.time = t
 
 
-def _numba_steps(spec: ModelSpec, batch: int, sparsity: float, threads: int,
-                 repeats: int) -> list[Measurement]:
+def _drive(gen, plan: list[bool]) -> list[Measurement]:
+    """Run a step generator: one step per entry of ``plan`` (True: record it), then finish."""
+    next(gen)
+    for rec in plan:
+        gen.send(rec)
+    try:
+        gen.send(None)
+    except StopIteration as stop:
+        return stop.value
+    raise RuntimeError("step generator did not finish")
+
+
+def _numba_steps(spec: ModelSpec, batch: int, sparsity: float, threads: int, repeats: int):
+    """A generator over training steps: ``send(True)`` runs a recorded step, ``send(False)`` a
+    warm-up step, ``send(None)`` ends it and returns the measurements (StopIteration.value)."""
     from embedded.kernels.loss import softmax_xent
     from embedded.network import Network
     from embedded.optim import SGD
@@ -251,14 +274,17 @@ def _numba_steps(spec: ModelSpec, batch: int, sparsity: float, threads: int,
     def add(layer: str, typ: str, phase: str, t: float) -> None:
         samples.setdefault((layer, typ, phase), []).append(t)
 
-    for step in range(3 + repeats):
+    while True:
+        record = yield
+        if record is None:
+            break
         logits = net.forward(x, True)
         t0 = CLOCK["now"]()
         softmax_xent(logits, y, g)
         t_loss = CLOCK["now"]() - t0
         net.backward(g)
         opt.step(0.01)
-        if step < 3:  # warm-up (JIT compile, caches)
+        if not record:  # warm-up (JIT compile, caches)
             continue
         add("loss", "cross_entropy", "forward+backward_input", t_loss)
         for node in spec.nodes:
@@ -296,13 +322,48 @@ def _numba_steps(spec: ModelSpec, batch: int, sparsity: float, threads: int,
 BACKENDS: dict[str, Measurer] = {"numba": numba_measure, "torch": torch_measure}
 
 
+def _collect_interleaved(models: list[str], batches: list[int], sparsities: list[float],
+                         threads: int, repeats: int, rounds: int) -> tuple[list[Measurement], list[str]]:
+    """Every configuration's network is built first; then ``rounds`` times round-robin over
+    the configurations, each runs one warm-up step and ``repeats / rounds`` recorded steps, so
+    a slow spell of the shared host spreads over all models instead of biasing one."""
+    configs = [(m, b, s) for m in models for b in batches for s in sparsities]
+    chunk = [repeats // rounds + (1 if i < repeats % rounds else 0) for i in range(rounds)]
+    with _trainer_clock(threads):
+        gens = []
+        for model, batch, s in configs:
+            g = _numba_steps(hwmodel.build(model), batch, s, threads, repeats)
+            next(g)
+            for _ in range(2):  # JIT compile and first-touch warm-up
+                g.send(False)
+            gens.append(g)
+        for c in chunk:
+            for g in gens:
+                g.send(False)  # warm the caches for this configuration again
+                for _ in range(c):
+                    g.send(True)
+        out: list[Measurement] = []
+        runs: list[str] = []
+        for (model, batch, s), g in zip(configs, gens, strict=True):
+            try:
+                g.send(None)
+            except StopIteration as stop:
+                out.extend(stop.value)
+                runs.extend([f"{model}/{batch}/{s:g}"] * len(stop.value))
+    return out, runs
+
+
 def collect(models: list[str], batches: list[int], sparsities: list[float], threads: int,
-            repeats: int, backend: str = "numba") -> tuple[list[Measurement], list[str]]:
+            repeats: int, backend: str = "numba",
+            interleave: int = 1) -> tuple[list[Measurement], list[str]]:
     """Measurements of every model x batch x sparsity with the chosen backend, and for each the
-    run it came from (``model/batch/sparsity``: the layer-phases of one training step)."""
+    run it came from (``model/batch/sparsity``: the layer-phases of one training step).
+    ``interleave > 1`` (numba): round-robin over the configurations in that many rounds."""
     measure = BACKENDS[backend]
     out: list[Measurement] = []
     runs: list[str] = []
+    if backend == "numba" and interleave > 1:
+        return _collect_interleaved(models, batches, sparsities, threads, repeats, interleave)
     for model in models:
         spec = hwmodel.build(model)
         for batch in batches:
@@ -375,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
                                                    "calibrate_host.json"))
     ap.add_argument("--write-profile", default=None, metavar="PATH",
                     help="also save the calibrated profile TOML here")
+    ap.add_argument("--interleave", type=int, default=3, metavar="ROUNDS",
+                    help="numba: round-robin over all configurations in this many rounds of "
+                         "repeats/ROUNDS steps each (1: one configuration after another)")
     ap.add_argument("--cache-bytes", type=int, default=None,
                     help="working-set size of the cache term (default: this core's L2; 0: off)")
     ap.add_argument("--from-json", default=None, metavar="PATH",
@@ -399,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = old.get("runs") or [f"{m.model}/{m.batch}/?" for m in ms]
         models = sorted({m.model for m in ms}, key=[m.model for m in ms].index)
     else:
-        ms, runs = collect(models, batches, sparsities, args.threads, args.repeats, args.backend)
+        ms, runs = collect(models, batches, sparsities, args.threads, args.repeats, args.backend,
+                           args.interleave)
     t_measure = time.perf_counter() - t0
     noise = np.array([m.iqr_s / m.median_s for m in ms if m.median_s > 0])
     base = load_profile(args.profile)
