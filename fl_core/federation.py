@@ -268,6 +268,18 @@ class Federation:
         self.start_round = int(meta["round"]) + 1
 
     # ------------------------------------------------------------------ one round
+    def energy_budget(self, rnd: int, client: int) -> float | None:
+        """The energy a client may spend in round ``rnd`` (told to the strategy, e.g. for
+        hetero-FLASH's densities): the per-round budget, and with a battery budget an equal
+        share of what is left over the remaining rounds; the smaller of the two."""
+        budgets = []
+        if self.cfg.fleet.round_energy_budget_j is not None:
+            budgets.append(float(self.cfg.fleet.round_energy_budget_j))
+        left = self.fleet.battery_left_j[client]
+        if left is not None:
+            budgets.append(max(0.0, left) / (self.cfg.rounds - rnd + 1))
+        return min(budgets) if budgets else None
+
     def run_round(self, rnd: int) -> RoundOutcome:
         cfg = self.cfg
         sampled = sorted(int(i) for i in self.rng.choice(cfg.data.num_clients,
@@ -288,7 +300,7 @@ class Federation:
                 rows[d.client] = dict(base_row(d.client), status="dropped", reason=d.reason)
         infos = [ClientInfo(self.clients[c].client_id, self.clients[c].device,
                             int(getattr(self.clients[c], "num_samples", 0)),
-                            energy_budget_j=cfg.fleet.round_energy_budget_j) for c in avail]
+                            energy_budget_j=self.energy_budget(rnd, c)) for c in avail]
         tasks = self.strategy.configure_fit(rnd, infos) if infos else []
         run_c, run_t, run_i = [], [], []
         for c, info, task in zip(avail, infos, tasks, strict=True):
