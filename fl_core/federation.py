@@ -9,8 +9,9 @@ Per round ``r`` (1-based):
 4. run the tasks (simulated clients in parallel workers); a result that is an error, raises,
    holds a non-finite value, a tensor of the wrong shape or an unknown tensor is **failed**
    and rejected; the others are **ok**;
-5. if at least ``min_clients`` are ok, ``strategy.aggregate_fit`` folds them in (else the
-   global model is kept and the round says so in ``clients.csv``);
+5. if at least ``min_clients`` are ok (or all the strategy chose, when it trains a subset
+   on purpose, like FLASH's hunting round), ``strategy.aggregate_fit`` folds them in (else
+   the global model is kept and the round says so in ``clients.csv``);
 6. evaluate the global model on the held-out test set every ``eval_every`` rounds and at the
    last round; append the round to ``rounds.csv`` / ``clients.csv``;
 7. checkpoint atomically: strategy state (weights, masks, momentum, ...), the generator state,
@@ -302,8 +303,19 @@ class Federation:
                             int(getattr(self.clients[c], "num_samples", 0)),
                             energy_budget_j=self.energy_budget(rnd, c)) for c in avail]
         tasks = self.strategy.configure_fit(rnd, infos) if infos else []
+        by_id = {t.client_id: t for t in tasks}
+        unknown = sorted(set(by_id) - {i.client_id for i in infos})
+        if unknown or len(by_id) != len(tasks):
+            raise RuntimeError(f"strategy {self.strategy.name!r} configured tasks for clients "
+                               f"it was not given or twice: {unknown or 'duplicates'}")
         run_c, run_t, run_i = [], [], []
-        for c, info, task in zip(avail, infos, tasks, strict=True):
+        for c, info in zip(avail, infos, strict=True):
+            task = by_id.get(info.client_id)
+            if task is None:   # e.g. FLASH's hunting rounds train a fraction of the clients
+                rows[c] = dict(base_row(c), status="dropped",
+                               reason=f"not selected by the strategy ({self.strategy.name}) "
+                               "this round")
+                continue
             down = len(task.global_state) + len(task.global_masks or b"")
             est = estimate_task(task, self.clients[c].device, max(1, info.num_samples),
                                 cfg.fleet.radio, down_bytes=down)
@@ -338,13 +350,16 @@ class Federation:
             if why is None:
                 ok.append((info, res))
         n_ok = len(ok)
-        if n_ok >= cfg.min_clients:
+        # a strategy that trains only a subset on purpose (FLASH's hunting round) needs only
+        # that many; otherwise min_clients holds
+        need = min(cfg.min_clients, len(tasks)) if len(tasks) < len(infos) else cfg.min_clients
+        if n_ok >= need:
             self.strategy.aggregate_fit(rnd, ok)
         else:
             for c in run_c:
                 if rows[c]["status"] == "ok":
                     rows[c]["reason"] = (f"round not aggregated: {n_ok} ok < min_clients "
-                                         f"{cfg.min_clients}")
+                                         f"{need}")
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
             self.last_eval = evaluate_state(self.spec, self.strategy.weights, self.x_test,
                                             self.y_test, masks=self.strategy.masks)
