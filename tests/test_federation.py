@@ -265,3 +265,45 @@ def test_hung_worker_is_killed_and_replaced(data, pool):
     (res, _, err2), = pool.run([pack_job(quick.to_bytes(), ds.x[parts[0]], ds.y[parts[0]],
                                          "measured-emulated")])
     assert err2 is None and ClientResult.from_bytes(res).ok
+
+
+def test_strategy_may_train_a_subset_and_budgets_reach_the_strategy(tmp_path, data):
+    """A strategy that configures fewer clients than sampled (as FLASH's hunting round does):
+    the others are recorded as not selected, and the round aggregates what was chosen."""
+    from fl_core.strategies import FedAvg
+
+    ds, parts, spec = data
+    seen = []
+
+    class FirstOnly(FedAvg):
+        def configure_fit(self, rnd, clients):
+            seen.append([(c.client_id, c.energy_budget_j) for c in clients])
+            return super().configure_fit(rnd, clients[:1])
+
+    cfg = cfg_of(rounds=2, min_clients=3, fleet={"round_energy_budget_j": 50.0})
+    st = FirstOnly(spec, rounds=2, seed=cfg.seed, train=cfg.train_config())
+    f = fed(cfg, tmp_path / "run", data, strategy=st)
+    f.run()
+    rows = read_csv(tmp_path / "run" / "clients.csv")
+    r1 = [r for r in rows if r["round"] == "1"]
+    assert [r["status"] for r in r1] == ["ok", "dropped", "dropped", "dropped"]
+    assert all(r["reason"] == "not selected by the strategy (fedavg) this round" for r in r1[1:])
+    assert r1[0]["reason"] == ""        # aggregated although min_clients is 3
+    assert all(b == 50.0 for rnd in seen for _, b in rnd)
+    init = make_strategy(cfg, spec)
+    init.initialize()
+    final = load_npz(tmp_path / "run" / "final_model.npz")
+    assert any(not np.array_equal(final[k], v) for k, v in init.weights.items())
+
+
+def test_battery_share_is_the_round_budget():
+    cfg = cfg_of(rounds=4, fleet={"devices": {"pixel4": 1.0}, "battery_pct": 1.0,
+                                  "round_energy_budget_j": 1e6})
+    from fl_core.fleet import Fleet
+
+    f = Federation.__new__(Federation)
+    f.cfg, f.fleet = cfg, Fleet(cfg.fleet, 4, cfg.seed)
+    left = f.fleet.battery_left_j[0]
+    assert f.energy_budget(1, 0) == pytest.approx(left / 4)
+    f.fleet.spend(0, left / 2)
+    assert f.energy_budget(3, 0) == pytest.approx(left / 2 / 2)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from fl_core.runlog import load_npz, read_csv
@@ -106,3 +107,27 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "already exists" in err and "--force" in err
     assert (full / "final_model.npz").is_file()
+
+
+@pytest.mark.slow
+def test_sparsefl_run_without_arguments_runs_the_bundled_demo(tmp_path, capsys):
+    """``sparsefl run``: the bundled quick config (zerofl at 0.9, 10 clients, 3 rounds)."""
+    import json
+
+    from fl_core.cli import main
+
+    out = tmp_path / "quick"
+    assert main(["run", "--out", str(out), "--no-progress"]) == 0
+    assert "final accuracy" in capsys.readouterr().out
+    for name in ("config.toml", "rounds.csv", "clients.csv", "summary.json", "final_model.npz",
+                 "report.md", "accuracy_vs_rounds.png", "accuracy_vs_energy.png",
+                 "accuracy_vs_uplink.png", "energy_by_device.png"):
+        assert (out / name).is_file(), name
+    s = json.loads((out / "summary.json").read_text())
+    assert s["strategy"] == "zerofl" and s["rounds_completed"] == 3
+    assert s["totals"]["clients_ok"] == 30
+    # ZeroFL's top-K uplink at 90 % sparsity + 10 % mask ratio: K = 20 % of each sparse
+    # layer, at <= 8 bytes per kept weight (index + value) = 0.4 of dense for those layers,
+    # which hold most of LeNet-5's weights; the dense bound is 4 bytes per parameter
+    dense = 4 * sum(int(np.prod(v.shape)) for v in load_npz(out / "final_model.npz").values())
+    assert s["totals"]["uplink_bytes"] < 30 * dense * 0.6
