@@ -2,7 +2,8 @@
 
     python benchmarks/calibrate_host.py [--backend numba|torch]
         [--models lenet5,femnist_cnn,resnet8,mlp] [--batches 16,32] [--sparsities 0,0.5,0.9,0.95]
-        [--threads 1] [--repeats 15] [--clock cpu|wall] [--cache-bytes N] [--interleave 3]
+        [--threads 1] [--repeats 20] [--clock cpu|wall] [--cache-bytes N] [--interleave 5]
+        [--fine]
         [--json benchmarks/results/calibrate_host.json] [--write-profile PATH]
         [--from-json PATH]    # refit measurements saved by an earlier run (no timing)
 
@@ -428,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="16,32")
     ap.add_argument("--sparsities", default="0,0.5,0.9,0.95")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                     help="cpu: process CPU time (robust on a shared host); wall: perf_counter")
     ap.add_argument("--profile", default="generic-x86", help="profile to calibrate")
@@ -436,7 +437,10 @@ def main(argv: list[str] | None = None) -> int:
                                                    "calibrate_host.json"))
     ap.add_argument("--write-profile", default=None, metavar="PATH",
                     help="also save the calibrated profile TOML here")
-    ap.add_argument("--interleave", type=int, default=3, metavar="ROUNDS",
+    ap.add_argument("--fine", action="store_true",
+                    help="also fit MAC efficiency per phase and overhead per kind (more unknowns: "
+                         "lower in-sample, higher held-out error on this host's data)")
+    ap.add_argument("--interleave", type=int, default=5, metavar="ROUNDS",
                     help="numba: round-robin over all configurations in this many rounds of "
                          "repeats/ROUNDS steps each (1: one configuration after another)")
     ap.add_argument("--cache-bytes", type=int, default=None,
@@ -470,9 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     base = load_profile(args.profile)
     before = calibration_error(base, ms)
     t1 = time.perf_counter()
-    fitted = calibrate(base, ms, cache_bytes=cache_bytes)
+    opts = {"mac_per_phase": args.fine, "kind_overheads": args.fine}
+    fitted = calibrate(base, ms, cache_bytes=cache_bytes, **opts)
     after = calibration_error(fitted, ms)
-    lomo = leave_one_model_out(base, ms, cache_bytes=cache_bytes)
+    lomo = leave_one_model_out(base, ms, cache_bytes=cache_bytes, **opts)
     t_fit = time.perf_counter() - t1
     preds = lomo.pop("predictions")
     steps = step_errors(ms, runs, preds)

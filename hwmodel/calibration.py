@@ -18,13 +18,14 @@ non-zero, seconds of overhead), so the fit is a **linear** least squares on rela
 iterations of Cauchy re-weighting, scale 0.3, against outliers). The unknowns, named by the
 profile value paths they set:
 
-* ``efficiency.<class>_<phase>`` (conv/gemm MACs per phase) and elementwise efficiencies per
+* ``efficiency.<class>`` (conv/gemm MACs; per phase, ``efficiency.<class>_<phase>``, with
+  ``mac_per_phase``) and elementwise efficiencies per
   kind and forward/backward (``efficiency.pool_forward``, ``efficiency.norm_backward``, ...),
   ``efficiency.update``, ``efficiency.elementwise`` (bias adds), ``efficiency.topk`` and
   ``efficiency.compress`` (book-keeping passes);
 * ``sparse_kernels.<class>_<phase>``: a sparse row's MAC time is ``dense × (d/es + f)``, fitted
   as two coefficients (on ``d × dense MACs`` and on dense MACs); ``sparse_kernels.compress_nnz_s``;
-* ``overheads.<kind>`` and ``overhead_s``; ``memory.bandwidth_gbs`` and, with ``cache_bytes``,
+* ``overhead_s`` (per kind, ``overheads.<kind>``, with ``kind_overheads``); ``memory.bandwidth_gbs`` and, with ``cache_bytes``,
   ``memory.cache_bandwidth_gbs`` (rows moving at most ``cache_bytes``).
 
 **Back-off** (no leak, no wild guesses): unknowns form a tree (``efficiency.pool_forward`` →
@@ -232,7 +233,8 @@ def _lower_bound(name: str) -> float:
     return 0.0
 
 
-def _design(f: dict[str, np.ndarray], peak: float, cache_bytes: int) -> tuple[np.ndarray, list[str]]:
+def _design(f: dict[str, np.ndarray], peak: float, cache_bytes: int, mac_per_phase: bool = False,
+            kind_overheads: bool = False) -> tuple[np.ndarray, list[str]]:
     """Per-row columns of the linear model (time = columns · unknowns), and their names."""
     n_rows = f["kind"].size
     cols: dict[str, np.ndarray] = {}
@@ -249,14 +251,14 @@ def _design(f: dict[str, np.ndarray], peak: float, cache_bytes: int) -> tuple[np
                 add(f"sparse_a.{k}_{ph}", i, dm * d)
                 add(f"sparse_b.{k}_{ph}", i, dm)
             else:
-                add(f"efficiency.{k}_{ph}", i, dm)
+                add(f"efficiency.{k}_{ph}" if mac_per_phase else f"efficiency.{k}", i, dm)
         el = (f["elem_flops"][i] - f["topk"][i] - f["compress"][i]) / peak
         add("efficiency." + elem_efficiency_keys(k, ph)[0], i, el)
         add("efficiency.topk", i, f["topk"][i] / peak)
         add("efficiency.compress", i, f["compress"][i] / peak)
         add("sparse_kernels.compress_nnz_s", i, f["nnz"][i])
         cls = k if k in ("conv", "gemm") else "elementwise"
-        add(f"overheads.{k if k != 'elementwise' else cls}", i, 1.0)
+        add(f"overheads.{k if k != 'elementwise' else cls}" if kind_overheads else "overhead_s", i, 1.0)
         gb = f["bytes"][i] / 1e9
         if cache_bytes > 0 and f["bytes"][i] <= cache_bytes:
             add("memory.cache_bandwidth_gbs", i, gb)
@@ -420,14 +422,18 @@ def _apply(profile: DeviceProfile, values: dict[str, float], names: list[str],
 
 def calibrate(profile: DeviceProfile, measurements: Sequence[Measurement],
               fit: Sequence[str] = DEFAULT_FIT, date: str | None = None,
-              cache_bytes: int | None = None) -> DeviceProfile:
+              cache_bytes: int | None = None, mac_per_phase: bool = False,
+              kind_overheads: bool = False) -> DeviceProfile:
     """A new profile fitted to ``measurements`` (see the module docstring).
 
     ``fit`` chooses among ``efficiency``, ``sparse_efficiency`` (the sparse kernels and the
     per-non-zero compression cost), ``overhead_s`` (with the per-kind overheads) and
     ``bandwidth`` (with the cache bandwidth); the others keep the profile's values.
     ``cache_bytes`` (default: the profile's; 0 turns the cache term off) is the working-set
-    size below which rows move at the cache bandwidth. The result adds compute and memory time
+    size below which rows move at the cache bandwidth. ``mac_per_phase`` fits a conv/gemm MAC
+    efficiency per phase (else one per class) and ``kind_overheads`` an overhead per kind (else
+    one ``overhead_s``): both off by default, because on the host data they lower the in-sample
+    error but raise the held-out-model error (more unknowns than the models pin down). The result adds compute and memory time
     (``memory.overlap = 0``). Raises :class:`CalibrationError` when nothing can be fitted.
     """
     unknown = set(fit) - set(DEFAULT_FIT)
@@ -443,7 +449,7 @@ def calibrate(profile: DeviceProfile, measurements: Sequence[Measurement],
     if n == 0:
         raise CalibrationError("no per-layer measurements to calibrate from")
     peak = profile.peak_gflops * 1e9
-    rows, names = _design(f, peak, cache)
+    rows, names = _design(f, peak, cache, mac_per_phase, kind_overheads)
     x = np.zeros((n, len(names)))
     np.add.at(x, f["midx"], rows)
     free = np.array([_group(nm) in fit for nm in names])
@@ -469,13 +475,14 @@ def calibrate(profile: DeviceProfile, measurements: Sequence[Measurement],
 
 
 def leave_one_model_out(profile: DeviceProfile, measurements: Sequence[Measurement],
-                        fit: Sequence[str] = DEFAULT_FIT,
-                        cache_bytes: int | None = None) -> dict[str, Any]:
+                        fit: Sequence[str] = DEFAULT_FIT, cache_bytes: int | None = None,
+                        **options: bool) -> dict[str, Any]:
     """Fit on every model but one, test on that one, for each model; pooled held-out error too.
 
     Returns ``{"models": {name: {n, median_ape_pct, p90_ape_pct}}, "n", "median_ape_pct",
     "p90_ape_pct", "in_sample": {...}, "predictions": [...]}`` (percentages; ``predictions``
     holds each measurement's held-out prediction in seconds, NaN where it was not used).
+    ``options`` (``mac_per_phase``, ``kind_overheads``) pass to :func:`calibrate`.
     """
     measurements = list(measurements)
     models = sorted({m.model for m in measurements if m.layer != "step"})
@@ -488,7 +495,7 @@ def leave_one_model_out(profile: DeviceProfile, measurements: Sequence[Measureme
         train = [m for m in measurements if m.model != held and m.layer != "step"]
         idx = [i for i, m in enumerate(measurements) if m.model == held]
         test = [measurements[i] for i in idx]
-        prof = calibrate(profile, train, fit, cache_bytes=cache_bytes)
+        prof = calibrate(profile, train, fit, cache_bytes=cache_bytes, **options)
         f = _features(test)
         pred = _predict(prof, f)
         held_out[np.asarray(idx)[f["src"]]] = pred
@@ -497,6 +504,7 @@ def leave_one_model_out(profile: DeviceProfile, measurements: Sequence[Measureme
         report["models"][held] = _summary(ape)
     report.update(_summary(np.concatenate(pooled)))
     per = [m for m in measurements if m.layer != "step"]
-    report["in_sample"] = calibration_error(calibrate(profile, per, fit, cache_bytes=cache_bytes), per)
+    report["in_sample"] = calibration_error(
+        calibrate(profile, per, fit, cache_bytes=cache_bytes, **options), per)
     report["predictions"] = held_out.tolist()
     return report

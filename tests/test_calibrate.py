@@ -73,7 +73,8 @@ def test_calibration_recovers_known_parameters(profiles, tmp_path):
     start, true = profiles
     ms = synthetic(true)
     before = calibration_error(start, ms)
-    fit = calibrate(start, ms, date="2026-01-02", cache_bytes=CACHE)
+    fit = calibrate(start, ms, date="2026-01-02", cache_bytes=CACHE, mac_per_phase=True,
+                    kind_overheads=True)
     # the MAC-heavy and streaming terms are well determined by the data
     for k in ("conv_forward", "conv_backward_input", "conv_backward_weight", "gemm_forward",
               "gemm_backward_input", "gemm_backward_weight", "pool_forward"):
@@ -111,7 +112,9 @@ def test_dense_only_measurements_fit_no_sparse_kernels(profiles):
     fit = calibrate(start, ms)
     assert fit.sparse_kernels == {} and fit.sparse_efficiency == start.sparse_efficiency
     assert not any(p.startswith("sparse_kernels.") for p in fit.fitted)
-    assert "efficiency.conv_forward" in fit.fitted
+    # by default one MAC efficiency per class and one overhead
+    assert "efficiency.conv" in fit.fitted and "overhead_s" in fit.fitted
+    assert "efficiency.conv_forward" not in fit.fitted and fit.overheads == {}
 
 
 def test_unexercised_kind_backs_off_to_the_coarser_fit(profiles):
@@ -137,7 +140,8 @@ def test_fit_subset_keeps_the_rest(profiles):
 def test_leave_one_model_out_runs(profiles):
     start, true = profiles
     ms = synthetic(true, models=("lenet5", "femnist_cnn", "mlp"), noise=0.03, seed=3)
-    rep = leave_one_model_out(start, ms, cache_bytes=CACHE)
+    rep = leave_one_model_out(start, ms, cache_bytes=CACHE, mac_per_phase=True,
+                              kind_overheads=True)
     assert set(rep["models"]) == {"lenet5", "femnist_cnn", "mlp"}
     assert rep["n"] == len(ms)
     assert rep["p90_ape_pct"] >= rep["median_ape_pct"] > 0
