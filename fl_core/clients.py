@@ -319,7 +319,11 @@ def _tag(v: float, unit: str, prov: str | Provenance) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ client
 class SimulatedClient:
-    """A client whose training runs on the host and whose costs come from its device profile."""
+    """A client whose training runs on the host and whose costs come from its device profile.
+
+    With a ``pool`` its task runs in a worker process (killed after the pool's timeout);
+    without one it runs in this process, where a hang cannot be interrupted.
+    """
 
     def __init__(self, client_id: str, device: str, x: np.ndarray, y: np.ndarray,
                  pool: WorkerPool | None = None, radio: str | None = "wifi") -> None:
