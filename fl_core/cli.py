@@ -19,8 +19,9 @@ COMMANDS = {
 }
 
 
-class CLIError(Exception):
-    """A user-facing error: printed without a traceback, exit code 2."""
+from fl_core.commands import CLIError  # noqa: E402  (re-exported for subcommands)
+
+__all__ = ["COMMANDS", "CLIError", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"fl_core.commands.{COMMANDS[args.command]}")
     try:
         return int(module.run(args) or 0)
-    except (CLIError, ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # CLIError is a ValueError
         print(f"sparsefl {args.command}: error: {e}", file=sys.stderr)
         return 2
 

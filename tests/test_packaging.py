@@ -24,7 +24,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_contains_packages_and_profiles(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     for pkg in ("hwmodel/__init__.py", "embedded/__init__.py", "fl_core/cli.py",
-                "fl_core/data/__init__.py", "fl_core/commands/__init__.py",
+                "fl_core/data/__init__.py", "fl_core/commands/__init__.py", "fl_core/examples/quick.toml",
                 "embedded/layers/__init__.py", "embedded/kernels/__init__.py"):
         assert pkg in names
     tomls = [n for n in names if n.startswith("profiles/") and n.endswith(".toml")]

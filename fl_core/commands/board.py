@@ -41,12 +41,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from fl_core.cli import CLIError as _CLIError
-
-
-class CLIError(_CLIError, ValueError):
-    """A user-facing error. Also a ValueError: under ``python -m fl_core.cli`` the module's
-    ``main`` catches ``__main__.CLIError``, a different class, but ValueError all the same."""
+from fl_core.commands import CLIError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
