@@ -27,8 +27,9 @@ from .sparse import dual
 
 # ----------------------------------------------------------------------------- layout
 @dual
-def pack_input(x, xbits, xq, sh, sw, ph, pw, Hq, Wq, hist, want_hist):
-    """NCHW x -> packed phase planes xq (flat), zero padding included.
+def pack_input(x, xbits, xq, sh, sw, ph, pw, Hq, Wq, KH, KW, hist, want_hist):
+    """NCHW x -> packed phase planes xq (flat), zero padding included. Planes of a phase no
+    kernel tap reads (a 1x1 stride-2 conv reads one of four) are skipped: no kernel reads them.
 
     If ``want_hist``: hist rows 4c..4c+3 count the top-11-bit patterns of |x| over the
     channels of static chunk c (pass 1 of the activation top-K, fused here).
@@ -40,8 +41,8 @@ def pack_input(x, xbits, xq, sh, sw, ph, pw, Hq, Wq, hist, want_hist):
         if want_hist:
             hist[4 * c:4 * c + 4] = 0
         for ci in range(C * c // nch, C * (c + 1) // nch):
-            for phs in range(sh):
-                for pws in range(sw):
+            for phs in range(min(sh, KH)):  # phase planes no tap reads are not packed
+                for pws in range(min(sw, KW)):
                     cq = (ci * sh + phs) * sw + pws
                     for i in range(Hq):
                         ih = i * sh + phs - ph
@@ -234,9 +235,9 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, cnt, kbuf, nch, cb, sh, sw, Hq, Wq, N
         cnt[ci0:ci1] = 0
         for cb0 in range(ci0, ci1, cb):
             cb1 = min(ci1, cb0 + cb)
-            for phs in range(sh):
+            for phs in range(min(sh, KH)):  # (other phases: no tap, not packed)
                 nh = (KH - phs + sh - 1) // sh  # taps kh = phs + mh*sh land on oh = i - mh
-                for pws in range(sw):
+                for pws in range(min(sw, KW)):
                     nw = (KW - pws + sw - 1) // sw
                     for i in range(Hq):
                         for j in range(Wq):

@@ -83,13 +83,15 @@ def _pick(hist, k):
 
 
 @njit(cache=True, nogil=True)
-def resolve(hist, k, bits, cand):
-    """Finish the select: the bit pattern of the k-th largest |a| (1 if fewer than k non-zeros).
+def resolve_count(hist, k, bits, cand):
+    """Finish the select: (bit pattern of the k-th largest |a|, number of non-zero entries
+    with |a| >= it). The bit pattern is 1 (keep every non-zero) if fewer than k are non-zero.
 
     ``hist`` is pass 1's histogram of ``bits`` (overwritten; extra exact zeros in ``bits``,
     such as padding, are ignored); ``cand`` a uint32 scratch as large as ``bits``.
     """
     b1, above = _pick(hist, k)
+    total = above
     k -= above
     m = 0
     top = np.uint32(b1)
@@ -98,12 +100,13 @@ def resolve(hist, k, bits, cand):
         cand[m] = b
         m += (b != 0) & ((b >> np.uint32(20)) == top)
     if m < k:
-        return np.uint32(1)  # fewer than k non-zero magnitudes: keep every non-zero entry
+        return np.uint32(1), total + m  # fewer than k non-zero magnitudes: keep them all
     h2 = hist[0:1]  # pass 1's counts are no longer needed: reuse the scratch
     h2[:] = 0
     for i in range(m):
         h2[0, (cand[i] >> np.uint32(9)) & np.uint32(2047)] += 1
     b2, above = _pick(h2, k)
+    total += above
     k -= above
     pre = (top << np.uint32(11)) | np.uint32(b2)
     h3 = hist[1:2, :512]
@@ -113,7 +116,15 @@ def resolve(hist, k, bits, cand):
         if (c >> np.uint32(9)) == pre:
             h3[0, c & np.uint32(511)] += 1
     b3, above = _pick(h3, k)
-    return (pre << np.uint32(9)) | np.uint32(b3)
+    total += above + h3[0, b3]  # everything above, and the ties at the k-th value
+    return (pre << np.uint32(9)) | np.uint32(b3), total
+
+
+@njit(cache=True, nogil=True)
+def resolve(hist, k, bits, cand):
+    """Bit pattern of the k-th largest |a| (see :func:`resolve_count`)."""
+    b, _ = resolve_count(hist, k, bits, cand)
+    return b
 
 
 def bits_to_float(b: int) -> float:

@@ -124,6 +124,7 @@ class Conv2d(Layer):
         self._thr = -1.0
         self._hist = T.new_hist()     # pass 1 of the activation top-K (fused into packing)
         self._hist_ok = False
+        self._thr_a = np.float32(0.0)
         self._n = 0
         geo = np.array([1, self.cog, self.cig, self.kh, self.kw, self.sh, self.sw, self.hq,
                         self.wq, self.cin], np.int64)
@@ -268,8 +269,15 @@ class Conv2d(Layer):
         with _Timer(self, "forward"):
             want_hist = self.mode == "swat" and training
             S.pick(K.pack_input, xq.size)(x, x.view(np.uint32), xq, self.sh, self.sw, self.ph,
-                                          self.pw, self.hq, self.wq, self._hist, want_hist)
+                                          self.pw, self.hq, self.wq, self.kh, self.kw,
+                                          self._hist, want_hist)
             self._hist_ok = want_hist
+            if want_hist:  # finish the activation top-K on x itself (exact, ties counted)
+                k = T.count_for_density(self.ls.act_density, x.size)
+                cand = workspace("cand", x.size).view(np.uint32)
+                tb, kept = T.resolve_count(self._hist, k, x.reshape(-1).view(np.uint32), cand)
+                self._thr_a = np.uint32(tb).view(np.float32)
+                self.measured_act_density = int(kept) / x.size
             if self._direct("forward"):
                 sw = self._structure(training)
                 S.pick(K.fwd_csr, int(flops * self.measured_density))(
@@ -314,18 +322,13 @@ class Conv2d(Layer):
             if swat:
                 if not self._hist_ok:
                     raise RuntimeError(f"conv {self.name!r}: backward without a training forward")
-                k = T.count_for_density(self.ls.act_density, n * self.cin * self.h * self.w)
-                cand = workspace("cand", xq.size).view(np.uint32)
-                thr = T.resolve(self._hist, k, xq.view(np.uint32), cand)
-                thr_f = np.uint32(thr).view(np.float32)
+                thr_f = self._thr_a
                 self._hist_ok = False
                 kern = S.pick(K.bwd_weight_scan, int(flops * self.ls.act_density))
                 nch = 1 if kern is K.bwd_weight_scan[0] else min(self.cin, S.threads())
                 gwt = workspace("gWt", w.size)
                 kern(xq, thr_f, gyT, gwt, gw, self._cnt, self._kbuf, nch, self.scan_block,
                      self.sh, self.sw, self.hq, self.wq, n, self.kh, self.kw, self.oh, self.ow)
-                self.measured_act_density = float(self._cnt.sum()) / (
-                    n * self.cin * self.h * self.w)
             elif self._masked() and not self.want_dense_grad:
                 sw = self._sw
                 gw[...] = 0.0
