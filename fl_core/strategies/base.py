@@ -223,6 +223,14 @@ class Strategy(ABC):
         """Decode every result (raises UpdateRejected on the first bad one)."""
         return [(c, r, self.decode_result(c, r)) for c, r in results]
 
+    def absolute_updates(self, results: list[tuple[ClientInfo, ClientResult]]
+                         ) -> tuple[list[tuple[ClientInfo, ClientResult, Update]],
+                                    list[dict[str, np.ndarray]], list[int]]:
+        """Decoded results, each update as absolute local weights, and their sample counts."""
+        dec = self.decode_results(results)
+        ref = self.reference_state()
+        return dec, [u.absolute(ref) for _, _, u in dec], [r.num_samples for _, r, _ in dec]
+
     def mean_state(self, updates: list[dict[str, np.ndarray]], num_samples: list[int],
                    param_weights: np.ndarray | None = None,
                    skip: frozenset[str] | set[str] = frozenset()) -> dict[str, np.ndarray]:

@@ -24,9 +24,6 @@ class FedAvg(Strategy):
             self.initialize()
         if not results:
             return {"clients": 0.0}
-        dec = self.decode_results(results)
-        ref = self.reference_state()
-        states = [u.absolute(ref) for _, _, u in dec]
-        self.weights = self.mean_state(states, [r.num_samples for _, r, _ in dec])
-        return {"clients": float(len(dec)),
-                "samples": float(sum(r.num_samples for _, r, _ in dec))}
+        dec, states, ns = self.absolute_updates(results)
+        self.weights = self.mean_state(states, ns)
+        return {"clients": float(len(dec)), "samples": float(sum(ns))}

@@ -41,10 +41,8 @@ class FedAvgM(Strategy):
             self.initialize()
         if not results:
             return {"clients": 0.0}
-        dec = self.decode_results(results)
-        ref = self.reference_state()
-        avg = self.mean_state([u.absolute(ref) for _, _, u in dec],
-                              [r.num_samples for _, r, _ in dec])
+        dec, states, ns = self.absolute_updates(results)
+        avg = self.mean_state(states, ns)
         new = dict(avg)
         norm = 0.0
         for name, w in self.weights.items():

@@ -88,10 +88,7 @@ class FedDST(MaskedStrategy):
             self.initialize()
         if not results:
             return {"clients": 0.0}
-        dec = self.decode_results(results)
-        ref = self.reference_state()
-        ups = [u.absolute(ref) for _, _, u in dec]
-        ns = [r.num_samples for _, r, _ in dec]
+        dec, ups, ns = self.absolute_updates(results)
         w = sample_weights(ns)
         layers = list(self.masks or {})
         out = self.mean_state(ups, ns, skip={f"{n}.weight" for n in layers})

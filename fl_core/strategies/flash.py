@@ -190,10 +190,7 @@ class Flash(MaskedStrategy):
             return {"clients": 0.0}
         if self.is_hunting(rnd):
             return self._aggregate_hunt(rnd, results)
-        dec = self.decode_results(results)
-        ref = self.reference_state()
-        ups = [u.absolute(ref) for _, _, u in dec]
-        ns = [r.num_samples for _, r, _ in dec]
+        dec, ups, ns = self.absolute_updates(results)
         masks = {n: [u.masks[n] if u.masks is not None and n in u.masks else self.masks[n]
                      for _, _, u in dec] for n in self.masks}
         agg = self.aggregate_weights(ups, ns, masks)

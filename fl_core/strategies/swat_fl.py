@@ -63,8 +63,6 @@ class SwatFL(Strategy):
             self.initialize()
         if not results:
             return {"clients": 0.0}
-        dec = self.decode_results(results)
-        ref = self.reference_state()
-        self.weights = self.mean_state([u.absolute(ref) for _, _, u in dec],
-                                       [r.num_samples for _, r, _ in dec])
+        dec, states, ns = self.absolute_updates(results)
+        self.weights = self.mean_state(states, ns)
         return {"clients": float(len(dec))}
