@@ -217,9 +217,12 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, cnt, kbuf, nch, cb, sh, sw, Hq, Wq, N
     (gyT is (OH, N, OW, Co), gWt keeps kw reversed). With groups == 1 and column stride 1
     the taps of one kernel row then form ONE contiguous axpy (nw*Co long) instead of nw
     short ones. Input channels are split into ``nch`` static chunks (one per worker) walked
-    in blocks of ``cb`` channels per spatial position, so the gyT rows around (i, j) stay in
-    cache. The kept samples of each (ci, i, j) are compacted without branches
-    (``kbuf[ci]``). The per-channel accumulation order does not depend on ``nch`` or ``cb``.
+    in blocks of ``cb`` channels per input row, so the gyT rows around row i stay in cache.
+    The kept (j, n) of each (ci, i) row are compacted without branches into ``kbuf[worker]``
+    (interior columns first, whose taps all land inside the output: for one kernel row they
+    share ONE destination, so 4 kept entries are accumulated per pass, register-blocked;
+    edge columns after). The per-channel accumulation order does not depend on ``nch`` or
+    ``cb``.
     Blocks are then written to the torch layout ``gw``; cnt[ci] = number kept.
     """
     Co, Cig, _, _ = gw.shape
@@ -233,60 +236,105 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, cnt, kbuf, nch, cb, sh, sw, Hq, Wq, N
         ci1 = Cin * (c + 1) // nch
         gWt[ci0 * blk:ci1 * blk] = 0.0
         cnt[ci0:ci1] = 0
+        kb = kbuf[c, :Wq * N]
+        ke = kbuf[c, Wq * N:2 * Wq * N]
         for cb0 in range(ci0, ci1, cb):
             cb1 = min(ci1, cb0 + cb)
             for phs in range(min(sh, KH)):  # (other phases: no tap, not packed)
                 nh = (KH - phs + sh - 1) // sh  # taps kh = phs + mh*sh land on oh = i - mh
                 for pws in range(min(sw, KW)):
                     nw = (KW - pws + sw - 1) // sw
+                    jhi = min(OW, Wq)  # interior columns: [jlo, jhi)
+                    jlo = min(nw - 1, jhi)
                     for i in range(Hq):
-                        for j in range(Wq):
-                            # output columns ow = j - mw valid for mw in [mw0, mw1]
-                            mw0 = max(0, j - OW + 1)
-                            mw1 = min(nw - 1, j)
-                            for ci in range(cb0, cb1):
-                                cq = (ci * sh + phs) * sw + pws
-                                base = (cq * Hq + i) * rs + j * N
-                                xs = xq[base:base + N]
-                                kb = kbuf[ci]
-                                m = 0
-                                for n in range(N):
-                                    a = xs[n]
-                                    kb[m] = n
-                                    m += (a != 0.0) & (abs(a) >= thr)
-                                cnt[ci] += m  # kept, even where no output reads it
-                                if m == 0 or mw0 > mw1:
+                        for ci in range(cb0, cb1):
+                            cq = (ci * sh + phs) * sw + pws
+                            xs = xq[(cq * Hq + i) * rs:(cq * Hq + i + 1) * rs]
+                            # kept (j, n) of this row, compacted without branches: columns
+                            # where every tap lands inside the output ("interior", one
+                            # shared destination per tap row) apart from the edge columns
+                            m = 0
+                            for e in range(jlo * N, jhi * N):
+                                a = xs[e]
+                                kb[m] = e
+                                m += (a != 0.0) & (abs(a) >= thr)
+                            me = 0
+                            for e in range(jlo * N):
+                                a = xs[e]
+                                ke[me] = e
+                                me += (a != 0.0) & (abs(a) >= thr)
+                            for e in range(jhi * N, Wq * N):
+                                a = xs[e]
+                                ke[me] = e
+                                me += (a != 0.0) & (abs(a) >= thr)
+                            cnt[ci] += m + me  # kept, even where no output reads it
+                            if m + me == 0:
+                                continue
+                            co0 = (ci // Cig) * Cog
+                            g = gWt[ci * blk:(ci + 1) * blk]
+                            for mh in range(nh):
+                                oh = i - mh
+                                if oh < 0:
+                                    break
+                                if oh >= OH:
                                     continue
-                                co0 = (ci // Cig) * Cog
-                                g = gWt[ci * blk:(ci + 1) * blk]
-                                for q in range(m):
-                                    n = kb[q]
-                                    a = xs[n]
-                                    for mh in range(nh):
-                                        oh = i - mh
-                                        if oh < 0:
-                                            break
-                                        if oh >= OH:
-                                            continue
-                                        kh = phs + mh * sh
-                                        rowb = (oh * N + n) * OW
-                                        if fast:
-                                            ln = (mw1 - mw0 + 1) * Co
-                                            s0 = (rowb + j - mw1) * Co
-                                            d0 = (kh * KW + KW - 1 - mw1) * Co
-                                            src = gyT[s0:s0 + ln]
-                                            dst = g[d0:d0 + ln]
-                                            for t in range(ln):
-                                                dst[t] += a * src[t]
-                                            continue
-                                        for mw in range(mw0, mw1 + 1):
-                                            kw = pws + mw * sw
-                                            s0 = (rowb + j - mw) * Co + co0
-                                            src = gyT[s0:s0 + Cog]
-                                            d0 = (kh * KW + KW - 1 - kw) * Cog
-                                            dst = g[d0:d0 + Cog]
-                                            for t in range(Cog):
-                                                dst[t] += a * src[t]
+                                kh = phs + mh * sh
+                                q = 0
+                                if fast:
+                                    # interior: all taps of the kernel row form one contiguous
+                                    # axpy into the same destination, 4 entries per pass
+                                    # (1 load + 1 store of dst per 4 multiply-adds)
+                                    ln = KW * Co
+                                    dst = g[kh * KW * Co:(kh + 1) * KW * Co]
+                                    while q + 4 <= m:
+                                        e0 = kb[q]
+                                        e1 = kb[q + 1]
+                                        e2 = kb[q + 2]
+                                        e3 = kb[q + 3]
+                                        a0 = xs[e0]
+                                        a1 = xs[e1]
+                                        a2 = xs[e2]
+                                        a3 = xs[e3]
+                                        b0 = ((oh * N + e0 % N) * OW + e0 // N - (KW - 1)) * Co
+                                        b1 = ((oh * N + e1 % N) * OW + e1 // N - (KW - 1)) * Co
+                                        b2 = ((oh * N + e2 % N) * OW + e2 // N - (KW - 1)) * Co
+                                        b3 = ((oh * N + e3 % N) * OW + e3 // N - (KW - 1)) * Co
+                                        r0 = gyT[b0:b0 + ln]
+                                        r1 = gyT[b1:b1 + ln]
+                                        r2 = gyT[b2:b2 + ln]
+                                        r3 = gyT[b3:b3 + ln]
+                                        for t in range(ln):
+                                            dst[t] += (a0 * r0[t] + a1 * r1[t]
+                                                       + a2 * r2[t] + a3 * r3[t])
+                                        q += 4
+                                # the rest, one entry at a time (general taps)
+                                for qq in range(q, m + me):
+                                    e = kb[qq] if qq < m else ke[qq - m]
+                                    j = e // N
+                                    n = e - j * N
+                                    a = xs[e]
+                                    mw0 = max(0, j - OW + 1)
+                                    mw1 = min(nw - 1, j)
+                                    if mw0 > mw1:
+                                        continue
+                                    rowb = (oh * N + n) * OW
+                                    if fast:
+                                        ln = (mw1 - mw0 + 1) * Co
+                                        s0 = (rowb + j - mw1) * Co
+                                        d0 = (kh * KW + KW - 1 - mw1) * Co
+                                        src = gyT[s0:s0 + ln]
+                                        dst = g[d0:d0 + ln]
+                                        for t in range(ln):
+                                            dst[t] += a * src[t]
+                                        continue
+                                    for mw in range(mw0, mw1 + 1):
+                                        kw = pws + mw * sw
+                                        s0 = (rowb + j - mw) * Co + co0
+                                        src = gyT[s0:s0 + Cog]
+                                        d0 = (kh * KW + KW - 1 - kw) * Cog
+                                        dst = g[d0:d0 + Cog]
+                                        for t in range(Cog):
+                                            dst[t] += a * src[t]
         for ci in range(ci0, ci1):
             co0 = (ci // Cig) * Cog
             cig = ci - (ci // Cig) * Cig

@@ -22,6 +22,7 @@ import math
 import threading
 import time
 
+import numba
 import numpy as np
 
 from ..kernels import conv_kernels as K
@@ -159,7 +160,8 @@ class Conv2d(Layer):
         self._y = np.zeros((n, self.cout, self.oh, self.ow), np.float32)
         self._gx = np.zeros((n, self.cin, self.h, self.w), np.float32)
         self._cnt = np.zeros(self.cin, np.int64)
-        self._kbuf = np.zeros((self.cin, n), np.int32)
+        nwk = max(1, min(self.cin, numba.config.NUMBA_NUM_THREADS))
+        self._kbuf = np.zeros((nwk, 2 * self.wq * n), np.int32)  # per worker: kept (j, n)
 
     # ------------------------------------------------------------------ sparsity API
     def set_sparsity(self, mode: str, ls=None) -> None:
