@@ -184,7 +184,8 @@ def fwd_csr(rowptr, code, val, xq, yb, y, bias, has_bias, OH, rs):
 @dual
 def bwd_input_csc(colptr, c_code, c_row, c_val, gyb, gxq, gx, sh, sw, ph, pw, Hq, Wq, OH, OW):
     """Input gradient with the compressed weight: for input channel ci, its phase planes of
-    gxq += v * gyb[co block] at each kept tap's code offset, one contiguous run of
+    gxq += v * gyb[co block] at each kept tap's code offset (CSC columns are (ci, tap):
+    4 entries of one column per pass into the same run), one contiguous run of
     RL = (OH-1)*rs + OW*N per tap (gyb's columns ow >= OW are zero, so the run may cross
     them; it never leaves ci's planes). A scatter by ci: no race. Then unpacked (padding
     dropped) into NCHW ``gx`` by the same iteration."""
@@ -194,16 +195,39 @@ def bwd_input_csc(colptr, c_code, c_row, c_val, gyb, gxq, gx, sh, sw, ph, pw, Hq
     plane = Hq * rs
     RL = (OH - 1) * rs + OW * N
     blk = OH * rs
+    KK = (colptr.size - 1) // Ci
     for ci in prange(Ci):
         gxq[ci * s2 * plane:(ci + 1) * s2 * plane] = 0.0
-        for p in range(colptr[ci], colptr[ci + 1]):
-            v = c_val[p]
-            co = c_row[p]
-            a = c_code[p] * N
+        for tap in range(ci * KK, (ci + 1) * KK):
+            p = colptr[tap]
+            p1 = colptr[tap + 1]
+            if p == p1:
+                continue
+            a = c_code[p] * N  # one input offset per (ci, tap) column
             dst = gxq[a:a + RL]
-            src = gyb[co * blk:co * blk + RL]
-            for t in range(RL):
-                dst[t] += v * src[t]
+            while p + 4 <= p1:  # 4 output channels per pass (1 load + 1 store of dst)
+                v0 = c_val[p]
+                v1 = c_val[p + 1]
+                v2 = c_val[p + 2]
+                v3 = c_val[p + 3]
+                b0 = c_row[p] * blk
+                b1 = c_row[p + 1] * blk
+                b2 = c_row[p + 2] * blk
+                b3 = c_row[p + 3] * blk
+                r0 = gyb[b0:b0 + RL]
+                r1 = gyb[b1:b1 + RL]
+                r2 = gyb[b2:b2 + RL]
+                r3 = gyb[b3:b3 + RL]
+                for t in range(RL):
+                    dst[t] += v0 * r0[t] + v1 * r1[t] + v2 * r2[t] + v3 * r3[t]
+                p += 4
+            while p < p1:
+                v = c_val[p]
+                b0 = c_row[p] * blk
+                src = gyb[b0:b0 + RL]
+                for t in range(RL):
+                    dst[t] += v * src[t]
+                p += 1
         _unpack_channel(gxq, gx, ci, sh, sw, ph, pw, Hq, Wq)
 
 

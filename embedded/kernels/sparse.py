@@ -6,7 +6,8 @@ linear: ``(out, in)``). Kept entries form a CSR structure: ``rowptr`` (rows + 1)
 (flat index of each kept entry in the weight), ``val`` (its value), ``code`` (what the
 compute kernel needs to find the matching input: a tap code for conv, the column for linear)
 and a column-grouped copy (CSC: ``colptr``, ``c_code``, ``c_row``, ``c_widx``, ``c_val``) for
-the backward-input kernels. Rows are filled in index order, so the structure is
+the backward-input kernels; for conv its columns are (input channel, tap) pairs
+(``colptr`` has Cin*KH*KW + 1 entries), so all entries of one column share one input offset. Rows are filled in index order, so the structure is
 deterministic. One fused kernel builds it all (one dispatch: a parallel count, a serial
 prefix sum, a parallel fill, and for conv a serial counting sort by column).
 
@@ -101,7 +102,7 @@ def build(w2, m2, use_mask, thr, geo, rowptr, counts, widx, val, code, col,
     conv = geo[0] == 1
     Cog, Cig, KH, KW = geo[1], geo[2], geo[3], geo[4]
     sh, sw, Hq, Wq = geo[5], geo[6], geo[7], geo[8]
-    ncols = geo[9] if conv else rl
+    ncols = geo[9] * KH * KW if conv else rl  # conv: CSC keyed by (input channel, tap)
     # kh % sh, kh // sh, kw % sw, kw // sw as tables: no integer division per entry
     khr = np.empty(max(KH, 1), np.int64)
     khq = np.empty(max(KH, 1), np.int64)
@@ -137,7 +138,7 @@ def build(w2, m2, use_mask, thr, geo, rowptr, counts, widx, val, code, col,
                             widx[p] = r * rl + j
                             val[p] = v
                             code[p] = (crow + kwr[kw] * Hq) * Wq + kwq[kw]
-                            col[p] = ci
+                            col[p] = (ci * KH + kh) * KW + kw
                             p += 1
                         j += 1
         else:

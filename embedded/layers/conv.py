@@ -129,8 +129,8 @@ class Conv2d(Layer):
         self._n = 0
         geo = np.array([1, self.cog, self.cig, self.kh, self.kw, self.sh, self.sw, self.hq,
                         self.wq, self.cin], np.int64)
-        self._sw = S.SparseWeight(self.cout, self.cin, geo)     # swat / masked structure
-        self._full = S.SparseWeight(self.cout, self.cin, geo)   # every tap (dense direct)
+        self._sw = S.SparseWeight(self.cout, self.cin * self.kh * self.kw, geo)     # swat / masked structure
+        self._full = S.SparseWeight(self.cout, self.cin * self.kh * self.kw, geo)   # every tap (dense direct)
         self._full_built = False
         self._mask_built = None
         # dense tap codes (row r = (ci, kh, kw) for groups == 1): used by im2col/col2im
