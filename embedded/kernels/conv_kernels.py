@@ -150,6 +150,35 @@ def fwd_csr(rowptr, code, val, xq, yb, y, bias, has_bias, OH, rs):
         p1 = rowptr[co + 1]
         out = yb[co * blk:co * blk + RL]
         out[:] = 0.0
+        while p + 8 <= p1:  # 8 taps per pass: 1 load + 1 store of out per 8 multiply-adds
+            a0 = code[p] * N
+            a1 = code[p + 1] * N
+            a2 = code[p + 2] * N
+            a3 = code[p + 3] * N
+            a4 = code[p + 4] * N
+            a5 = code[p + 5] * N
+            a6 = code[p + 6] * N
+            a7 = code[p + 7] * N
+            s0 = xq[a0:a0 + RL]
+            s1 = xq[a1:a1 + RL]
+            s2 = xq[a2:a2 + RL]
+            s3 = xq[a3:a3 + RL]
+            s4 = xq[a4:a4 + RL]
+            s5 = xq[a5:a5 + RL]
+            s6 = xq[a6:a6 + RL]
+            s7 = xq[a7:a7 + RL]
+            v0 = val[p]
+            v1 = val[p + 1]
+            v2 = val[p + 2]
+            v3 = val[p + 3]
+            v4 = val[p + 4]
+            v5 = val[p + 5]
+            v6 = val[p + 6]
+            v7 = val[p + 7]
+            for t in range(RL):
+                out[t] += ((v0 * s0[t] + v1 * s1[t]) + (v2 * s2[t] + v3 * s3[t])
+                           + ((v4 * s4[t] + v5 * s5[t]) + (v6 * s6[t] + v7 * s7[t])))
+            p += 8
         while p + 4 <= p1:
             a0 = code[p] * N
             a1 = code[p + 1] * N
