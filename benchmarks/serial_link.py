@@ -105,6 +105,45 @@ def femnist_projection(thr_Bps: float) -> dict | None:
             "note": "dense weights / measured LOAD throughput; projection, not measured"}
 
 
+def update_sizes(thr_Bps: float, sparsities=(0.9, 0.95)) -> dict:
+    """Bytes of a femnist_cnn model update at each sparsity for every codec (fp32 and fp16
+    values), against the dense fp32 state frame — real ``len()`` of the encoded update, made by
+    the ZeroFL ``topk_weights`` uplink rule on every conv/linear weight (biases dense) — and the
+    time each would take up the link at the measured throughput (a projection)."""
+    import numpy as np
+
+    import hwmodel
+    from embedded import codec
+    from embedded.network import Network
+    from embedded.uplink import UplinkRule
+    from hwmodel import wire
+
+    spec = hwmodel.build("femnist_cnn")
+    state = Network.from_spec(spec, seed=0).state_dict()
+    rng = np.random.default_rng(0)  # a trained model's weights are not the init's: perturb
+    state = {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(v.dtype)
+             if v.dtype == np.float32 else v for k, v in state.items()}
+    dense = len(codec.encode_state(state, "dense32"))
+    out = {"model": "femnist_cnn", "dense_fp32_bytes": dense,
+           "dense_projected_seconds": dense / thr_Bps, "rows": []}
+    for sp in sparsities:
+        plan = hwmodel.SparsityPlan.uniform(spec, sp, layers="all")
+        for dtype in ("f32", "f16"):
+            for c in wire.CODECS:
+                b = len(UplinkRule("topk_weights", mask_ratio=0.0, codec=c, dtype=dtype)
+                        .make_update(state, state, plan))
+                out["rows"].append({"sparsity": sp, "codec": c, "dtype": dtype, "bytes": b,
+                                    "x_fewer_than_dense_fp32": dense / b,
+                                    "projected_up_seconds": b / thr_Bps})
+        best = min((r for r in out["rows"] if r["sparsity"] == sp), key=lambda r: r["bytes"])
+        print(f"femnist_cnn update at sparsity {sp}: best {best['codec']}/{best['dtype']} "
+              f"{best['bytes'] / 1e6:.2f} MB = {best['x_fewer_than_dense_fp32']:.1f}x fewer "
+              f"than dense fp32 ({dense / 1e6:.2f} MB); up the link in "
+              f"{best['projected_up_seconds']:.0f} s (projected) vs "
+              f"{dense / thr_Bps:.0f} s dense down", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="65536,262144,1048576")
@@ -167,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                          "meets_targets": big["wire_ratio_down"] <= 1.05
                          and big["throughput_vs_line"] >= 0.90},
         "femnist_cnn": femnist_projection(big["throughput_Bps"]),
+        "update_sizes": update_sizes(big["throughput_Bps"]),
     })
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
