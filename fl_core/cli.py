@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"fl_core.commands.{COMMANDS[args.command]}")
     try:
         return int(module.run(args) or 0)
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, FileNotFoundError) as e:  # CLIError is a ValueError
         print(f"sparsefl {args.command}: error: {e}", file=sys.stderr)
         return 2
