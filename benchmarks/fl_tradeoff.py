@@ -345,8 +345,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     par = max(1, min(workers, args.per_round))
     est = len(todo) * args.rounds * math.ceil(args.per_round / par) * t_client
     print(f"time estimate: {t_client:.2f} s per dense client round on this host -> about "
-          f"{est / 60:.0f} min for {len(todo)} run(s) (dense upper bound; sparse runs are "
-          "usually faster, plus evaluation)", flush=True)
+          f"{est / 60:.0f} min for {len(todo)} run(s) (dense client training only; worker "
+          "transfer, evaluation and the sparse kernels' different speed come on top; the "
+          "running estimate after each run is better)", flush=True)
     if args.estimate_only:
         return doc
     pool = WorkerPool(workers) if workers > 0 else None

@@ -1,0 +1,84 @@
+"""Smoke tests of the two paper-direction benchmarks (tiny settings: digits, mlp, 2 rounds).
+
+They run the scripts' own ``main`` end to end with ``--smoke`` (no Flower: Ray's start-up
+alone takes ~20 s here) and check the records, not timings.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" /
+                                                  f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod   # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fl_tradeoff_smoke_records_and_resumes(tmp_path: Path) -> None:
+    ft = _load("fl_tradeoff")
+    out = tmp_path / "ft.json"
+    argv = ["--smoke", "--only", "fedavg,zerofl-topk_weights-m0.1-s0.9", "--out", str(out),
+            "--runs-dir", str(tmp_path / "runs")]
+    doc = ft.main(argv)
+    res = doc["results"]
+    assert set(res) == {"fedavg|alpha=1|seed=0", "zerofl-topk_weights-m0.1-s0.9|alpha=1|seed=0"}
+    for r in res.values():
+        assert r["status"] == "completed" and r["rounds"] == 2
+        assert 0.0 <= r["final_accuracy"] <= 1.0
+        assert set(r["energy_j"]) == {"rpi4", "pixel4"}
+        assert all(v > 0 for v in r["energy_j"].values())
+        # rpi4 is the run's own fleet: the per-class pricing must reproduce the loop's total
+        assert r["energy_check_rel"] < 1e-9
+        assert r["energy_j"]["rpi4"] != r["energy_j"]["pixel4"]
+        assert (Path(r["run_dir"]) / "rounds.csv").is_file()
+    dense = res["fedavg|alpha=1|seed=0"]
+    sparse = res["zerofl-topk_weights-m0.1-s0.9|alpha=1|seed=0"]
+    assert sparse["uplink_mb"] < dense["uplink_mb"]   # a 90 %-sparse update is smaller
+    on_disk = json.loads(out.read_text())
+    assert on_disk["results"].keys() == res.keys()
+    md = out.with_suffix(".md").read_text()
+    assert "| 1 | fedavg | 0 |" in md and "zerofl-topk_weights-m0.1-s0.9" in md
+    # resumable: a second call finds both results and runs nothing
+    again = ft.main(argv)
+    assert again["results"] == on_disk["results"]
+    # other settings into the same file are refused rather than mixed
+    with pytest.raises(SystemExit, match="other settings"):
+        ft.main(argv + ["--epochs", "2"])
+
+
+def test_fl_tradeoff_configs_and_bad_only() -> None:
+    ft = _load("fl_tradeoff")
+    keys = [m.key for m in ft.methods()]
+    # fedavg + swat_fl x2 + zerofl (5 variants) x2 + feddst x2 + flash x2
+    assert len(keys) == 17 and len(set(keys)) == 17
+    flash = [m for m in ft.methods() if m.strategy == "flash"]
+    assert sorted(m.params["density"] for m in flash) == [0.05, 0.1]
+    with pytest.raises(SystemExit, match="unknown config"):
+        ft.select(ft.parse_args(["--only", "nosuch"]))
+
+
+def test_sim_throughput_smoke_ours(tmp_path: Path) -> None:
+    st = _load("sim_throughput")
+    out = tmp_path / "st.json"
+    doc = st.main(["--smoke", "--no-flower", "--threads", "1", "--out", str(out),
+                   "--runs-dir", str(tmp_path / "runs")])
+    rows = doc["results"]
+    assert [(r["side"], r["strategy"]) for r in rows] == [("ours", "fedavg"), ("ours", "zerofl")]
+    for r in rows:
+        assert r["rounds"] == 2
+        assert r["rounds_per_hour"] > 0 and r["rounds_per_hour_end_to_end"] > 0
+        assert r["end_to_end_s"] >= r["rounds_wall_s"]
+        assert 0.0 <= r["final_accuracy"] <= 1.0
+    assert "ratio_fedavg" not in doc
+    assert json.loads(out.read_text())["workload"]["model"] == "mlp"
