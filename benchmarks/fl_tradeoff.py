@@ -11,9 +11,9 @@ Fashion-MNIST (full: 60,000 train / 10,000 test), 100 clients, 10 per round, LDA
 * ``feddst`` at 0.9 and 0.95; ``flash`` at density 0.1 and 0.05 (the same sparsities).
 
 Why LeNet-5 and not ``femnist_cnn``: at this size a round trains 10 x 600 samples; femnist_cnn
-costs ~0.6 TFLOP a round (about 100 MFLOP per training sample), so 100 rounds x 34 runs would be
-~2,000 TFLOP, days on 2 cores. LeNet-5 is ~2 MFLOP per training sample (~0.012 TFLOP a
-round), which keeps the whole table around an hour.
+costs ~0.62 TFLOP a round (hwmodel's count: ~103 MFLOP per training sample), so 100 rounds x
+34 runs would be ~2,100 TFLOP, days on 2 cores. LeNet-5 is ~2.3 MFLOP per training sample
+(~0.014 TFLOP a round, 44x less), which keeps the whole table around an hour.
 
 Energy, one run per configuration, re-estimated per device class (the cheaper honest way):
 simulated training does not depend on the device a client is mapped to (no deadlines, no
@@ -337,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def data_for(a: float, s: int) -> tuple:
         if (a, s) not in data:
+            data.clear()   # runs come grouped by (alpha, seed): hold one copy of the data
             cfg = make_config(args, Method("fedavg", "fedavg"), a, s, os.devnull)
             data[(a, s)] = load_data(cfg)
         return data[(a, s)]
