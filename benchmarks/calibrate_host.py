@@ -254,70 +254,15 @@ def _drive(gen, plan: list[bool]) -> list[Measurement]:
 def _numba_steps(spec: ModelSpec, batch: int, sparsity: float, threads: int, repeats: int):
     """A generator over training steps: ``send(True)`` runs a recorded step, ``send(False)`` a
     warm-up step, ``send(None)`` ends it and returns the measurements (StopIteration.value)."""
-    from embedded.kernels.loss import softmax_xent
-    from embedded.network import Network
-    from embedded.optim import SGD
-    from hwmodel.plan import SparsityPlan
+    from embedded.bench import StepBench
 
-    rng = np.random.default_rng(0)
-    net = Network.from_spec(spec, seed=0)
-    net.setup(batch)
-    net.set_plan(SparsityPlan.uniform(spec, sparsity, mode="swat") if sparsity > 0 else None)
-    net.train()
-    opt = SGD(net, momentum=0.9, weight_decay=5e-4)
-    x = rng.standard_normal((batch, *spec.input_shape)).astype(np.float32)
-    y = rng.integers(0, spec.num_classes, batch).astype(np.int64)
-    g = np.zeros((batch, spec.num_classes), np.float32)
-    weighted = set(spec.weighted_layers())
-    samples: dict[tuple[str, str, str], list[float]] = {}
-    dens: dict[str, tuple[float, float]] = {}
-
-    def add(layer: str, typ: str, phase: str, t: float) -> None:
-        samples.setdefault((layer, typ, phase), []).append(t)
-
+    bench = StepBench(spec, sparsity, batch, clock=CLOCK["now"])
     while True:
         record = yield
         if record is None:
             break
-        logits = net.forward(x, True)
-        t0 = CLOCK["now"]()
-        softmax_xent(logits, y, g)
-        t_loss = CLOCK["now"]() - t0
-        net.backward(g)
-        opt.step(0.01)
-        if not record:  # warm-up (JIT compile, caches)
-            continue
-        add("loss", "cross_entropy", "forward+backward_input", t_loss)
-        for node in spec.nodes:
-            layer = net.layers[node.name]
-            if node.name in weighted:
-                for ph, t in layer.phase_times.items():
-                    add(node.name, node.op, ph, t)
-                dens[node.name] = (float(layer.measured_density),
-                                   float(getattr(layer, "measured_act_density", 1.0)))
-            else:
-                times = net.times[node.name]
-                if "forward" in times:
-                    add(node.name, node.op, "forward", times["forward"])
-                # an add passes its gradient through; the fan-out sum happens in the network,
-                # outside any node's timer: its backward is not a measurement of the add
-                if "backward" in times and node.op != "add":
-                    if hasattr(net, "backward_phase"):
-                        ph = net.backward_phase(node.name)
-                    else:  # older trainer: the phase rode along in the timings
-                        ph = times["_bphase"]
-                        if layer.params and ph == "backward_input":
-                            ph = "backward_input+backward_weight"
-                    add(node.name, node.op, ph, times["backward"])
-            if node.name in opt.times and layer.params:
-                add(node.name, node.op, "update", opt.times[node.name])
-    out = []
-    for (layer, typ, phase), ts in samples.items():
-        med, iqr = Measurement.summarise(ts)
-        d, a = dens.get(layer, (1.0, 1.0))
-        out.append(Measurement(spec.name, layer, typ, phase, d, a, batch, threads, med, iqr,
-                               len(ts), device="generic-x86", provenance="measured"))
-    return out
+        bench.step(record)
+    return bench.measurements(threads, device="generic-x86", provenance="measured")
 
 
 BACKENDS: dict[str, Measurer] = {"numba": numba_measure, "torch": torch_measure}

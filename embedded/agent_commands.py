@@ -459,44 +459,17 @@ class BoardCommands:
         """Time every layer's phases over ``repeats`` SGD steps of random data (SWAT plan)."""
         import numba
 
-        from hwmodel.measure import Measurement
-        from hwmodel.plan import SparsityPlan
-
-        from .kernels.loss import softmax_xent
-        from .network import Network
-        from .optim import SGD
+        from .bench import StepBench
         from .sensors.system import cpu_freq_mhz, temperatures_c
 
         numba.set_num_threads(threads)
-        rng = np.random.default_rng(0)
-        net = Network.from_spec(spec, seed=0)
-        net.setup(batch)
-        net.set_plan(SparsityPlan.uniform(spec, sparsity, mode="swat") if sparsity > 0 else None)
-        net.train()
-        opt = SGD(net, momentum=0.9, weight_decay=5e-4)
-        x = rng.standard_normal((batch, *spec.input_shape)).astype(np.float32)
-        y = rng.integers(0, spec.num_classes, batch).astype(np.int64)
-        g = np.zeros((batch, spec.num_classes), np.float32)
-        weighted = set(spec.weighted_layers())
-        samples: dict[tuple[str, str, str], list[float]] = {}
-        dens: dict[str, tuple[float, float]] = {}
+        bench = StepBench(spec, sparsity, batch)
         temps: list[float] = []
         freqs: list[float] = []
-
-        def add(layer: str, typ: str, phase: str, t: float) -> None:
-            samples.setdefault((layer, typ, phase), []).append(t)
-
         for step in range(warm + repeats):
             if abort.is_set():
                 raise Aborted(f"BENCH aborted at sparsity {sparsity:g}, step {step}")
-            logits = net.forward(x, True)
-            t0 = time.perf_counter()
-            softmax_xent(logits, y, g)
-            t_loss = time.perf_counter() - t0
-            net.backward(g)
-            opt.step(0.01)
-            if step < warm:
-                continue
+            bench.step(record=step >= warm)
             if step == warm or step == warm + repeats - 1:   # conditions at start and end
                 tz = temperatures_c()
                 if tz:
@@ -504,38 +477,11 @@ class BoardCommands:
                 fq = cpu_freq_mhz().get("cur_mhz")
                 if fq:
                     freqs.append(float(fq))
-            add("loss", "cross_entropy", "forward+backward_input", t_loss)
-            for node in spec.nodes:
-                layer = net.layers[node.name]
-                if node.name in weighted:
-                    for ph, t in layer.phase_times.items():
-                        add(node.name, node.op, ph, t)
-                    dens[node.name] = (float(layer.measured_density),
-                                       float(getattr(layer, "measured_act_density", 1.0)))
-                else:
-                    times = net.times[node.name]
-                    if "forward" in times:
-                        add(node.name, node.op, "forward", times["forward"])
-                    if "backward" in times and node.op != "add":
-                        ph = times.get("_bphase") or (
-                            net.backward_phase(node.name) if hasattr(net, "backward_phase")
-                            else "backward_input")
-                        if layer.params and ph == "backward_input":
-                            ph = "backward_input+backward_weight"
-                        add(node.name, node.op, ph, times["backward"])
-                if node.name in opt.times and layer.params:
-                    add(node.name, node.op, "update", opt.times[node.name])
-        prov = "measured-emulated" if self.emulated else "measured"
-        temp = max(temps) if temps else None
-        freq = float(np.mean(freqs)) if freqs else None
-        out = []
-        for (layer, typ, phase), ts in samples.items():
-            med, iqr = Measurement.summarise(ts)
-            d, a = dens.get(layer, (1.0, 1.0))
-            out.append(Measurement(spec.name, layer, typ, phase, d, a, batch, threads, med, iqr,
-                                   len(ts), device=self.agent.board_uuid, provenance=prov,
-                                   temperature_c=temp, freq_mhz=freq))
-        return out
+        return bench.measurements(
+            threads, device=self.agent.board_uuid,
+            provenance="measured-emulated" if self.emulated else "measured",
+            temperature_c=max(temps) if temps else None,
+            freq_mhz=float(np.mean(freqs)) if freqs else None)
 
     # --- INFER_BENCH --------------------------------------------------------------------
     def cmd_infer_bench(self, f: dict, abort: threading.Event) -> dict:
