@@ -75,7 +75,7 @@ def _prefix(counts, rowptr):
 
 @dual
 def build(w2, m2, use_mask, thr, geo, rowptr, counts, widx, val, code, col,
-          colptr, c_code, c_row, c_widx, c_val):
+          colptr, c_code, c_row, c_widx, c_val, wcnt):
     """Fused CSR + CSC build of the kept entries of ``w2`` (rows, row_len).
 
     Kept: ``m2 != 0`` if ``use_mask`` else ``|w| >= thr and w != 0``. ``geo`` describes how a
@@ -160,25 +160,35 @@ def build(w2, m2, use_mask, thr, geo, rowptr, counts, widx, val, code, col,
     # CSC by counting sort on the column, scattering each CSR entry (read in order, so the
     # reads stream and only the writes land at random) straight to its CSC slot. (Measured:
     # a second, column-order walk over the weight instead is 2x slower.)
-    counts[:ncols] = 0
-    for p in range(nnz):
-        counts[col[p]] += 1
+    # parallel two-pass counting sort over NT static row chunks: per-chunk column counts,
+    # offsets column-major then chunk (so each column keeps row order: same result as a
+    # serial sort, for any thread count), then every chunk scatters its own entries
+    NT = wcnt.shape[0]
+    for t in prange(NT):
+        wc = wcnt[t]
+        wc[:ncols] = 0
+        for p in range(rowptr[rows * t // NT], rowptr[rows * (t + 1) // NT]):
+            wc[col[p]] += 1
     acc = 0
     for c in range(ncols):
         colptr[c] = acc
-        acc += counts[c]
-        counts[c] = colptr[c]
+        for t in range(NT):
+            v = wcnt[t, c]
+            wcnt[t, c] = acc
+            acc += v
     colptr[ncols] = acc
-    for r in range(rows):
-        for p in range(rowptr[r], rowptr[r + 1]):
-            k = col[p]
-            q = counts[k]
-            counts[k] = q + 1
-            c_code[q] = code[p]
-            c_row[q] = r
-            c_val[q] = val[p]
-            if use_mask:
-                c_widx[q] = widx[p]
+    for t in prange(NT):
+        wc = wcnt[t]
+        for r in range(rows * t // NT, rows * (t + 1) // NT):
+            for p in range(rowptr[r], rowptr[r + 1]):
+                k = col[p]
+                q = wc[k]
+                wc[k] = q + 1
+                c_code[q] = code[p]
+                c_row[q] = r
+                c_val[q] = val[p]
+                if use_mask:
+                    c_widx[q] = widx[p]
     return nnz
 
 
@@ -206,6 +216,8 @@ class SparseWeight:
         self.rowptr = np.zeros(rows + 1, np.int64)
         self.colptr = np.zeros(ncols + 1, np.int64)
         self.counts = np.zeros(max(rows, ncols) + 1, np.int64)
+        # per-chunk column counts of the CSC sort (conv only; 4 static row chunks)
+        self.wcnt = np.zeros((4, ncols) if self.geo[0] == 1 else (1, 1), np.int64)
         self._alloc(1)
         self.nnz = 0
         self.cached_mask = None  # the mask object the structure was built from
@@ -230,7 +242,7 @@ class SparseWeight:
         for _ in range(2):
             nnz = k(w2, m2, use_mask, np.float32(thr), self.geo, self.rowptr, self.counts,
                     self.widx, self.val, self.code, self.col, self.colptr,
-                    self.c_code, self.c_row, self.c_widx, self.c_val)
+                    self.c_code, self.c_row, self.c_widx, self.c_val, self.wcnt)
             if nnz >= 0:
                 self.nnz = int(nnz)
                 return self.nnz
@@ -242,8 +254,8 @@ class SparseWeight:
                                        self.nnz, bool(self.geo[0] == 1))
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.widx, self.val, self.code, self.col,
-                                      self.c_code, self.c_row, self.c_widx, self.c_val))
+        return sum(a.nbytes for a in (self.widx, self.val, self.code, self.col, self.wcnt,
+                                      self.c_code, self.c_row, self.c_widx, self.c_val, self.wcnt))
 
 
 _NOMASK = np.zeros((1, 1), np.uint8)
