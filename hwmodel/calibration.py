@@ -292,7 +292,8 @@ def _solve(x: np.ndarray, y: np.ndarray, offset: np.ndarray, lb: np.ndarray) -> 
         scale = np.maximum(np.abs(aw).max(axis=0), 1e-300)
         res = lsq_linear(aw / scale, target * w, bounds=(lb[support] * scale, np.inf),
                          method="bvls")
-        theta[support] = res.x / scale
+        # bvls may return a value an ulp past its bound (seen: an overhead of -7.7e-21)
+        theta[support] = np.maximum(res.x / scale, lb[support])
         r = rel @ theta - target
         w = 1.0 / np.sqrt(1.0 + (r / ROBUST_SCALE) ** 2)
     return theta, support
