@@ -89,6 +89,10 @@ def _line_plot(path: Path, runs: Sequence[Run], x: str, xlabel: str, title: str)
         m = ~np.isnan(s["accuracy"])
         ax.plot(s[x][m], s["accuracy"][m], marker="o", ms=3, label=run.label)
     ax.set_xlabel(xlabel)
+    if x == "round":
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -119,6 +123,7 @@ def _energy_plot(path: Path, run: Run) -> None:
         ax.bar(rounds, e, bottom=bottom, label=d)
         bottom += e
     ax.set_xlabel("round")
+    ax.set_xticks(rounds if len(rounds) <= 20 else rounds[:: max(1, len(rounds) // 10)])
     ax.set_ylabel("client energy per round (J)")
     ax.set_title("energy per round by device class")
     ax.legend(fontsize=8)
