@@ -5,23 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from embedded.kernels.elementwise import RELU_BWD, RELU_FWD, pick
-from embedded.layers.base import Layer
+from embedded.layers.base import BufferedLayer
 
 
-class ReLU(Layer):
+class ReLU(BufferedLayer):
     """``torch.nn.ReLU``; the gradient at exactly 0 is 0, as torch's."""
-
-    def __init__(self, node, in_shapes, out_shape):
-        super().__init__(node.name, in_shapes[0], out_shape)
-        self._n = 0
-
-    def init_params(self, rng: np.random.Generator) -> None:
-        """No parameters."""
-
-    def setup(self, max_batch: int) -> None:
-        super().setup(max_batch)
-        self._y = np.empty((max_batch, *self.out_shape), np.float32)
-        self._gx = np.empty((max_batch, *self.in_shape), np.float32)
 
     def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
         n = x.shape[0]

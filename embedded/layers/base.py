@@ -24,6 +24,9 @@ class Layer:
         self.buffers: dict[str, np.ndarray] = {}  # non-trainable state (BN running stats)
         self.max_batch = 0
 
+    def init_params(self, rng: np.random.Generator) -> None:
+        """Initialise parameters (torch's defaults); layers without parameters keep this no-op."""
+
     def setup(self, max_batch: int) -> None:
         """Allocate every buffer a step needs for batches up to ``max_batch``."""
         self.max_batch = max_batch
@@ -35,3 +38,40 @@ class Layer:
         """Write parameter gradients into ``self.grads`` (overwrite, not accumulate) and
         return the gradient w.r.t. the input (``None`` if not needed)."""
         raise NotImplementedError
+
+
+class BufferedLayer(Layer):
+    """A parameter-free layer with one output buffer ``_y`` and one input-gradient buffer
+    ``_gx``, sized for ``max_batch``; ``_n`` is the batch of the last forward."""
+
+    def __init__(self, node, in_shapes, out_shape):
+        super().__init__(node.name, in_shapes[0], out_shape)
+        self._n = 0
+
+    def setup(self, max_batch: int) -> None:
+        super().setup(max_batch)
+        self._y = np.empty((max_batch, *self.out_shape), np.float32)
+        self._gx = np.empty((max_batch, *self.in_shape), np.float32)
+
+
+def init_weighted_state(layer: Layer, wshape: tuple[int, ...], nout: int, has_bias: bool) -> None:
+    """The parameters and the sparse-mode state Conv2d and Linear share (see the trainer
+    contract: mode, mask, dense gradient on demand, measured densities, phase times, the top-K
+    refresh counter and threshold)."""
+    layer.params = {"weight": np.zeros(wshape, np.float32)}
+    layer.grads = {"weight": np.zeros(wshape, np.float32)}
+    if has_bias:
+        layer.params["bias"] = np.zeros(nout, np.float32)
+        layer.grads["bias"] = np.zeros(nout, np.float32)
+    layer._nobias = np.zeros(1, np.float32)
+    layer.mode = "dense"
+    layer.ls = None
+    layer.mask = None
+    layer.want_dense_grad = False
+    layer.dense_grad = None
+    layer.measured_density = 1.0
+    layer.measured_act_density = 1.0
+    layer.timing = True
+    layer.phase_times = {}
+    layer._steps = 0
+    layer._thr = -1.0

@@ -28,7 +28,7 @@ import numpy as np
 from ..kernels import conv_kernels as K
 from ..kernels import sparse as S
 from ..kernels import topk as T
-from .base import Layer
+from .base import Layer, init_weighted_state
 
 _MODES = ("dense", "swat", "masked")
 _WS = threading.local()
@@ -105,24 +105,8 @@ class Conv2d(Layer):
         self.hq = -(-hp // self.sh)
         self.wq = -(-wp // self.sw)
         self.kk = self.kh * self.kw
-        wshape = (self.cout, self.cig, self.kh, self.kw)
-        self.params = {"weight": np.zeros(wshape, np.float32)}
-        self.grads = {"weight": np.zeros(wshape, np.float32)}
-        if self.has_bias:
-            self.params["bias"] = np.zeros(self.cout, np.float32)
-            self.grads["bias"] = np.zeros(self.cout, np.float32)
-        self._nobias = np.zeros(1, np.float32)
-        self.mode = "dense"
-        self.ls = None
-        self.mask: np.ndarray | None = None
-        self.want_dense_grad = False
-        self.dense_grad: np.ndarray | None = None
-        self.measured_density = 1.0
-        self.measured_act_density = 1.0
-        self.timing = True
-        self.phase_times: dict[str, float] = {}
-        self._steps = 0
-        self._thr = -1.0
+        init_weighted_state(self, (self.cout, self.cig, self.kh, self.kw), self.cout,
+                            self.has_bias)
         self._hist = T.new_hist()     # pass 1 of the activation top-K (fused into packing)
         self._hist_ok = False
         self._thr_a = np.float32(0.0)

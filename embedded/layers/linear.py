@@ -18,7 +18,7 @@ import numpy as np
 from ..kernels import linear_kernels as K
 from ..kernels import sparse as S
 from ..kernels import topk as T
-from .base import Layer
+from .base import Layer, init_weighted_state
 from .conv import _MODES, _Timer, shared_hist, workspace
 
 
@@ -35,23 +35,7 @@ class Linear(Layer):
         if tuple(out_shape) != (self.fout,):
             raise ValueError(f"linear {node.name!r}: out_shape {out_shape} != ({self.fout},)")
         self.has_bias = bool(node.attrs["bias"])
-        self.params = {"weight": np.zeros((self.fout, self.fin), np.float32)}
-        self.grads = {"weight": np.zeros((self.fout, self.fin), np.float32)}
-        if self.has_bias:
-            self.params["bias"] = np.zeros(self.fout, np.float32)
-            self.grads["bias"] = np.zeros(self.fout, np.float32)
-        self._nobias = np.zeros(1, np.float32)
-        self.mode = "dense"
-        self.ls = None
-        self.mask: np.ndarray | None = None
-        self.want_dense_grad = False
-        self.dense_grad: np.ndarray | None = None
-        self.measured_density = 1.0
-        self.measured_act_density = 1.0
-        self.timing = True
-        self.phase_times: dict[str, float] = {}
-        self._steps = 0
-        self._thr = -1.0
+        init_weighted_state(self, (self.fout, self.fin), self.fout, self.has_bias)
         self._hist = T.new_hist()
         self._hist_ok = False
         self._n = 0

@@ -11,7 +11,7 @@ import numpy as np
 from numba import njit, prange
 
 from embedded.kernels.elementwise import dual, pick
-from embedded.layers.base import Layer
+from embedded.layers.base import BufferedLayer
 
 
 def _maxpool_fwd(x, kh, kw, sh, sw, ph, pw, y, idx):
@@ -148,21 +148,12 @@ GAP_FWD = dual(_gap_fwd)
 GAP_BWD = dual(_gap_bwd)
 
 
-class _Pool2d(Layer):
+class _Pool2d(BufferedLayer):
     def __init__(self, node, in_shapes, out_shape):
-        super().__init__(node.name, in_shapes[0], out_shape)
+        super().__init__(node, in_shapes, out_shape)
         self.kernel = tuple(node.attrs["kernel"])
         self.stride = tuple(node.attrs["stride"])
         self.padding = tuple(node.attrs["padding"])
-        self._n = 0
-
-    def init_params(self, rng: np.random.Generator) -> None:
-        """No parameters."""
-
-    def setup(self, max_batch: int) -> None:
-        super().setup(max_batch)
-        self._y = np.empty((max_batch, *self.out_shape), np.float32)
-        self._gx = np.empty((max_batch, *self.in_shape), np.float32)
 
     def _geom(self):
         return (*self.kernel, *self.stride, *self.padding)
@@ -209,20 +200,8 @@ class AvgPool2d(_Pool2d):
         return gx
 
 
-class GlobalAvgPool(Layer):
+class GlobalAvgPool(BufferedLayer):
     """Mean over H and W: (N, C, H, W) -> (N, C) (``adaptive_avg_pool2d(1)`` + flatten)."""
-
-    def __init__(self, node, in_shapes, out_shape):
-        super().__init__(node.name, in_shapes[0], out_shape)
-        self._n = 0
-
-    def init_params(self, rng: np.random.Generator) -> None:
-        """No parameters."""
-
-    def setup(self, max_batch: int) -> None:
-        super().setup(max_batch)
-        self._y = np.empty((max_batch, *self.out_shape), np.float32)
-        self._gx = np.empty((max_batch, *self.in_shape), np.float32)
 
     def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
         n, c = x.shape[0], x.shape[1]

@@ -15,9 +15,6 @@ class Flatten(Layer):
         super().__init__(node.name, in_shapes[0], out_shape)
         self._n = 0
 
-    def init_params(self, rng: np.random.Generator) -> None:
-        """No parameters."""
-
     def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
         self._n = x.shape[0]
         return x.reshape(self._n, *self.out_shape)
@@ -33,9 +30,6 @@ class Add(Layer):
 
     def __init__(self, node, in_shapes, out_shape):
         super().__init__(node.name, in_shapes[0], out_shape)
-
-    def init_params(self, rng: np.random.Generator) -> None:
-        """No parameters."""
 
     def setup(self, max_batch: int) -> None:
         super().setup(max_batch)
@@ -63,9 +57,6 @@ class Dropout(Layer):
         self.rng = np.random.default_rng(0)
         self._n = 0
         self._training = False
-
-    def init_params(self, rng: np.random.Generator) -> None:
-        """No parameters."""
 
     def reseed(self, seed_seq) -> None:
         """Restart the dropout stream from a seed (int or numpy SeedSequence)."""
