@@ -4,8 +4,17 @@ One run (:func:`write_report`): accuracy vs rounds, accuracy vs cumulative clien
 accuracy vs cumulative uplink MB, energy per round by device class, and a table of the totals
 with the provenance of every cost (from ``clients.csv``).
 
+A hybrid run (``clients.csv`` rows with a ``board``) adds "Measured vs estimated, per device
+class" (each board round's measured compute time, and energy when a sensor measured it, beside
+the cost model's estimate of the same task from the profile calibrated on that board's BENCH
+micro-benchmarks, and the relative error |est - meas| / meas), a "Link" table per board
+(transfer time beside compute time, bytes), ``measured_vs_estimated.png``, and the boards of
+``boards.json``. In ``energy_by_device.png`` boards are their own series (``rpi4 (board)``).
+
 Several runs (:func:`compare`, ``sparsefl report DIR [DIR ...]``): a table of final accuracy,
-total client energy and uplink per run, and the accuracy–energy Pareto plot. Runs whose
+total client energy and uplink per run, the accuracy–energy Pareto plot and accuracy vs
+cumulative energy and vs uplink of every run. A directory holding several runs (``sparsefl run``
+writes ``runs/<name>/<strategy>/``) stands for those runs (:func:`find_runs`). Runs whose
 resolved configs differ only in ``seed`` and ``[output] dir`` are one group: its figures are
 mean ± std (sample std, n-1) over the seeds.
 """
@@ -27,6 +36,15 @@ PLOTS = {"accuracy_vs_rounds": "accuracy_vs_rounds.png",
          "accuracy_vs_energy": "accuracy_vs_energy.png",
          "accuracy_vs_uplink": "accuracy_vs_uplink.png",
          "energy_by_device": "energy_by_device.png"}
+#: Plots :func:`compare` writes (``<name>.png``).
+COMPARE_PLOTS = ("pareto", "accuracy_vs_energy", "accuracy_vs_uplink")
+#: Plots of a run with board rows.
+HYBRID_PLOTS = {"measured_vs_estimated": "measured_vs_estimated.png"}
+#: clients.csv columns of a hybrid run (absent in an all-simulated run's log).
+HYBRID_COLUMNS = ("board", "compute_s", "transfer_s", "est_time_s", "est_energy_j",
+                  "est_provenance")
+#: Time provenances of a board round.
+MEASURED_TIME = ("measured", "measured-emulated")
 
 
 def _plt():
@@ -68,6 +86,26 @@ class Run:
                 "round_energy_j": np.array([_f(x["energy_j"]) for x in r])}
 
 
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a run's logs (rounds.csv and clients.csv)."""
+    p = Path(path)
+    return (p / "rounds.csv").is_file() and (p / "clients.csv").is_file()
+
+
+def find_runs(path: str | Path) -> list[Path]:
+    """``[path]`` for a run directory; for a directory holding runs (the main job's
+    ``runs/<name>/<strategy>/``), its run subdirectories, sorted; else a clear error."""
+    p = Path(path)
+    if is_run_dir(p):
+        return [p]
+    if p.is_dir():
+        subs = sorted(s for s in p.iterdir() if s.is_dir() and is_run_dir(s))
+        if subs:
+            return subs
+    missing = "no such directory" if not p.is_dir() else "missing rounds.csv or clients.csv"
+    raise FileNotFoundError(f"{p}: not a run directory nor a directory of runs ({missing})")
+
+
 def load_run(path: str | Path) -> Run:
     """Read a run directory (rounds.csv, clients.csv, summary.json); clear error if missing."""
     p = Path(path)
@@ -102,15 +140,26 @@ def _line_plot(path: Path, runs: Sequence[Run], x: str, xlabel: str, title: str)
     plt.close(fig)
 
 
+def is_board(row: dict[str, str]) -> bool:
+    """Whether a clients.csv row is a board client's (its ``board`` column is set)."""
+    return bool((row.get("board") or "").strip())
+
+
+def device_series(row: dict[str, str]) -> str:
+    """The energy plot's series of a row: its device class, ``<class> (board)`` for a board."""
+    return f"{row['device']} (board)" if is_board(row) else row["device"]
+
+
 def energy_by_device(run: Run) -> tuple[list[int], dict[str, np.ndarray]]:
-    """Per round, the energy (J) of the clients that trained, summed per device class."""
+    """Per round, the energy (J) of the clients that trained, summed per device class (boards
+    apart from the simulated clients of their class: ``rpi4 (board)``)."""
     rounds = sorted({int(r["round"]) for r in run.clients})
-    devs = sorted({r["device"] for r in run.clients})
+    devs = sorted({device_series(r) for r in run.clients})
     idx = {r: i for i, r in enumerate(rounds)}
     out = {d: np.zeros(len(rounds)) for d in devs}
     for r in run.clients:
         if r["status"] != "dropped" and r.get("energy_j"):
-            out[r["device"]][idx[int(r["round"])]] += float(r["energy_j"])
+            out[device_series(r)][idx[int(r["round"])]] += float(r["energy_j"])
     return rounds, out
 
 
@@ -142,6 +191,285 @@ def _provenances(run: Run) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
+def _provenance_line(run: Run) -> str:
+    """Per quantity the provenances of its figures; boards and simulated clients apart in a
+    hybrid run."""
+    if not any(is_board(r) for r in run.clients):
+        return "; ".join(f"{k}: {', '.join(v)}" for k, v in _provenances(run).items())
+    sides: dict[str, dict[str, set[str]]] = {}
+    for r in run.clients:
+        side = "boards" if is_board(r) else "simulated"
+        for q in ("time", "energy", "flops", "bytes", "host_wall", "est"):
+            v = r.get(f"{q}_provenance")
+            if v:
+                sides.setdefault(q, {}).setdefault(side, set()).add(v)
+    names = {"est": "board estimates"}
+    return "; ".join(
+        f"{names.get(q, q)}: " + ", ".join(f"{side} {'/'.join(sorted(v))}"
+                                          for side, v in sorted(by.items()))
+        for q, by in sides.items())
+
+
+# ------------------------------------------------------------------------------ hybrid runs
+@dataclass
+class ErrorStats:
+    """Measured beside estimated over ``n`` board rounds; errors are |est - meas| / meas."""
+
+    n: int
+    median_measured: float
+    median_estimated: float
+    median_rel_error: float
+    max_rel_error: float
+
+    @classmethod
+    def of(cls, measured: Sequence[float], estimated: Sequence[float]) -> ErrorStats:
+        m = np.asarray(measured, dtype=float)
+        e = np.asarray(estimated, dtype=float)
+        err = np.abs(e - m) / m
+        return cls(int(m.size), float(np.median(m)), float(np.median(e)),
+                   float(np.median(err)), float(np.max(err)))
+
+
+@dataclass
+class ClassComparison:
+    """One device class's board rounds (one kind of measurement: real or emulated board)."""
+
+    device: str
+    time_provenance: str                  # measured or measured-emulated
+    boards: list[str]                     # board UUIDs
+    est_provenance: list[str]             # calibrated-estimate and/or estimated
+    time: ErrorStats
+    energy: ErrorStats | None             # only rounds whose energy a sensor measured
+    points: dict[str, list[tuple[float, float]]]  # "time"/"energy": (measured, estimated)
+
+    @property
+    def label(self) -> str:
+        return self.device + (" (emulated)" if self.time_provenance == "measured-emulated" else "")
+
+
+def _pos(v: str | None) -> float | None:
+    x = _f(v)
+    return x if math.isfinite(x) and x > 0 else None
+
+
+def _finite(v: str | None) -> float | None:
+    x = _f(v)
+    return x if math.isfinite(x) and x >= 0 else None
+
+
+def measured_vs_estimated(run: Run) -> list[ClassComparison]:
+    """Per device class (and measured vs measured-emulated), the board rounds that have both a
+    measured compute time (``compute_s``) and an estimate of the same task (``est_time_s``);
+    energy where a sensor measured it (``energy_provenance`` = measured) and ``est_energy_j``."""
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in run.clients:
+        if not is_board(r) or r.get("status") != "ok":
+            continue
+        prov = r.get("time_provenance") or ""
+        meas, est = _pos(r.get("compute_s")), _finite(r.get("est_time_s"))
+        if prov not in MEASURED_TIME or meas is None or est is None:
+            continue
+        g = groups.setdefault((r["device"], prov), {"boards": set(), "est": set(), "time": [],
+                                                     "energy": []})
+        g["boards"].add(r["board"].strip())
+        if r.get("est_provenance"):
+            g["est"].add(r["est_provenance"])
+        g["time"].append((meas, est))
+        em, ee = _pos(r.get("energy_j")), _finite(r.get("est_energy_j"))
+        if r.get("energy_provenance") == "measured" and em is not None and ee is not None:
+            g["energy"].append((em, ee))
+    out = []
+    for (dev, prov), g in sorted(groups.items()):
+        t = ErrorStats.of(*zip(*g["time"], strict=True))
+        e = ErrorStats.of(*zip(*g["energy"], strict=True)) if g["energy"] else None
+        out.append(ClassComparison(dev, prov, sorted(g["boards"]), sorted(g["est"]), t, e,
+                                   {"time": g["time"], "energy": g["energy"]}))
+    return out
+
+
+@dataclass
+class BoardLink:
+    """One board's serial-link time beside its compute time over the run."""
+
+    client_id: str
+    board: str
+    device: str
+    rounds: int
+    transfer_s: float
+    compute_s: float
+    uplink_bytes: int
+    downlink_bytes: int
+
+    @property
+    def transfer_share(self) -> float:
+        tot = self.transfer_s + self.compute_s
+        return self.transfer_s / tot if tot > 0 else float("nan")
+
+
+def link_by_board(run: Run) -> list[BoardLink]:
+    """Per board (in order of first appearance), the summed ``transfer_s``, ``compute_s`` and
+    bytes of its rounds that were not dropped."""
+    out: dict[str, BoardLink] = {}
+    for r in run.clients:
+        if not is_board(r) or r.get("status") == "dropped":
+            continue
+        key = r["board"].strip()
+        b = out.setdefault(key, BoardLink(r["client_id"], key, r["device"], 0, 0.0, 0.0, 0, 0))
+        tr, co = _finite(r.get("transfer_s")), _finite(r.get("compute_s"))
+        if tr is None and co is None:
+            continue
+        b.rounds += 1
+        b.transfer_s += tr or 0.0
+        b.compute_s += co or 0.0
+        b.uplink_bytes += int(_finite(r.get("uplink_bytes")) or 0)
+        b.downlink_bytes += int(_finite(r.get("downlink_bytes")) or 0)
+    return list(out.values())
+
+
+def load_boards(path: str | Path) -> list[dict[str, Any]]:
+    """``boards.json`` of a run directory ([] when absent); a clear error when malformed."""
+    f = Path(path) / "boards.json"
+    if not f.is_file():
+        return []
+    try:
+        doc = json.loads(f.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(doc, list) or not all(isinstance(b, dict) for b in doc):
+        raise ValueError(f"{f}: expected a list of board objects")
+    for i, b in enumerate(doc):
+        for key in ("client_id", "board_uuid", "device"):
+            if not isinstance(b.get(key), str):
+                raise ValueError(f"{f}: board {i}: {key!r} must be a string, got "
+                                 f"{b.get(key)!r}")
+    return doc
+
+
+def _pct(x: float) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{100 * x:.1f} %"
+
+
+def _list(xs: Any) -> str:
+    return ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in xs or []) or "-"
+
+
+def _source_lines(cmp: list[ClassComparison], boards: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for c in cmp:
+        ests = ", ".join(c.est_provenance) or "unknown provenance"
+        cal = [b for b in boards if b.get("device") == c.device
+               and str(b.get("board_uuid")) in c.boards]
+        parts = []
+        for b in cal:
+            info = b.get("calibration") or {}
+            if b.get("calibrated_profile"):
+                parts.append(f"`{b['calibrated_profile']}` calibrated on "
+                             f"{info.get('n_measurements', '?')} BENCH per-layer "
+                             f"micro-benchmarks of board {str(b['board_uuid'])[:8]} (models "
+                             f"{_list(info.get('models'))}; sparsities "
+                             f"{_list(info.get('sparsities'))})")
+            else:
+                parts.append(f"board {str(b['board_uuid'])[:8]} has no calibration (the "
+                             "shipped profile)")
+        where = "; ".join(parts) if parts else "the profile of the run (no boards.json entry)"
+        lines.append(f"- {c.label}: estimate ({ests}) from {where}.")
+    return lines
+
+
+def _hybrid_section(run: Run) -> list[str]:
+    cmp = measured_vs_estimated(run)
+    links = link_by_board(run)
+    boards = load_boards(run.dir)
+    lines: list[str] = []
+    if boards:
+        lines += ["", "## Boards", "", "| client | board | port | device | emulated | sensor "
+                  "| calibrated profile | BENCH measurements |", "|---|---|---|---|---|---|---|---|"]
+        for b in boards:
+            info = b.get("calibration") or {}
+            lines.append(f"| {b['client_id']} | {b['board_uuid']} | {b.get('port', '-')} | "
+                         f"{b['device']} | {'yes' if b.get('emulated') else 'no'} | "
+                         f"{b.get('sensor') or '-'} | {b.get('calibrated_profile') or '-'} | "
+                         f"{info.get('n_measurements', '-')} |")
+    lines += ["", "## Measured vs estimated, per device class", ""]
+    if not cmp:
+        lines.append("No board round has both a measured compute time and an estimate.")
+    else:
+        lines += [
+            "The estimate is the cost model's figure for the same task (model, plan, batch, "
+            "samples) on the device profile calibrated from the board's BENCH per-layer "
+            "micro-benchmarks; the measurement is the compute time of the whole TRAIN round on "
+            "the board (the serial transfer is apart, in the Link table). No TRAIN round enters "
+            "the calibration. Emulated boards (`measured-emulated`) time the host and run "
+            "without a profile-driven slow-down, so their error says how well the profile "
+            "calibrated on the host predicts whole rounds on the host. Relative error: "
+            "|estimated - measured| / measured, per round.", "",
+            *_source_lines(cmp, boards), "",
+            "| device class | boards | board rounds | median measured time (s) | median "
+            "estimated time (s) | median error | max error |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in cmp:
+            t = c.time
+            lines.append(f"| {c.label} | {len(c.boards)} | {t.n} | {_num(t.median_measured)} | "
+                         f"{_num(t.median_estimated)} | {_pct(t.median_rel_error)} | "
+                         f"{_pct(t.max_rel_error)} |")
+        with_e = [c for c in cmp if c.energy is not None]
+        if with_e:
+            lines += ["", "Energy, where a sensor measured it:", "",
+                      "| device class | board rounds | median measured energy (J) | median "
+                      "estimated energy (J) | median error | max error |",
+                      "|---|---|---|---|---|---|"]
+            for c in with_e:
+                e = c.energy
+                lines.append(f"| {c.label} | {e.n} | {_num(e.median_measured)} | "
+                             f"{_num(e.median_estimated)} | {_pct(e.median_rel_error)} | "
+                             f"{_pct(e.max_rel_error)} |")
+        else:
+            lines += ["", "No board measured its energy with a sensor: board energies are "
+                      "estimates, so only time is compared."]
+    if links:
+        lines += ["", "## Link", "", "Per board, over the run: time on the serial link "
+                  "(weights stay resident; only changes travel) beside compute time.", "",
+                  "| client | board | device | rounds | transfer (s) | compute (s) | transfer "
+                  "share | uplink (B) | downlink (B) |", "|---|---|---|---|---|---|---|---|---|"]
+        for b in links:
+            lines.append(f"| {b.client_id} | {b.board} | {b.device} | {b.rounds} | "
+                         f"{_num(b.transfer_s)} | {_num(b.compute_s)} | "
+                         f"{_pct(b.transfer_share)} | {b.uplink_bytes} | {b.downlink_bytes} |")
+    return lines
+
+
+def _mve_plot(path: Path, cmp: list[ClassComparison]) -> None:
+    plt = _plt()
+    kinds = ["time"] + (["energy"] if any(c.points["energy"] for c in cmp) else [])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4.2), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        lo, hi = math.inf, 0.0
+        for c in cmp:
+            pts = c.points[kind]
+            if not pts:
+                continue
+            m, e = (np.array(x) for x in zip(*pts, strict=True))
+            ax.scatter(m, e, s=18, label=c.label, alpha=0.8)
+            pos = np.concatenate([m, e[e > 0]])
+            lo, hi = min(lo, float(pos.min())), max(hi, float(pos.max()))
+        if hi > 0:
+            a, b = lo / 1.5, hi * 1.5
+            ax.plot([a, b], [a, b], "k--", lw=1, label="y = x")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        unit = "s" if kind == "time" else "J"
+        what = "compute time" if kind == "time" else "energy (sensor)"
+        ax.set_xlabel(f"measured {what} per round ({unit})")
+        ax.set_ylabel(f"estimated ({unit})")
+        ax.set_title(f"{what}: board rounds")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(path: str | Path) -> Path:
     """Write ``report.md`` and the four PNG plots into the run directory ``path``."""
     run = load_run(path)
@@ -171,8 +499,7 @@ def write_report(path: str | Path) -> Path:
         f"- clients ok / failed / dropped: {t.get('clients_ok', '?')} / "
         f"{t.get('clients_failed', '?')} / {t.get('clients_dropped', '?')}",
         f"- wall time: {_num(s.get('wall_time_s'))} s",
-        "- provenance of the costs: " + "; ".join(f"{k}: {', '.join(v)}"
-                                                   for k, v in _provenances(run).items()),
+        "- provenance of the costs: " + _provenance_line(run),
         "", "| round | accuracy | loss | energy (J) | round time (s) | uplink (B) | ok | failed "
         "| dropped |", "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -181,13 +508,21 @@ def write_report(path: str | Path) -> Path:
                      f"{_num(_f(r['energy_j']))} | {_num(_f(r['round_time_s']))} | "
                      f"{r['uplink_bytes']} | {r['clients_ok']} | {r['clients_failed']} | "
                      f"{r['clients_dropped']} |")
+    hybrid = any(is_board(r) for r in run.clients)
+    plots = dict(PLOTS)
+    if hybrid:
+        lines += _hybrid_section(run)
+        cmp = measured_vs_estimated(run)
+        if cmp:
+            _mve_plot(p / HYBRID_PLOTS["measured_vs_estimated"], cmp)
+            plots.update(HYBRID_PLOTS)
     reasons = [r for r in run.clients if r["status"] != "ok"]
     if reasons:
         lines += ["", "## Failed and dropped clients", "", "| round | client | device | status "
                   "| reason |", "|---|---|---|---|---|"]
         lines += [f"| {r['round']} | {r['client_id']} | {r['device']} | {r['status']} | "
                   f"{r['reason']} |" for r in reasons]
-    lines += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in PLOTS.items()]
+    lines += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()]
     out = p / "report.md"
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out
@@ -259,9 +594,12 @@ def _pm(ms: tuple[float, float], n: int, fmt: str = "{:.4g}") -> str:
 
 
 def compare(dirs: Sequence[str | Path], out: str | Path | None = None) -> tuple[str, Path | None]:
-    """A markdown table of the runs (grouped by config: mean ± std over seeds) and the
-    accuracy–energy Pareto plot (``out``/pareto.png when ``out`` is given)."""
-    runs = [load_run(d) for d in dirs]
+    """A markdown table of the runs (grouped by config: mean ± std over seeds) and, when ``out``
+    is given, into ``out``: ``pareto.png`` (accuracy vs total energy), ``accuracy_vs_energy.png``
+    and ``accuracy_vs_uplink.png`` (every run's curve) and ``comparison.md`` (the table and the
+    plots). A directory of runs in ``dirs`` stands for its runs (:func:`find_runs`).
+    Returns (the table's markdown, the Pareto plot's path or None)."""
+    runs = [load_run(x) for d in dirs for x in find_runs(d)]
     stats = [group_stats(g) for g in group_runs(runs)]
     pts = [(s["energy_j"][0], s["accuracy"][0]) for s in stats]
     front = set(pareto_front(pts))
@@ -297,10 +635,15 @@ def compare(dirs: Sequence[str | Path], out: str | Path | None = None) -> tuple[
         plt.close(fig)
         _line_plot(out / "accuracy_vs_energy.png", runs, "energy_cum_j",
                    "cumulative client energy (J)", "accuracy vs client energy")
+        _line_plot(out / "accuracy_vs_uplink.png", runs, "uplink_cum_mb",
+                   "cumulative uplink (MB)", "accuracy vs uplink")
         atomic_write_text(out / "comparison.md", "# sparsefl comparison\n\n" + table +
-                          "\n\n![pareto](pareto.png)\n")
+                          "\n\n" + "\n".join(f"![{k}]({k}.png)" for k in COMPARE_PLOTS) + "\n")
     return table, plot
 
 
-__all__ = ["PLOTS", "Run", "compare", "energy_by_device", "group_runs", "group_stats",
-           "load_run", "pareto_front", "write_report"]
+__all__ = ["COMPARE_PLOTS", "HYBRID_COLUMNS", "HYBRID_PLOTS", "MEASURED_TIME", "PLOTS",
+           "BoardLink", "ClassComparison", "ErrorStats", "Run", "compare", "device_series",
+           "energy_by_device", "find_runs", "group_runs", "group_stats", "is_board",
+           "is_run_dir", "link_by_board", "load_boards", "load_run", "measured_vs_estimated",
+           "pareto_front", "write_report"]

@@ -553,16 +553,21 @@ def budget(spec_or_name: ModelSpec | str, device: DeviceProfile | str, sparsity:
            mode: str = "swat", batch: int = 32, samples: int = DEFAULT_SAMPLES, epochs: int = 1,
            radio: str = "wifi", battery_pct: float | None = None, joules: float | None = None,
            uplink_codec: str = "coo32", sparsities: tuple[float, ...] = DEFAULT_SPARSITIES,
-           min_rounds: int = 1) -> Budget:
+           min_rounds: int = 1, plan: SparsityPlan | None = None) -> Budget:
     """Energy/time per federated round (compute and radio apart) and the rounds a budget affords.
 
     The budget is ``battery_pct`` % of the battery (devices without a battery: an error) or
     ``joules`` J; with neither, a battery device uses its full charge and others report no
     round count. ``sparsity_options`` repeats the figures for each of ``sparsities`` (and the
     requested one); ``sparsities_that_fit`` are those that fit the RAM and afford at least
-    ``min_rounds`` rounds.
+    ``min_rounds`` rounds. ``plan`` (optional, e.g. a strategy's per-layer plan) replaces the
+    uniform plan at ``sparsity`` for the requested figures (its mode is the mode); ``sparsity``
+    then only labels it, and the other options use uniform plans of that mode.
     """
     spec = resolve_model(spec_or_name)
+    if plan is not None:
+        plan.check(spec)
+        mode = plan.mode
     profile = resolve_device(device)
     if battery_pct is not None and joules is not None:
         raise ValueError("give either battery_pct or joules, not both")
@@ -590,7 +595,8 @@ def budget(spec_or_name: ModelSpec | str, device: DeviceProfile | str, sparsity:
     def rounds(e: float) -> int | None:
         return None if budget_j is None else int(math.floor(budget_j / e)) if e > 0 else None
 
-    est = estimate(spec, profile, sparsity, mode, batch, samples, epochs, radio, uplink_codec)
+    est = estimate(spec, profile, sparsity, mode, batch, samples, epochs, radio, uplink_codec,
+                   plan=plan)
     r = _round_energy(est, profile, radio)
     fits, verdict = _ram_verdict(est.totals.peak_memory_bytes, profile.ram_bytes)
     options, fit = [], []
@@ -609,7 +615,7 @@ def budget(spec_or_name: ModelSpec | str, device: DeviceProfile | str, sparsity:
             fit.append(s)
     n_rounds = rounds(r["energy"])
     return Budget(
-        model=spec.name, device=profile.name, sparsity=float(sparsity), mode=est.mode,
+        model=spec.name, device=profile.name, sparsity=float(sparsity), mode=mode,
         radio=radio, samples=samples, epochs=epochs, batch=batch,
         compute_time_per_round_s=r["compute_time"], radio_time_per_round_s=r["radio_time"],
         time_per_round_s=r["time"], compute_energy_per_round_j=r["compute_energy"],
