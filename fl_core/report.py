@@ -168,8 +168,13 @@ def _energy_plot(path: Path, run: Run) -> None:
     rounds, by_dev = energy_by_device(run)
     fig, ax = plt.subplots(figsize=(6, 4))
     bottom = np.zeros(len(rounds))
-    for d, e in by_dev.items():
-        ax.bar(rounds, e, bottom=bottom, label=d)
+    classes = sorted({d.removesuffix(" (board)") for d in by_dev})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for d, e in by_dev.items():   # a class's boards: its colour, hatched, beside its simulated
+        board = d.endswith(" (board)")
+        color = colors[classes.index(d.removesuffix(" (board)")) % len(colors)]
+        ax.bar(rounds, e, bottom=bottom, label=d, color=color, hatch="//" if board else None,
+               edgecolor="white" if board else None)
         bottom += e
     ax.set_xlabel("round")
     ax.set_xticks(rounds if len(rounds) <= 20 else rounds[:: max(1, len(rounds) // 10)])
@@ -369,8 +374,8 @@ def _source_lines(cmp: list[ClassComparison], boards: list[dict[str, Any]]) -> l
                              f"{_list(info.get('models'))}; sparsities "
                              f"{_list(info.get('sparsities'))})")
             else:
-                parts.append(f"board {str(b['board_uuid'])[:8]} has no calibration (the "
-                             "shipped profile)")
+                parts.append(f"the shipped `{c.device}` profile (board "
+                             f"{str(b['board_uuid'])[:8]} has no calibration)")
         where = "; ".join(parts) if parts else "the profile of the run (no boards.json entry)"
         lines.append(f"- {c.label}: estimate ({ests}) from {where}.")
     return lines
@@ -454,10 +459,16 @@ def _mve_plot(path: Path, cmp: list[ClassComparison]) -> None:
             pos = np.concatenate([m, e[e > 0]])
             lo, hi = min(lo, float(pos.min())), max(hi, float(pos.max()))
         if hi > 0:
+            from matplotlib.ticker import FuncFormatter, NullFormatter
+
             a, b = lo / 1.5, hi * 1.5
             ax.plot([a, b], [a, b], "k--", lw=1, label="y = x")
             ax.set_xscale("log")
             ax.set_yscale("log")
+            plain = FuncFormatter(lambda v, _: f"{v:g}")
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_formatter(plain)
+                axis.set_minor_formatter(plain if b / a < 10 else NullFormatter())
         unit = "s" if kind == "time" else "J"
         what = "compute time" if kind == "time" else "energy (sensor)"
         ax.set_xlabel(f"measured {what} per round ({unit})")
@@ -474,6 +485,7 @@ def write_report(path: str | Path) -> Path:
     """Write ``report.md`` and the four PNG plots into the run directory ``path``."""
     run = load_run(path)
     p = run.dir
+    load_boards(p)      # a malformed boards.json fails before any plot is drawn
     _line_plot(p / PLOTS["accuracy_vs_rounds"], [run], "round", "round", "accuracy vs rounds")
     _line_plot(p / PLOTS["accuracy_vs_energy"], [run], "energy_cum_j",
                "cumulative client energy (J)", "accuracy vs client energy")
