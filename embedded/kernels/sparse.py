@@ -74,14 +74,17 @@ def _prefix(counts, rowptr):
 
 
 @dual
-def build(w2, m2, use_mask, thr, geo, rowptr, counts, widx, val, code, col,
+def build(w2, m2, use_mask, thr, geo, ctab, jbuf, rowptr, counts, widx, val, code, col,
           colptr, c_code, c_row, c_widx, c_val, wcnt):
     """Fused CSR + CSC build of the kept entries of ``w2`` (rows, row_len).
 
     Kept: ``m2 != 0`` if ``use_mask`` else ``|w| >= thr and w != 0``. ``geo`` describes how a
     kept entry maps to its compute code: ``geo[0] == 0`` linear (code = column); ``geo[0] == 1``
-    conv with geo = (1, Cog, Cig, KH, KW, sh, sw, Hq, Wq, Cin). Returns nnz, or -nnz when the
-    arrays are too small (the caller grows them and calls again).
+    conv with geo = (1, Cog, Cig, KH, KW, sh, sw, Hq, Wq, Cin). ``ctab[j]`` is the code of
+    column j for group 0 (a group shifts it by whole input planes). The fill compacts each
+    row's kept columns into ``jbuf[worker]`` without branches (one store per entry) and then
+    writes only the kept entries (``widx`` only with a mask: swat never reads it). Returns
+    nnz, or -nnz when the arrays are too small (the caller grows them and calls again).
     """
     rows, rl = w2.shape
     for r in prange(rows):
@@ -97,64 +100,51 @@ def build(w2, m2, use_mask, thr, geo, rowptr, counts, widx, val, code, col,
                 c += (a >= thr) & (a > 0.0)
         counts[r] = c
     nnz = _prefix(counts[:rows], rowptr)
-    if nnz > widx.size:
+    if nnz > val.size:
         return -nnz
     conv = geo[0] == 1
     Cog, Cig, KH, KW = geo[1], geo[2], geo[3], geo[4]
     sh, sw, Hq, Wq = geo[5], geo[6], geo[7], geo[8]
     ncols = geo[9] * KH * KW if conv else rl  # conv: CSC keyed by (input channel, tap)
-    # kh % sh, kh // sh, kw % sw, kw // sw as tables: no integer division per entry
-    khr = np.empty(max(KH, 1), np.int64)
-    khq = np.empty(max(KH, 1), np.int64)
-    kwr = np.empty(max(KW, 1), np.int64)
-    kwq = np.empty(max(KW, 1), np.int64)
-    if conv:
-        for kh in range(KH):
-            khr[kh] = kh % sh
-            khq[kh] = kh // sh
-        for kw in range(KW):
-            kwr[kw] = kw % sw
-            kwq[kw] = kw // sw
-    for r in prange(rows):
-        p = rowptr[r]
-        wr = w2[r]
-        mr = m2[r] if use_mask else m2[0]
-        if conv:
-            # j = (cig*KH + kh)*KW + kw walked by nested loops: no division per entry
-            g0 = (r // Cog) * Cig
-            j = 0
-            for cig in range(Cig):
-                ci = g0 + cig
-                for kh in range(KH):
-                    crow = ((ci * sh + khr[kh]) * sw) * Hq + khq[kh]
-                    for kw in range(KW):
-                        v = wr[j]
-                        if use_mask:
-                            keep = mr[j] != 0
-                        else:
-                            a = abs(v)
-                            keep = (a >= thr) & (a > 0.0)
-                        if keep:
-                            widx[p] = r * rl + j
-                            val[p] = v
-                            code[p] = (crow + kwr[kw] * Hq) * Wq + kwq[kw]
-                            col[p] = (ci * KH + kh) * KW + kw
-                            p += 1
-                        j += 1
-        else:
-            for j in range(rl):
-                v = wr[j]
-                if use_mask:
-                    keep = mr[j] != 0
-                else:
-                    a = abs(v)
-                    keep = (a >= thr) & (a > 0.0)
-                if keep:
-                    widx[p] = r * rl + j
-                    val[p] = v
-                    code[p] = j
-                    col[p] = j
-                    p += 1
+    gstep = Cig * sh * sw * Hq * Wq  # code shift of one group (conv)
+    NB = jbuf.shape[0]
+    for t in prange(NB):
+        jb = jbuf[t]
+        for r in range(rows * t // NB, rows * (t + 1) // NB):
+            wr = w2[r]
+            m = 0
+            if use_mask:
+                mr = m2[r]
+                for j in range(rl):
+                    jb[m] = j
+                    m += mr[j] != 0
+            else:
+                for j in range(rl):
+                    a = abs(wr[j])
+                    jb[m] = j
+                    m += (a >= thr) & (a > 0.0)
+            p0 = rowptr[r]
+            vr = val[p0:p0 + m]  # slices indexed from 0: no wrap-around check per access
+            cr = code[p0:p0 + m]
+            if conv:
+                g = r // Cog
+                goff = g * gstep
+                coff = g * Cig * KH * KW
+                lr = col[p0:p0 + m]
+                for q in range(m):
+                    j = jb[q]
+                    vr[q] = wr[j]
+                    cr[q] = ctab[j] + goff
+                    lr[q] = coff + j
+            else:
+                for q in range(m):
+                    j = jb[q]
+                    vr[q] = wr[j]
+                    cr[q] = j
+            if use_mask:
+                xr = widx[p0:p0 + m]
+                for q in range(m):
+                    xr[q] = r * rl + jb[q]
     if not conv:
         return nnz  # linear: backward-input scatters by row (see linear_kernels)
     # CSC by counting sort on the column, scattering each CSR entry (read in order, so the
@@ -218,6 +208,10 @@ class SparseWeight:
         self.counts = np.zeros(max(rows, ncols) + 1, np.int64)
         # per-chunk column counts of the CSC sort (conv only; 4 static row chunks)
         self.wcnt = np.zeros((4, ncols) if self.geo[0] == 1 else (1, 1), np.int64)
+        # per-worker row compaction scratch (4 static row chunks) and the per-column codes
+        rl = int(self.geo[2] * self.geo[3] * self.geo[4]) if self.geo[0] == 1 else ncols
+        self.jbuf = np.zeros((4, rl), np.int32)
+        self.ctab = _code_table(self.geo, self.jbuf.shape[1])
         self._alloc(1)
         self.nnz = 0
         self.cached_mask = None  # the mask object the structure was built from
@@ -240,7 +234,8 @@ class SparseWeight:
         m2 = mask2 if use_mask else _NOMASK
         k = pick(build, w2.size)
         for _ in range(2):
-            nnz = k(w2, m2, use_mask, np.float32(thr), self.geo, self.rowptr, self.counts,
+            nnz = k(w2, m2, use_mask, np.float32(thr), self.geo, self.ctab, self.jbuf,
+                    self.rowptr, self.counts,
                     self.widx, self.val, self.code, self.col, self.colptr,
                     self.c_code, self.c_row, self.c_widx, self.c_val, self.wcnt)
             if nnz >= 0:
@@ -259,3 +254,14 @@ class SparseWeight:
 
 
 _NOMASK = np.zeros((1, 1), np.uint8)
+
+
+def _code_table(geo: np.ndarray, rl: int) -> np.ndarray:
+    """Compute code of each column j of a weight row (group 0): linear j; conv the tap code
+    of (cig, kh, kw) = unravel(j) on the packed input (see conv_kernels)."""
+    if geo[0] != 1:
+        return np.arange(rl, dtype=np.int32)
+    _, _, cig_n, KH, KW, sh, sw, Hq, Wq, _ = (int(v) for v in geo)
+    ci, kh, kw = np.meshgrid(np.arange(cig_n), np.arange(KH), np.arange(KW), indexing="ij")
+    cq = (ci * sh + kh % sh) * sw + kw % sw
+    return (((cq * Hq) + kh // sh) * Wq + kw // sw).reshape(-1).astype(np.int32)

@@ -51,19 +51,19 @@ def hist_top_bits(bits, hist):
         h1[:] = 0
         h2[:] = 0
         h3[:] = 0
-        lo = n * c // nch
-        hi = n * (c + 1) // nch
-        i = lo
+        src = bits[n * c // nch:n * (c + 1) // nch]  # indexed from 0: no wrap-around check
+        hi = src.size
+        i = 0
         m = np.uint32(0x7FFFFFFF)
         s = np.uint32(20)
         while i + 4 <= hi:
-            h0[(bits[i] & m) >> s] += 1
-            h1[(bits[i + 1] & m) >> s] += 1
-            h2[(bits[i + 2] & m) >> s] += 1
-            h3[(bits[i + 3] & m) >> s] += 1
+            h0[(src[i] & m) >> s] += 1
+            h1[(src[i + 1] & m) >> s] += 1
+            h2[(src[i + 2] & m) >> s] += 1
+            h3[(src[i + 3] & m) >> s] += 1
             i += 4
         while i < hi:
-            h0[(bits[i] & m) >> s] += 1
+            h0[(src[i] & m) >> s] += 1
             i += 1
 
 
@@ -82,46 +82,68 @@ def _pick(hist, k):
     return 0, above
 
 
-@njit(cache=True, nogil=True)
-def resolve_count(hist, k, bits, cand):
-    """Finish the select: (bit pattern of the k-th largest |a|, number of non-zero entries
-    with |a| >= it). The bit pattern is 1 (keep every non-zero) if fewer than k are non-zero.
-
-    ``hist`` is pass 1's histogram of ``bits`` (overwritten; extra exact zeros in ``bits``,
-    such as padding, are ignored); ``cand`` a uint32 scratch as large as ``bits``.
-    """
+@dual
+def _resolve_count(hist, k, bits, cand):
+    """Kernel of :func:`resolve_count`. Pass 2 (collecting the entries of the K-th bin) runs
+    over NCHUNK static chunks, chunk c compacting into its own slice ``cand[lo:hi]``, so it is
+    parallel without a race; the two small histogram passes walk the chunks in order
+    (integer counts: the result does not depend on the thread count)."""
     b1, above = _pick(hist, k)
     total = above
     k -= above
-    m = 0
     top = np.uint32(b1)
-    for i in range(bits.size):  # branch-free: ReLU inputs make the test a coin flip
-        b = bits[i] & np.uint32(0x7FFFFFFF)
-        cand[m] = b
-        m += (b != 0) & ((b >> np.uint32(20)) == top)
+    n = bits.size
+    mc = hist[2, :NCHUNK]  # pass 1's counts are no longer needed: reuse the scratch
+    for c in prange(NCHUNK):
+        lo = n * c // NCHUNK
+        hi = n * (c + 1) // NCHUNK
+        src = bits[lo:hi]  # 1-D slices indexed from 0: no wrap-around check per access
+        dst = cand[lo:hi]
+        m = 0
+        for i in range(src.size):  # branch-free: ReLU inputs make the test a coin flip
+            b = src[i] & np.uint32(0x7FFFFFFF)
+            dst[m] = b
+            m += (b != 0) & ((b >> np.uint32(20)) == top)
+        mc[c] = m
+    m = 0
+    for c in range(NCHUNK):
+        m += mc[c]
     if m < k:
         return np.uint32(1), total + m  # fewer than k non-zero magnitudes: keep them all
-    h2 = hist[0:1]  # pass 1's counts are no longer needed: reuse the scratch
+    h2 = hist[0:1]
     h2[:] = 0
-    for i in range(m):
-        h2[0, (cand[i] >> np.uint32(9)) & np.uint32(2047)] += 1
+    for c in range(NCHUNK):
+        lo = n * c // NCHUNK
+        for i in range(lo, lo + mc[c]):
+            h2[0, (cand[i] >> np.uint32(9)) & np.uint32(2047)] += 1
     b2, above = _pick(h2, k)
     total += above
     k -= above
     pre = (top << np.uint32(11)) | np.uint32(b2)
     h3 = hist[1:2, :512]
     h3[:] = 0
-    for i in range(m):
-        c = cand[i]
-        if (c >> np.uint32(9)) == pre:
-            h3[0, c & np.uint32(511)] += 1
+    for c in range(NCHUNK):
+        lo = n * c // NCHUNK
+        for i in range(lo, lo + mc[c]):
+            cc = cand[i]
+            if (cc >> np.uint32(9)) == pre:
+                h3[0, cc & np.uint32(511)] += 1
     b3, above = _pick(h3, k)
     total += above + h3[0, b3]  # everything above, and the ties at the k-th value
     return (pre << np.uint32(9)) | np.uint32(b3), total
 
 
-@njit(cache=True, nogil=True)
-def resolve(hist, k, bits, cand):
+def resolve_count(hist: np.ndarray, k: int, bits: np.ndarray, cand: np.ndarray):
+    """Finish the select: (bit pattern of the k-th largest |a|, number of non-zero entries
+    with |a| >= it). The bit pattern is 1 (keep every non-zero) if fewer than k are non-zero.
+
+    ``hist`` is pass 1's histogram of ``bits`` (overwritten; extra exact zeros in ``bits``,
+    such as padding, are ignored); ``cand`` a uint32 scratch as large as ``bits``.
+    """
+    return pick(_resolve_count, bits.size)(hist, k, bits, cand)
+
+
+def resolve(hist: np.ndarray, k: int, bits: np.ndarray, cand: np.ndarray):
     """Bit pattern of the k-th largest |a| (see :func:`resolve_count`)."""
     b, _ = resolve_count(hist, k, bits, cand)
     return b
