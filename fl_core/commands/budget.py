@@ -182,8 +182,10 @@ def _calibrations(d: Path, boards: list[dict[str, Any]]) -> dict[str, Path]:
             out.setdefault(str(b["device"]), d / rel)
     cal = d / "calibration"
     if cal.is_dir():
+        named = {p.resolve() for p in out.values()}
         for f in sorted(cal.glob("*.toml")):
-            out[f.stem] = f
+            if f.resolve() not in named:
+                out.setdefault(f.stem, f)
     return out
 
 
@@ -233,7 +235,8 @@ def resolve(args: argparse.Namespace) -> Resolved:
     else:
         device = args.device
         if device is None and run is not None:
-            cands = run.devices if len(run.devices) == 1 else sorted(run.calibrations)
+            cands = run.devices if len(run.devices) == 1 else sorted(
+                set(run.calibrations) & set(run.devices))
             if len(cands) != 1:
                 raise ValueError(f"--run {run.dir}: give --device, one of the run's device "
                                  f"classes: {', '.join(run.devices)}")
