@@ -13,11 +13,23 @@ median of repeats:
 (b) the whole training step (forward, loss, backward, SGD update) of femnist_cnn and resnet8
     with the SWAT plan (first layer and classifier dense), against a torch twin of the model.
 
+SWAT's ``topk_period`` (``--topk-period 1,10``: each listed period is measured; sparsity 0 once):
+period 1 is the exact top-K every step (the costliest). With a period p > 1 the exact top-K
+runs on one step in p and the other steps reuse its threshold (ALGORITHMS.md; the compressed
+weights are still rebuilt from the current dense weights at that threshold every step, so
+the kept set drifts as in SWAT). Such a row's time is AMORTISED: each timed sample is p
+consecutive steps (exactly one of them the refresh) divided by p, and torch's sample is p
+steps too.
+
 Records: model, layer (or "step"), sparse (is the layer sparse in the SWAT plan), sparsity,
 threads, batch, ours_ms, torch_ms, speedup (torch_ms / ours_ms), density (measured weight
-density), act_density, topk_period. Also prints per-layer median speedups, the peak memory of
-a step (fresh subprocesses, RSS high-water mark above the post-warm-up level) and the JIT
-compile time of the first step in a fresh process with an empty Numba cache.
+density), act_density, topk_period, amortised_over (steps per timed sample), pred_speedup
+(hwmodel's predicted sparse-vs-dense speed-up of our trainer with the calibrated host profile,
+benchmarks/results/generic-x86-calibrated.toml, when it loads) and ours_dense_over_sparse
+(our own dense time / our sparse time, the measured quantity the prediction models). Also
+prints per-layer median speedups, the peak memory of a step (fresh subprocesses, RSS
+high-water mark above the post-warm-up level) and the JIT compile time of the first step in a
+fresh process with an empty Numba cache.
 """
 
 from __future__ import annotations
@@ -54,22 +66,68 @@ def set_threads(n: int) -> None:
         pass
 
 
-def _median_interleaved(fa, fb, reps: int, budget_s: float) -> tuple[float, float]:
+def _median_interleaved(fa, fb, reps: int, budget_s: float, block: int = 1
+                        ) -> tuple[float, float]:
+    """Median ms per call of ``fa`` and ``fb``, interleaved; each timed sample runs ``block``
+    consecutive calls and is divided by ``block`` (an amortised per-step time over a whole
+    top-K period when ``block`` is the period)."""
     ta, tb = [], []
     t_end = time.perf_counter() + budget_s
     for r in range(reps):
         pair = ((fa, ta), (fb, tb)) if r % 2 == 0 else ((fb, tb), (fa, ta))
         for f, acc in pair:
             t0 = time.perf_counter()
-            f()
-            acc.append(time.perf_counter() - t0)
+            for _ in range(block):
+                f()
+            acc.append((time.perf_counter() - t0) / block)
         if r >= 2 and time.perf_counter() > t_end:
             break
     return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
 
 
+# ----------------------------------------------------------------------------- hwmodel
+PROFILE = os.path.join(ROOT, "benchmarks", "results", "generic-x86-calibrated.toml")
+_PRED_CACHE: dict[tuple, dict] = {}
+
+
+def predicted(model: str, batch: int, s: float, period: int, layers: str) -> dict:
+    """hwmodel's predicted speed-up of our sparse step over our dense step (calibrated host
+    profile): {layer: ratio of forward+backward times, "step": ratio of the whole step}.
+    Empty if the profile or the estimator is unavailable."""
+    key = (model, batch, s, period, layers)
+    if key in _PRED_CACHE:
+        return _PRED_CACHE[key]
+    out: dict = {}
+    try:
+        from hwmodel import SparsityPlan, build
+        from hwmodel.estimator import estimate
+        from hwmodel.profiles import load_profile
+        prof = load_profile(PROFILE)
+        spec = build(model)
+        plan = SparsityPlan.uniform(spec, s, mode="swat", layers=layers, topk_period=period)
+        est = estimate(spec, prof, plan=plan, batch=batch, samples=batch, radio=None)
+        phases = ("forward", "backward_input", "backward_weight")
+        sp = est.sparse.rows[est.sparse.rows["phase"].isin(phases)].groupby("layer")["time_s"].sum()
+        de = est.dense.rows[est.dense.rows["phase"].isin(phases)].groupby("layer")["time_s"].sum()
+        for name in sp.index:
+            if sp[name] > 0:
+                out[name] = float(de[name] / sp[name])
+        out["step"] = float(est.dense_totals.time_s / est.totals.time_s)
+    except Exception as e:  # noqa: BLE001  (the benchmark still runs without a profile)
+        print(f"(no hwmodel prediction: {type(e).__name__}: {e})", flush=True)
+    _PRED_CACHE[key] = out
+    return out
+
+
 # ----------------------------------------------------------------------------- (a) layers
-def bench_layers(model: str, threads: int, batch: int, sparsities, reps: int, period: int,
+def _configs(sparsities, periods):
+    """(sparsity, period) pairs: sparsity 0 once (period irrelevant), each sparse one per
+    period."""
+    return [(s, None) if s == 0 else (s, p) for s in sparsities
+            for p in ([None] if s == 0 else periods)]
+
+
+def bench_layers(model: str, threads: int, batch: int, sparsities, reps: int, periods,
                  budget_s: float, only=None, dedupe: bool = False) -> list[dict]:
     import torch
     from torch import nn
@@ -128,27 +186,41 @@ def bench_layers(model: str, threads: int, batch: int, sparsities, reps: int, pe
             ours.forward(x, True)
             ours.backward(gy, True)
 
-        for s in sparsities:
+        dense_ms = None
+        for s, period in _configs(sparsities, periods):
             if s == 0:
                 ours.set_sparsity("dense", None)
             else:
                 ours.set_sparsity("swat", LayerSparsity(1 - s, 1 - s, period))
-            for _ in range(2):
+            blk = period or 1
+            for _ in range(max(2, blk)):
                 run_ours()
                 run_torch()
-            to, tt = _median_interleaved(run_ours, run_torch, reps, budget_s)
+            to, tt = _median_interleaved(run_ours, run_torch, reps, budget_s, blk)
+            if s == 0:
+                dense_ms = to
+            pred = predicted(model, batch, s, period, "all").get(name) if s else None
             out.append({"model": model, "layer": name, "sparse": name in sparse_names,
                         "op": node.op, "sparsity": s, "threads": threads, "batch": batch,
                         "ours_ms": round(to, 4), "torch_ms": round(tt, 4),
                         "speedup": round(tt / to, 4),
                         "density": round(float(ours.measured_density), 5),
                         "act_density": round(float(ours.measured_act_density), 5),
-                        "topk_period": period if s else None, "same_shape_layers": []})
+                        "topk_period": period, "amortised_over": blk,
+                        "pred_speedup": None if pred is None else round(pred, 3),
+                        "ours_dense_over_sparse": (round(dense_ms / to, 3)
+                                                   if s and dense_ms else None),
+                        "same_shape_layers": []})
             r = out[-1]
             seen.setdefault(sig, []).append(r)
+            extra = ""
+            if s:
+                extra = (f" p={period}{'(amortised)' if blk > 1 else ''}"
+                         f" own-dense/sparse x{r['ours_dense_over_sparse'] or 0:4.2f}"
+                         + (f" hwmodel-pred x{pred:4.2f}" if pred else ""))
             print(f"{model:15s} {name:22s} s={s:<5} t={threads} b={batch:<3} "
                   f"ours {to:8.3f} ms  torch {tt:8.3f} ms  x{tt / to:5.2f}  "
-                  f"d={r['density']:.3f} da={r['act_density']:.3f}", flush=True)
+                  f"d={r['density']:.3f} da={r['act_density']:.3f}{extra}", flush=True)
     return out
 
 
@@ -160,7 +232,7 @@ def _plan(spec, s, period):
     return SparsityPlan.uniform(spec, s, mode="swat", layers="swat", topk_period=period)
 
 
-def bench_steps(model: str, threads: int, batch: int, sparsities, reps: int, period: int,
+def bench_steps(model: str, threads: int, batch: int, sparsities, reps: int, periods,
                 budget_s: float) -> list[dict]:
     import torch
 
@@ -174,13 +246,14 @@ def bench_steps(model: str, threads: int, batch: int, sparsities, reps: int, per
     x = rng.standard_normal((batch, *spec.input_shape)).astype(np.float32)
     y = rng.integers(0, spec.num_classes, batch).astype(np.int64)
     out = []
-    for s in sparsities:
+    dense_ms = None
+    for s, period in _configs(sparsities, periods):
         net = Network.from_spec(spec, seed=0)
         net.timing = False
         for layer in net.layers.values():
             layer.timing = False
         net.setup(batch)
-        net.set_plan(_plan(spec, s, period))
+        net.set_plan(_plan(spec, s, period or 1))
         opt = SGD(net, momentum=0.9, weight_decay=5e-4)
         tw = to_torch(spec)
         tw.load_state_dict({k: torch.from_numpy(v) for k, v in net.state_dict().items()})
@@ -199,19 +272,31 @@ def bench_steps(model: str, threads: int, batch: int, sparsities, reps: int, per
             lossf(tw(xt), yt).backward()
             topt.step()
 
-        for _ in range(2):
+        blk = period or 1
+        for _ in range(max(2, blk)):
             run_ours()
             run_torch()
-        to, tt = _median_interleaved(run_ours, run_torch, reps, budget_s)
+        to, tt = _median_interleaved(run_ours, run_torch, reps, budget_s, blk)
+        if s == 0:
+            dense_ms = to
         dens = [net.layers[n].measured_density for n in net.plan.layers] or [1.0]
+        pred = predicted(model, batch, s, period, "swat").get("step") if s else None
         out.append({"model": model, "layer": "step", "sparse": s > 0, "op": "step",
                     "sparsity": s, "threads": threads, "batch": batch,
                     "ours_ms": round(to, 4), "torch_ms": round(tt, 4),
                     "speedup": round(tt / to, 4),
                     "density": round(float(np.mean(dens)), 5), "act_density": None,
-                    "topk_period": period if s else None})
+                    "topk_period": period, "amortised_over": blk,
+                    "pred_speedup": None if pred is None else round(pred, 3),
+                    "ours_dense_over_sparse": (round(dense_ms / to, 3)
+                                               if s and dense_ms else None)})
+        extra = ""
+        if s:
+            extra = (f" p={period}{'(amortised)' if blk > 1 else ''}"
+                     f" own-dense/sparse x{out[-1]['ours_dense_over_sparse'] or 0:4.2f}"
+                     + (f" hwmodel-pred x{pred:4.2f}" if pred else ""))
         print(f"{model:15s} {'STEP':22s} s={s:<5} t={threads} b={batch:<3} "
-              f"ours {to:8.3f} ms  torch {tt:8.3f} ms  x{tt / to:5.2f}", flush=True)
+              f"ours {to:8.3f} ms  torch {tt:8.3f} ms  x{tt / to:5.2f}{extra}", flush=True)
     return out
 
 
@@ -329,21 +414,66 @@ def bench_memory_jit(models, batch: int, s: float, period: int, threads: int,
 
 
 # ----------------------------------------------------------------------------- main
-def summarise(records: list[dict]) -> None:
-    print("\nPer-layer median speedup over the SWAT plan's sparse layers (torch_ms / ours_ms):")
-    keys = sorted({(r["threads"], r["batch"], r["sparsity"]) for r in records
-                   if r.get("op") in ("conv2d", "linear")})
-    for t, b, s in keys:
-        sp = [r["speedup"] for r in records if r.get("op") in ("conv2d", "linear")
-              and r["threads"] == t and r["batch"] == b and r["sparsity"] == s
-              and (r["sparse"] or s == 0)]
-        if sp:
-            print(f"  threads={t} batch={b} sparsity={s}: median x{statistics.median(sp):.2f} "
-                  f"min x{min(sp):.2f} max x{max(sp):.2f} over {len(sp)} layers")
+def summarise(records: list[dict]) -> list[str]:
+    """Print (and return as lines) the per-layer medians and the whole-step speed-ups."""
+    lines = ["Per-layer median speedup over the SWAT plan's sparse layers (torch_ms / ours_ms; "
+             "p>1 rows are amortised over the whole top-K period, refresh step included; "
+             "pred = hwmodel's predicted sparse-vs-dense speed-up of our trainer, "
+             "own = our measured dense/sparse):"]
+    lay = [r for r in records if r.get("op") in ("conv2d", "linear")]
+    keys = sorted({(r["threads"], r["batch"], r["sparsity"], r.get("topk_period") or 0)
+                   for r in lay})
+    for t, b, s, p in keys:
+        sel = [r for r in lay if r["threads"] == t and r["batch"] == b and r["sparsity"] == s
+               and (r.get("topk_period") or 0) == p and (r["sparse"] or s == 0)]
+        if not sel:
+            continue
+        sp = [r["speedup"] for r in sel]
+        own = [r["ours_dense_over_sparse"] for r in sel if r.get("ours_dense_over_sparse")]
+        pr = [r["pred_speedup"] for r in sel if r.get("pred_speedup")]
+        worst = min(sel, key=lambda r: r["speedup"])
+        lines.append(
+            f"  threads={t} batch={b} sparsity={s}" + (f" topk_period={p}" if s else "")
+            + f": median x{statistics.median(sp):.2f} min x{min(sp):.2f} "
+            f"({worst['model']} {worst['layer']}) max x{max(sp):.2f} over {len(sp)} layers"
+            + (f"; own x{statistics.median(own):.2f}" if own else "")
+            + (f"; pred x{statistics.median(pr):.2f}" if pr else ""))
     for r in records:
         if r.get("op") == "step":
-            print(f"  step {r['model']} threads={r['threads']} batch={r['batch']} "
-                  f"sparsity={r['sparsity']}: x{r['speedup']:.2f}")
+            lines.append(
+                f"  step {r['model']} threads={r['threads']} batch={r['batch']} "
+                f"sparsity={r['sparsity']}"
+                + (f" topk_period={r['topk_period']}" if r["sparsity"] else "")
+                + f": x{r['speedup']:.2f}"
+                + (f" (own x{r['ours_dense_over_sparse']:.2f}" if r.get("ours_dense_over_sparse")
+                   else "")
+                + (f", pred x{r['pred_speedup']:.2f})" if r.get("pred_speedup") else
+                   (")" if r.get("ours_dense_over_sparse") else "")))
+    print("\n" + "\n".join(lines))
+    return lines
+
+
+def write_md(path: str, records: list[dict], lines: list[str], argv) -> None:
+    """A short markdown summary beside the JSON."""
+    rows = ["| model | layer | sparsity | topk_period | ours ms | torch ms | speedup | "
+            "own dense/sparse | hwmodel pred | density |", "|" + "---|" * 10]
+    for r in records:
+        if r.get("op") not in ("conv2d", "linear", "step"):
+            continue
+        rows.append(f"| {r['model']} | {r['layer']} | {r['sparsity']} | "
+                    f"{r.get('topk_period') or '-'} | {r['ours_ms']:.3f} | {r['torch_ms']:.3f} | "
+                    f"{r['speedup']:.2f} | {r.get('ours_dense_over_sparse') or '-'} | "
+                    f"{r.get('pred_speedup') or '-'} | {r['density']} |")
+    mem = [r for r in records if r.get("layer") == "memory"]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("# train_step benchmark\n\n`python benchmarks/train_step.py "
+                + " ".join(argv) + "`\n\n```\n" + "\n".join(lines) + "\n```\n\n")
+        for m in mem:
+            f.write(f"- {m['model']} memory (s={m['sparsity']}): step peak ours "
+                    f"{m['ours_step_peak_mb']} MB vs torch {m['torch_step_peak_mb']} MB"
+                    + (f"; first step with an empty Numba cache {m['jit_first_step_s']} s"
+                       if "jit_first_step_s" in m else "") + "\n")
+        f.write("\n" + "\n".join(rows) + "\n")
 
 
 def main(argv=None) -> int:
@@ -356,8 +486,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsity", default="0,0.9,0.95")
     ap.add_argument("--models", default=",".join(MODELS_LAYERS))
     ap.add_argument("--layers", default=None, help="only these layer names")
-    ap.add_argument("--topk-period", type=int, default=1,
-                    help="SWAT top-K refresh period (1 = exact every step, the costliest)")
+    ap.add_argument("--topk-period", default="1,10",
+                    help="comma list of SWAT top-K refresh periods (1 = exact every step, the "
+                         "costliest; p > 1 rows are amortised over the period)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-steps", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
@@ -369,25 +500,28 @@ def main(argv=None) -> int:
     reps = args.reps or (5 if args.quick else 15)
     budget = 1.0 if args.quick else 6.0
     only = set(args.layers.split(",")) if args.layers else None
+    periods = [int(v) for v in args.topk_period.split(",")]
+    if any(p < 1 for p in periods):
+        ap.error(f"--topk-period: expected integers >= 1, got {args.topk_period!r}")
     records: list[dict] = []
     for t in threads:
         set_threads(t)
         for b in batches:
             for m in models:
-                records += bench_layers(m, t, b, sparsities, reps, args.topk_period, budget,
+                records += bench_layers(m, t, b, sparsities, reps, periods, budget,
                                         only, dedupe=args.quick)
             if not args.no_steps and not only:
                 for m in MODELS_STEP:
                     if m in models:
-                        records += bench_steps(m, t, b, sparsities, reps, args.topk_period,
+                        records += bench_steps(m, t, b, sparsities, reps, periods,
                                                budget * 2)
     if not args.no_memory and not only:
         b = batches[0]
         for s in ([0.0, 0.9] if not args.quick else [0.9]):
             records += bench_memory_jit([m for m in MODELS_STEP if m in models], b, s,
-                                        args.topk_period, max(threads), jit=(s == 0.9),
+                                        periods[0], max(threads), jit=(s == 0.9),
                                         jit_models=["femnist_cnn"] if args.quick else None)
-    summarise(records)
+    lines = summarise(records)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
@@ -396,6 +530,9 @@ def main(argv=None) -> int:
                        "threading_layer": os.environ.get("NUMBA_THREADING_LAYER")}, f,
                       indent=1)
         print(f"wrote {args.json}")
+        md = os.path.splitext(args.json)[0] + ".md"
+        write_md(md, records, lines, sys.argv[1:])
+        print(f"wrote {md}")
     return 0
 
 
