@@ -41,8 +41,8 @@ COMPARE_PLOTS = ("pareto", "accuracy_vs_energy", "accuracy_vs_uplink")
 #: Plots of a run with board rows.
 HYBRID_PLOTS = {"measured_vs_estimated": "measured_vs_estimated.png"}
 #: clients.csv columns of a hybrid run (absent in an all-simulated run's log).
-HYBRID_COLUMNS = ("board", "compute_s", "transfer_s", "est_time_s", "est_energy_j",
-                  "est_provenance")
+HYBRID_COLUMNS = ("board", "compute_s", "transfer_s", "transfer_provenance", "est_time_s",
+                  "est_energy_j", "est_provenance")
 #: Time provenances of a board round.
 MEASURED_TIME = ("measured", "measured-emulated")
 
@@ -204,7 +204,7 @@ def _provenance_line(run: Run) -> str:
     sides: dict[str, dict[str, set[str]]] = {}
     for r in run.clients:
         side = "boards" if is_board(r) else "simulated"
-        for q in ("time", "energy", "flops", "bytes", "host_wall", "est"):
+        for q in ("time", "energy", "flops", "bytes", "host_wall", "transfer", "est"):
             v = r.get(f"{q}_provenance")
             if v:
                 sides.setdefault(q, {}).setdefault(side, set()).add(v)

@@ -25,7 +25,8 @@ from fl_core.runlog import CLIENT_COLUMNS, ROUND_COLUMNS, _csv_text, atomic_writ
 
 PNG = b"\x89PNG\r\n\x1a\n"
 #: the hybrid columns of the run-directory contract (the lead adds them to CLIENT_COLUMNS)
-HYBRID = ("board", "compute_s", "transfer_s", "est_time_s", "est_energy_j", "est_provenance")
+HYBRID = ("board", "compute_s", "transfer_s", "transfer_provenance", "est_time_s",
+          "est_energy_j", "est_provenance")
 COLUMNS = tuple(CLIENT_COLUMNS) + tuple(c for c in HYBRID if c not in CLIENT_COLUMNS)
 UUID_A = "a1a1a1a1-0000-4000-8000-000000000001"   # rpi4, real board with an INA219
 UUID_B = "b2b2b2b2-0000-4000-8000-000000000002"   # rpi4, emulated board, no sensor
@@ -45,7 +46,7 @@ def _board(rnd, cid, device, uuid, compute, est, transfer, time_prov="measured",
            energy=None, energy_prov="calibrated-estimate", est_energy=None,
            est_prov="calibrated-estimate", **kw):
     return _client(rnd, cid, device, board=uuid, compute_s=compute, transfer_s=transfer,
-                   time_s=compute + transfer, time_provenance=time_prov, est_time_s=est,
+                   transfer_provenance="measured", time_s=compute + transfer, time_provenance=time_prov, est_time_s=est,
                    energy_j=energy if energy is not None else 3.0 * est,
                    energy_provenance=energy_prov, est_energy_j=est_energy,
                    est_provenance=est_prov, **kw)
@@ -217,6 +218,7 @@ def test_report_section_link_table_and_plots(hybrid):
     boards = _table(md, "## Boards")
     assert boards["board1"][4] == "yes" and boards["board0"][5] == "ina219"
     assert "time: boards measured/measured-emulated, simulated calibrated-estimate/estimated" in md
+    assert "transfer: boards measured" in md
     assert "board unplugged" in md                     # the failed board round is listed
     for name in ("accuracy_vs_rounds", "accuracy_vs_energy", "accuracy_vs_uplink",
                  "energy_by_device", "measured_vs_estimated"):
