@@ -276,7 +276,8 @@ def bwd_input_csc(colptr, c_code, c_row, c_val, gyb, gxq, gx, sh, sw, ph, pw, Hq
 
 
 @dual
-def bwd_weight_scan(xq, thr, gyT, gWt, gw, cnt, kbuf, nch, cb, sh, sw, Hq, Wq, N, KH, KW, OH, OW):
+def bwd_weight_scan(xq, thr, gyT, gWt, gw, cnt, kbuf, kval, nch, cb, sh, sw, Hq, Wq, N, KH, KW,
+                    OH, OW):
     """Dense weight gradient from the top-K input activations only (SWAT).
 
     Every kept activation a (``|a| >= thr``, ``a != 0``) at plane (ci, phs, pws), position
@@ -306,6 +307,7 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, cnt, kbuf, nch, cb, sh, sw, Hq, Wq, N
         cnt[ci0:ci1] = 0
         kb = kbuf[c, :Wq * N]
         ke = kbuf[c, Wq * N:2 * Wq * N]
+        kv = kval[c, :Wq * N]
         for cb0 in range(ci0, ci1, cb):
             cb1 = min(ci1, cb0 + cb)
             for phs in range(min(sh, KH)):  # (other phases: no tap, not packed)
@@ -322,10 +324,21 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, cnt, kbuf, nch, cb, sh, sw, Hq, Wq, N
                             # where every tap lands inside the output ("interior", one
                             # shared destination per tap row) apart from the edge columns
                             m = 0
-                            for e in range(jlo * N, jhi * N):
-                                a = xs[e]
-                                kb[m] = e
-                                m += (a != 0.0) & (abs(a) >= thr)
+                            if fast:
+                                # value and gyT offset (n*OW + j - (KW-1))*Co of each entry
+                                for j in range(jlo, jhi):
+                                    xr = xs[j * N:(j + 1) * N]
+                                    o0 = (j - (KW - 1)) * Co
+                                    for n in range(N):
+                                        a = xr[n]
+                                        kb[m] = o0 + n * OW * Co
+                                        kv[m] = a
+                                        m += (a != 0.0) & (abs(a) >= thr)
+                            else:
+                                for e in range(jlo * N, jhi * N):
+                                    a = xs[e]
+                                    kb[m] = e
+                                    m += (a != 0.0) & (abs(a) >= thr)
                             me = 0
                             for e in range(jlo * N):
                                 a = xs[e]
@@ -347,26 +360,23 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, cnt, kbuf, nch, cb, sh, sw, Hq, Wq, N
                                 if oh >= OH:
                                     continue
                                 kh = phs + mh * sh
-                                q = 0
                                 if fast:
                                     # interior: all taps of the kernel row form one contiguous
                                     # axpy into the same destination, 4 entries per pass
                                     # (1 load + 1 store of dst per 4 multiply-adds)
                                     ln = KW * Co
                                     dst = g[kh * KW * Co:(kh + 1) * KW * Co]
+                                    ob = oh * N * OW * Co
+                                    q = 0
                                     while q + 4 <= m:
-                                        e0 = kb[q]
-                                        e1 = kb[q + 1]
-                                        e2 = kb[q + 2]
-                                        e3 = kb[q + 3]
-                                        a0 = xs[e0]
-                                        a1 = xs[e1]
-                                        a2 = xs[e2]
-                                        a3 = xs[e3]
-                                        b0 = ((oh * N + e0 % N) * OW + e0 // N - (KW - 1)) * Co
-                                        b1 = ((oh * N + e1 % N) * OW + e1 // N - (KW - 1)) * Co
-                                        b2 = ((oh * N + e2 % N) * OW + e2 // N - (KW - 1)) * Co
-                                        b3 = ((oh * N + e3 % N) * OW + e3 // N - (KW - 1)) * Co
+                                        b0 = ob + kb[q]
+                                        b1 = ob + kb[q + 1]
+                                        b2 = ob + kb[q + 2]
+                                        b3 = ob + kb[q + 3]
+                                        a0 = kv[q]
+                                        a1 = kv[q + 1]
+                                        a2 = kv[q + 2]
+                                        a3 = kv[q + 3]
                                         r0 = gyT[b0:b0 + ln]
                                         r1 = gyT[b1:b1 + ln]
                                         r2 = gyT[b2:b2 + ln]
@@ -375,9 +385,18 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, cnt, kbuf, nch, cb, sh, sw, Hq, Wq, N
                                             dst[t] += (a0 * r0[t] + a1 * r1[t]
                                                        + a2 * r2[t] + a3 * r3[t])
                                         q += 4
-                                # the rest, one entry at a time (general taps)
-                                for qq in range(q, m + me):
-                                    e = kb[qq] if qq < m else ke[qq - m]
+                                    while q < m:
+                                        b0 = ob + kb[q]
+                                        a0 = kv[q]
+                                        r0 = gyT[b0:b0 + ln]
+                                        for t in range(ln):
+                                            dst[t] += a0 * r0[t]
+                                        q += 1
+                                    q0 = 0  # then the edge entries (general taps)
+                                else:
+                                    q0 = -m  # every entry (interior then edge), general taps
+                                for qq in range(q0, me):
+                                    e = kb[qq + m] if qq < 0 else ke[qq]
                                     j = e // N
                                     n = e - j * N
                                     a = xs[e]

@@ -146,6 +146,7 @@ class Conv2d(Layer):
         self._cnt = np.zeros(self.cin, np.int64)
         nwk = max(1, min(self.cin, numba.config.NUMBA_NUM_THREADS))
         self._kbuf = np.zeros((nwk, 2 * self.wq * n), np.int32)  # per worker: kept (j, n)
+        self._kval = np.zeros((nwk, self.wq * n), np.float32)  # per worker: their values
 
     # ------------------------------------------------------------------ sparsity API
     def set_sparsity(self, mode: str, ls=None) -> None:
@@ -313,8 +314,8 @@ class Conv2d(Layer):
                 kern = S.pick(K.bwd_weight_scan, int(flops * self.ls.act_density))
                 nch = 1 if kern is K.bwd_weight_scan[0] else min(self.cin, S.threads())
                 gwt = workspace("gWt", w.size)
-                kern(xq, thr_f, gyT, gwt, gw, self._cnt, self._kbuf, nch, self.scan_block,
-                     self.sh, self.sw, self.hq, self.wq, n, self.kh, self.kw, self.oh, self.ow)
+                kern(xq, thr_f, gyT, gwt, gw, self._cnt, self._kbuf, self._kval, nch,
+                     self.scan_block, self.sh, self.sw, self.hq, self.wq, n, self.kh, self.kw, self.oh, self.ow)
             elif self._masked() and not self.want_dense_grad:
                 sw = self._sw
                 gw[...] = 0.0
