@@ -189,6 +189,18 @@ class BoardClient:
     def emulated(self) -> bool:
         return bool(self.info.get("emulated"))
 
+    @property
+    def concurrent(self) -> bool:
+        """A real board trains while the host runs the simulated clients; an emulated one
+        waits for them (it would share the host's cores and time their contention)."""
+        return not self.emulated
+
+    @property
+    def num_samples(self) -> int:
+        """The size of this client's shard (0 when the shard lives only on the board)."""
+        d = self._data.get(self.client_id)
+        return 0 if d is None else int(len(d[1]))
+
     def connect(self) -> dict:
         """Open the port, HELLO, find the token by the board's UUID, AUTH, INFO."""
         self.close()
@@ -564,7 +576,9 @@ class BoardClient:
         import hwmodel
         from hwmodel.estimator import provenance_of
 
-        prof = self.cached_calibration() or self.profile
+        # a profile object given by the run (its calibration) wins over the host's cache
+        prof = self.profile if (self.profile is not None and not isinstance(self.profile, str)) \
+            else (self.cached_calibration() or self.profile)
         st = result.stats
         if prof is None or st is None or not st.steps:
             return None
@@ -719,27 +733,48 @@ class EmulatedBoard:
             f.write(token + b"\n")
         self.bridge = _PtyBridge()
         self.path = self.bridge.host_path
-        args = ["--port", self.bridge.agent_path, "--token-file", tok_path, "--sensor", "none",
-                "--state-dir", self.state_dir, "--emulated"]
+        self._args = ["--port", self.bridge.agent_path, "--token-file", tok_path, "--sensor",
+                      "none", "--state-dir", self.state_dir, "--emulated"]
         if profile:
-            args += ["--slowdown-profile", profile]
-        env = dict(os.environ, **(env or {}))
-        env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-        env.setdefault("NUMBA_CACHE_DIR", str(sparsefl_home() / "numba-cache"))
+            self._args += ["--slowdown-profile", profile]
+        self._args += list(agent_args or [])
+        self._env = dict(os.environ, **(env or {}))
+        self._env["PYTHONPATH"] = REPO + os.pathsep + self._env.get("PYTHONPATH", "")
+        self._env.setdefault("NUMBA_CACHE_DIR", str(sparsefl_home() / "numba-cache"))
+        self._start_timeout = start_timeout
         self._log = open(os.path.join(self.state_dir, "agent.log"), "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "embedded.agent", *args,
-                                      *(agent_args or [])], cwd=REPO, env=env,
-                                     stdout=subprocess.PIPE, stderr=self._log,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        r, _, _ = select.select([self.proc.stdout], [], [], start_timeout)
+        self.proc = None
+        self._spawn()
+        save_token(self.board_uuid, token)
+        remember_port(self.path, self.board_uuid)
+
+    def _spawn(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "embedded.agent", *self._args],
+                                     cwd=REPO, env=self._env, stdout=subprocess.PIPE,
+                                     stderr=self._log, stdin=subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent)
+        r, _, _ = select.select([self.proc.stdout], [], [], self._start_timeout)
         line = self.proc.stdout.readline().decode() if r else ""
         if not line.startswith("serving "):
             self.close()
             with open(os.path.join(self.state_dir, "agent.log"), errors="replace") as f:
                 raise BoardError(f"emulated agent did not start: {line!r} {f.read()[-2000:]}")
         self.board_uuid = line.split()[-1]
-        save_token(self.board_uuid, token)
-        remember_port(self.path, self.board_uuid)
+
+    def kill(self) -> None:
+        """Kill the agent (SIGKILL) as if the board were unplugged; the pty stays."""
+        p = self.proc
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait(timeout=10)
+        if p is not None and p.stdout:
+            p.stdout.close()
+
+    def restart(self) -> None:
+        """Start the agent again on the same pty and state (same UUID and token): the board
+        is plugged back in."""
+        self.kill()
+        self._spawn()
 
     @property
     def agent_log(self) -> str:
@@ -748,14 +783,14 @@ class EmulatedBoard:
     def close(self) -> None:
         """Stop the agent (by its pid), the bridge, and remove the token."""
         p = self.proc
-        if p.poll() is None:
+        if p is not None and p.poll() is None:
             p.terminate()
             try:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=5)
-        if p.stdout:
+        if p is not None and p.stdout:
             p.stdout.close()
         self._log.close()
         self.bridge.close()

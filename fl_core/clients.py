@@ -255,8 +255,11 @@ def _radio_of(profile: Any, radio: str | None) -> str | None:
 
 def estimate_task(task: ClientTask, device: str, samples: int, radio: str | None = "wifi",
                   up_bytes: int | None = None, down_bytes: int | None = None,
-                  steps: int | None = None) -> dict[str, Any]:
+                  steps: int | None = None, profile: Any = None) -> dict[str, Any]:
     """The cost model's figures for ``task`` on ``device`` with ``samples`` local samples.
+
+    ``profile`` (a DeviceProfile, e.g. the class's calibration in a hybrid run) replaces the
+    shipped profile named ``device``; its provenance follows (``calibrated-estimate``).
 
     Compute time/energy/FLOPs come from :func:`hwmodel.estimator.estimate` under the task's
     plan, scaled to ``steps`` optimizer steps when given (``max_steps`` caps a round). The
@@ -266,9 +269,9 @@ def estimate_task(task: ClientTask, device: str, samples: int, radio: str | None
     from hwmodel.estimator import estimate, provenance_of, radio_cost
     from hwmodel.estimator import resolve_device as _dev
 
-    prof = _cached_profile(device)
+    prof = _cached_profile(device) if profile is None else profile
     cfg = task.train
-    est = _cached_estimate(task, prof.name, device, max(1, int(samples)), cfg.batch_size,
+    est = _cached_estimate(task, prof, device, max(1, int(samples)), cfg.batch_size,
                            cfg.epochs, estimate, _dev)
     t = est.sparse.totals
     scale = 1.0
@@ -301,16 +304,17 @@ def _cached_profile(device: str) -> Any:
     return _PROFILES[device]
 
 
-def _cached_estimate(task: ClientTask, name: str, device: str, samples: int, batch: int,
+def _cached_estimate(task: ClientTask, prof: Any, device: str, samples: int, batch: int,
                      epochs: int, estimate: Any, _dev: Any) -> Any:
-    key = (task.spec.to_json(), task.plan.to_json(), device, samples, batch, epochs)
+    # keyed by the profile object's id; the entry holds the profile, so the id stays its own
+    key = (task.spec.to_json(), task.plan.to_json(), device, id(prof), samples, batch, epochs)
     hit = _ESTIMATES.get(key)
-    if hit is None:
+    if hit is None or hit[0] is not prof:
         if len(_ESTIMATES) > 4096:
             _ESTIMATES.clear()
-        hit = _ESTIMATES[key] = estimate(task.spec, _cached_profile(device), plan=task.plan,
-                                         batch=batch, samples=samples, epochs=epochs, radio=None)
-    return hit
+        hit = _ESTIMATES[key] = (prof, estimate(task.spec, prof, plan=task.plan, batch=batch,
+                                                samples=samples, epochs=epochs, radio=None))
+    return hit[1]
 
 
 def _tag(v: float, unit: str, prov: str | Provenance) -> dict[str, Any]:
@@ -326,7 +330,8 @@ class SimulatedClient:
     """
 
     def __init__(self, client_id: str, device: str, x: np.ndarray, y: np.ndarray,
-                 pool: WorkerPool | None = None, radio: str | None = "wifi") -> None:
+                 pool: WorkerPool | None = None, radio: str | None = "wifi",
+                 profile: Any = None) -> None:
         if len(x) != len(y):
             raise ValueError(f"client {client_id}: x has {len(x)} samples but y has {len(y)}")
         self.client_id = str(client_id)
@@ -335,6 +340,8 @@ class SimulatedClient:
         self.y = np.ascontiguousarray(y, dtype=np.int64)
         self.pool = pool
         self.radio = radio
+        #: a DeviceProfile replacing the shipped one of ``device`` (a hybrid run's calibration)
+        self.profile = profile
         _cached_profile(self.device)   # fail early on an unknown device
 
     @property
@@ -377,7 +384,7 @@ class SimulatedClient:
         down = len(task.global_state) + len(task.global_masks or b"")
         steps = res.stats.steps if (res.ok and res.stats is not None) else None
         est = estimate_task(task, self.device, self.num_samples, self.radio, up, down,
-                            steps=steps)
+                            steps=steps, profile=self.profile)
         prov = est["provenance"]
         if res.ok:
             res.costs = {"time_s": _tag(est["time_s"], "s", prov),
@@ -418,25 +425,40 @@ def evaluate_state(spec: Any, state: dict[str, np.ndarray], x: np.ndarray,
 
 def run_clients(clients: list[Client], tasks: list[ClientTask],
                 pool: WorkerPool | None) -> list[ClientResult]:
-    """Run one round's tasks: simulated clients of ``pool`` in parallel, the rest one by one.
+    """Run one round's tasks: clients that say they are ``concurrent`` (real boards) in
+    threads, simulated clients of ``pool`` in parallel meanwhile, then the rest one by one.
 
     A client that raises is reported as a failed result (the exception text), never raised.
     """
+    import threading
+
     out: list[ClientResult | None] = [None] * len(tasks)
+
+    def fit(i: int) -> None:
+        c = clients[i]
+        try:
+            out[i] = c.fit(tasks[i])
+        except Exception as e:  # noqa: BLE001 - a client's exception is its failure
+            out[i] = ClientResult(tasks[i].round, c.client_id,
+                                  error=f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=fit, args=(i,), daemon=True,
+                                name=f"client-{clients[i].client_id}")
+               for i, c in enumerate(clients) if getattr(c, "concurrent", False)]
+    for t in threads:
+        t.start()
+    running = {i for i, c in enumerate(clients) if getattr(c, "concurrent", False)}
     batch = [i for i, c in enumerate(clients)
              if isinstance(c, SimulatedClient) and pool is not None and c.pool is pool]
     if batch:
         jobs = [clients[i].job(tasks[i]) for i in batch]  # type: ignore[union-attr]
         for i, (data, wall, err) in zip(batch, pool.run(jobs), strict=True):
             out[i] = clients[i].finish(tasks[i], data, wall, err)  # type: ignore[union-attr]
-    for i, c in enumerate(clients):
-        if out[i] is not None:
-            continue
-        try:
-            out[i] = c.fit(tasks[i])
-        except Exception as e:  # noqa: BLE001 - a client's exception is its failure
-            out[i] = ClientResult(tasks[i].round, c.client_id,
-                                  error=f"{type(e).__name__}: {e}")
+    for i in range(len(clients)):
+        if out[i] is None and i not in running:
+            fit(i)
+    for t in threads:
+        t.join()
     return out  # type: ignore[return-value]
 
 

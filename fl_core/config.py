@@ -64,6 +64,8 @@ from .fleet import FleetConfig
 _FALLBACK_STRATEGIES = ("fedavg", "fedavgm", "swat_fl", "zerofl", "feddst", "flash",
                         "hetero_flash")
 BUNDLED_QUICK = Path(__file__).with_name("examples") / "quick.toml"
+#: the main job: ``sparsefl run`` without a config
+BUNDLED_DEMO = Path(__file__).with_name("examples") / "demo.toml"
 
 
 class ConfigError(ValueError):
@@ -100,6 +102,8 @@ class RunConfig:
     train: dict[str, Any] = field(default_factory=dict)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     output: dict[str, Any] = field(default_factory=dict)
+    #: strategy tables to compare: one run per entry (fl_core.compare), sharing data and boards
+    compare: list[dict[str, Any]] = field(default_factory=list)
     source: str = field(default="", compare=False)
 
     @property
@@ -131,6 +135,8 @@ class RunConfig:
         d["train"] = self.train_config().to_dict()
         d["fleet"] = dataclasses.asdict(self.fleet)
         d["output"] = {"dir": self.output_dir()}
+        if self.compare:
+            d["compare"] = [dict(c) for c in self.compare]
         return d
 
 
@@ -194,6 +200,13 @@ def parse_config(doc: dict[str, Any], source: str = "<config>") -> RunConfig:
     tables = {"data", "model", "strategy", "train", "fleet", "output"}
     top = {k: v for k, v in doc.items() if k not in tables}
     _fill(source, cfg, top, skip=tuple(tables) + ("source",))
+    for i, entry in enumerate(cfg.compare):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ConfigError(f"{source}: compare[{i}] must be a strategy table with a name, "
+                              f"e.g. [[compare]] name = \"zerofl\" sparsity = 0.9")
+        if entry["name"] not in strategy_names():
+            raise ConfigError(f"{source}: compare[{i}] name: unknown strategy "
+                              f"{entry['name']!r}; allowed: {', '.join(strategy_names())}")
     for key in ("rounds", "clients_per_round", "min_clients", "eval_every", "threads",
                 "keep_checkpoints"):
         _positive_int(f"{source}: {key}", getattr(cfg, key))
@@ -262,6 +275,15 @@ def parse_config(doc: dict[str, Any], source: str = "<config>") -> RunConfig:
         cfg.fleet.validate()
     except ValueError as e:
         raise ConfigError(f"{source} [{e}".replace("[fleet.", "[fleet] ", 1)) from None
+
+    nb = len(cfg.fleet.boards)
+    always = sum(1 for b in cfg.fleet.boards if b.get("every_round", True))
+    if nb and nb >= d.num_clients:
+        raise ConfigError(f"{source} [data] num_clients ({d.num_clients}) must exceed the "
+                          f"number of [[fleet.boards]] ({nb}): boards are clients too")
+    if always > cfg.clients_per_round:
+        raise ConfigError(f"{source}: clients_per_round ({cfg.clients_per_round}) is smaller "
+                          f"than the {always} board(s) that train every round")
 
     # [output]
     out = dict(doc.get("output", {}))
@@ -332,5 +354,5 @@ def resolved_toml(cfg: RunConfig) -> str:
     return "# resolved sparsefl run config\n" + to_toml(cfg.to_dict())
 
 
-__all__ = ["BUNDLED_QUICK", "ConfigError", "DataConfig", "RunConfig", "load_config",
+__all__ = ["BUNDLED_DEMO", "BUNDLED_QUICK", "ConfigError", "DataConfig", "RunConfig", "load_config",
            "parse_config", "resolved_toml", "strategy_names", "to_toml"]

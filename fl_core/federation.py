@@ -25,6 +25,7 @@ Ctrl-C keeps the last round's checkpoint and writes a partial summary and report
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -46,7 +47,8 @@ from .clients import (
     run_clients,
 )
 from .config import ConfigError, RunConfig, resolved_toml
-from .fleet import Fleet
+from .fleet import Decision, Fleet
+from .hybrid import BoardSet, parse_boards, sparsities_of
 from .runlog import (
     Checkpointer,
     RunLog,
@@ -183,11 +185,24 @@ class Federation:
                  clients: list[Client] | None = None, dataset: Any = None,
                  parts: list[np.ndarray] | None = None, pool: WorkerPool | None = None,
                  workers: int | None = None, progress: bool = False,
-                 write_report: bool = True) -> None:
+                 write_report: bool = True, boards: BoardSet | None = None) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.progress = progress
         self.write_report = write_report
+        self._own_pool = False
+        self._own_boards = False
+        self.pool = pool
+        self.boards = boards
+        try:
+            self._setup(strategy, clients, dataset, parts, workers)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, strategy: Strategy | None, clients: list[Client] | None, dataset: Any,
+               parts: list[np.ndarray] | None, workers: int | None) -> None:
+        cfg = self.cfg
         if dataset is None:
             dataset, parts = load_data(cfg)
         elif parts is None:
@@ -196,18 +211,31 @@ class Federation:
         self.spec = strategy.spec if strategy is not None else build_spec(cfg, dataset)
         n_test = cfg.data.test_samples or dataset.num_test
         self.x_test, self.y_test = dataset.x_test[:n_test], dataset.y_test[:n_test]
-        self.fleet = Fleet(cfg.fleet, cfg.data.num_clients, cfg.seed)
-        self._own_pool = False
+        if self.boards is None and cfg.fleet.boards and clients is None:
+            self.boards = BoardSet(parse_boards(cfg.fleet.boards),
+                                   calibration_repeats=cfg.fleet.calibration_repeats)
+            self._own_boards = True
+        nb = len(self.boards) if self.boards is not None else 0
+        if self.boards is not None:
+            self.boards.start([f"board{i}" for i in range(nb)])
+        self.fleet = Fleet(cfg.fleet, cfg.data.num_clients, cfg.seed,
+                           fixed_devices=self.boards.devices if self.boards is not None else ())
+        #: client indices that train every round (boards with every_round)
+        self.always = [i for i, b in enumerate(parse_boards(cfg.fleet.boards)) if b.every_round
+                       ] if nb else []
         nw = workers if workers is not None else (cfg.fleet.workers if cfg.fleet.workers
                                                   is not None else default_workers())
-        if pool is None and nw > 0 and clients is None:
-            pool = WorkerPool(nw, timeout_s=cfg.fleet.timeout_s)
+        if self.pool is None and nw > 0 and clients is None:
+            self.pool = WorkerPool(nw, timeout_s=cfg.fleet.timeout_s)
             self._own_pool = True
-        self.pool = pool
+        pool = self.pool
         if clients is None:
-            clients = [SimulatedClient(f"c{i:04d}", self.fleet.devices[i], dataset.x[p],
-                                       dataset.y[p], pool=pool, radio=cfg.fleet.radio)
-                       for i, p in enumerate(parts)]
+            clients = []
+            if self.boards is not None:
+                clients += self.boards.attach([(dataset.x[p], dataset.y[p]) for p in parts[:nb]])
+            clients += [SimulatedClient(f"c{i:04d}", self.fleet.devices[i], dataset.x[p],
+                                        dataset.y[p], pool=pool, radio=cfg.fleet.radio)
+                        for i, p in enumerate(parts) if i >= nb]
         if len(clients) != cfg.data.num_clients:
             raise ValueError(f"Federation: {len(clients)} clients for [data] num_clients "
                              f"{cfg.data.num_clients}")
@@ -220,9 +248,46 @@ class Federation:
         self.elapsed_before = 0.0
         self.last_eval: dict[str, float] = {}
 
+    def close(self) -> None:
+        """Release what this run started: its worker pool and its boards (safe twice)."""
+        if self._own_pool and self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        if self._own_boards and self.boards is not None:
+            self.boards.close()
+
+    # ------------------------------------------------------------------ boards
+    def _calibrate_boards(self, resume: bool) -> None:
+        """Calibrate each board class before round 1 (or reload it on resume) and price the
+        simulated clients of a calibrated class with its profile."""
+        if self.boards is None:
+            return
+        if resume and (self.out / "calibration").is_dir():
+            profiles = self.boards.load(self.out)
+        elif self.boards.profiles and not self._own_boards:
+            profiles = self.boards.profiles      # calibrated by whoever shares the boards
+        else:
+            tc = self.cfg.train_config()
+            profiles = self.boards.calibrate(self.spec, sparsities_of(self.cfg.strategy),
+                                             batch=tc.batch_size, threads=tc.threads)
+        self.boards.save(self.out)
+        for cl in self.clients:
+            prof = profiles.get(cl.device)
+            if prof is not None and hasattr(cl, "profile"):
+                cl.profile = prof
+
+    def profile_of(self, c: int) -> Any:
+        """The DeviceProfile object pricing client ``c`` (None: its shipped device profile)."""
+        p = getattr(self.clients[c], "profile", None)
+        return None if p is None or isinstance(p, str) else p
+
     # ------------------------------------------------------------------ run dir
     def prepare(self, resume: bool = False, force: bool = False) -> None:
-        """Create the run directory (or reload it on resume)."""
+        """Create the run directory (or reload it on resume); calibrate the boards."""
+        self._prepare(resume, force)
+        self._calibrate_boards(resume)
+
+    def _prepare(self, resume: bool, force: bool) -> None:
         import shutil
 
         if resume:
@@ -283,9 +348,16 @@ class Federation:
 
     def run_round(self, rnd: int) -> RoundOutcome:
         cfg = self.cfg
-        sampled = sorted(int(i) for i in self.rng.choice(cfg.data.num_clients,
-                                                         size=cfg.clients_per_round,
-                                                         replace=False))
+        if self.always:
+            rest = np.array([i for i in range(cfg.data.num_clients) if i not in self.always])
+            picked = self.rng.choice(rest, size=cfg.clients_per_round - len(self.always),
+                                     replace=False)
+            sampled = sorted(self.always + [int(i) for i in picked])
+        else:
+            sampled = sorted(int(i) for i in self.rng.choice(cfg.data.num_clients,
+                                                             size=cfg.clients_per_round,
+                                                             replace=False))
+        nb = len(self.boards) if self.boards is not None else 0
         rows: dict[int, dict[str, Any]] = {}
 
         def base_row(c: int) -> dict[str, Any]:
@@ -293,8 +365,8 @@ class Federation:
             return {"round": rnd, "client_id": cl.client_id, "device": cl.device,
                     "num_samples": int(getattr(cl, "num_samples", 0))}
 
-        avail = []
-        for d in self.fleet.availability(rnd, sampled, self.rng):
+        avail = [c for c in sampled if c < nb]     # boards are plugged in: no availability draw
+        for d in self.fleet.availability(rnd, [c for c in sampled if c >= nb], self.rng):
             if d.ok:
                 avail.append(d.client)
             else:
@@ -318,8 +390,9 @@ class Federation:
                 continue
             down = len(task.global_state) + len(task.global_masks or b"")
             est = estimate_task(task, self.clients[c].device, max(1, info.num_samples),
-                                cfg.fleet.radio, down_bytes=down)
-            dec = self.fleet.budget_check(c, est)
+                                cfg.fleet.radio, down_bytes=down, profile=self.profile_of(c))
+            # a board's round is measured, not predicted: it is not dropped on an estimate
+            dec = self.fleet.budget_check(c, est) if c >= nb else Decision(c, True)
             if not dec.ok:
                 rows[c] = dict(base_row(c), status="dropped", reason=dec.reason,
                                time_s=est["time_s"], time_provenance=est["provenance"],
@@ -345,6 +418,8 @@ class Federation:
             row["bytes_provenance"] = _prov(res, "uplink_bytes") or Provenance.MEASURED.value
             row["downlink_bytes"] = int(_value(res, "downlink_bytes") or
                                         len(task.global_state) + len(task.global_masks or b""))
+            if c < nb:
+                row.update(self._board_columns(c, task, res, info))
             rows[c] = row
             self.fleet.spend(c, _value(res, "energy_j") or 0.0)
             if why is None:
@@ -382,6 +457,26 @@ class Federation:
         }
         return RoundOutcome(rnd, round_row, client_rows)
 
+    def _board_columns(self, c: int, task: ClientTask, res: ClientResult,
+                       info: ClientInfo) -> dict[str, Any]:
+        """A board's extra columns: its link and compute time (measured) and the cost model's
+        estimate of the same task's compute on its class's (calibrated) profile."""
+        bc = self.clients[c]
+        out: dict[str, Any] = {"board": str(getattr(bc, "board_uuid", "") or "")}
+        for q in ("compute_s", "transfer_s"):
+            v = _value(res, q)
+            if v is not None:
+                out[q] = v
+        if _value(res, "transfer_s") is not None:
+            out["transfer_provenance"] = _prov(res, "transfer_s")
+        steps = res.stats.steps if (res.ok and res.stats is not None) else None
+        if steps:
+            est = estimate_task(task, bc.device, max(1, info.num_samples), None, 0, 0,
+                                steps=steps, profile=self.profile_of(c))
+            out.update(est_time_s=est["compute_time_s"], est_energy_j=est["compute_energy_j"],
+                       est_provenance=est["provenance"])
+        return out
+
     # ------------------------------------------------------------------ whole run
     def run(self, resume: bool = False, force: bool = False) -> dict[str, Any]:
         """Run (or resume) to the last round; returns the summary."""
@@ -410,8 +505,7 @@ class Federation:
         finally:
             if bar is not None:
                 bar.close()
-            if self._own_pool and self.pool is not None:
-                self.pool.close()
+            self.close()
         wall = self.elapsed_before + time.perf_counter() - t0
         summary = self.summary(status, wall)
         if status == "completed":
@@ -454,6 +548,8 @@ class Federation:
                 "time_s": float(sum(r["round_time_s"] for r in rounds)),
             },
             "energy_j_by_device": by_dev,
+            "boards": [dataclasses.asdict(r) for r in self.boards.records()]
+            if self.boards is not None else [],
             "wall_time_s": wall_s,
             "versions": versions(), "machine": machine(),
             "config": json.loads(json.dumps(self.cfg.to_dict(), default=str)),

@@ -45,6 +45,8 @@ class FleetConfig:
     radio: str = "wifi"
     workers: int | None = None
     timeout_s: float = 600.0
+    boards: list[dict[str, Any]] = field(default_factory=list)
+    calibration_repeats: int = 5
 
     def validate(self) -> FleetConfig:
         """Raise ValueError naming the field when a value is out of range."""
@@ -86,6 +88,12 @@ class FleetConfig:
                              f"{self.workers!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"fleet.timeout_s: expected > 0, got {self.timeout_s!r}")
+        if isinstance(self.calibration_repeats, bool) or not 1 <= self.calibration_repeats <= 1000:
+            raise ValueError(f"fleet.calibration_repeats: expected an integer in 1..1000, got "
+                             f"{self.calibration_repeats!r}")
+        from .hybrid import parse_boards
+
+        parse_boards(self.boards, "fleet.boards")
         return self
 
 
@@ -115,11 +123,17 @@ class Decision:
 class Fleet:
     """The clients' devices and the state that persists across rounds (battery left)."""
 
-    def __init__(self, config: FleetConfig, num_clients: int, seed: int) -> None:
+    def __init__(self, config: FleetConfig, num_clients: int, seed: int,
+                 fixed_devices: list[str] = ()) -> None:
+        """``fixed_devices``: the classes of the first clients (a hybrid run's boards); the
+        device mix is assigned to the others."""
         self.config = config.validate()
         self.n = int(num_clients)
         self.seed = int(seed)
-        self.devices = assign_devices(config.devices, self.n, seed)
+        fixed = list(fixed_devices)
+        if len(fixed) > self.n:
+            raise ValueError(f"fleet: {len(fixed)} boards for {self.n} clients")
+        self.devices = fixed + assign_devices(config.devices, self.n - len(fixed), seed)
         rng = np.random.default_rng([self.seed, 0x7153])
         self.tz_offset = rng.integers(0, 24, size=self.n).tolist()
         self.battery_left_j: list[float | None] = [self._battery_j(d) for d in self.devices]

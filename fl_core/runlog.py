@@ -40,7 +40,11 @@ ROUND_COLUMNS = ("round", "accuracy", "loss", "flops", "energy_j", "round_time_s
 CLIENT_COLUMNS = ("round", "client_id", "device", "status", "reason", "num_samples",
                   "train_loss", "flops", "flops_provenance", "time_s", "time_provenance",
                   "energy_j", "energy_provenance", "uplink_bytes", "bytes_provenance",
-                  "downlink_bytes", "host_wall_s", "host_wall_provenance")
+                  "downlink_bytes", "host_wall_s", "host_wall_provenance",
+                  # boards of a hybrid run (empty for simulated clients): measured compute and
+                  # link time, and the (calibrated) estimate of the same task's compute
+                  "board", "compute_s", "transfer_s", "transfer_provenance", "est_time_s",
+                  "est_energy_j", "est_provenance")
 STATUSES = ("ok", "failed", "dropped")
 _CKPT = re.compile(r"^ckpt-(\d{6})\.json$")
 _UMASK = os.umask(0)
