@@ -383,6 +383,8 @@ class Federation:
         run_c, run_t, run_i = [], [], []
         for c, info in zip(avail, infos, strict=True):
             task = by_id.get(info.client_id)
+            if task is not None and c < nb and self.boards.data_ref(c):
+                task = dataclasses.replace(task, data_ref=self.boards.data_ref(c))
             if task is None:   # e.g. FLASH's hunting rounds train a fraction of the clients
                 rows[c] = dict(base_row(c), status="dropped",
                                reason=f"not selected by the strategy ({self.strategy.name}) "

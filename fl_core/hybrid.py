@@ -6,6 +6,8 @@ A run config lists its boards as an array of tables::
     port = "/dev/ttyUSB0"      # a serial port, "socket://HOST:PORT", or "emulate"
     device = "rpi4"            # the board's device class ("" = guessed from its INFO)
     every_round = true         # train every round (else sampled like any client)
+    data = ""                  # a shard already on the board (LOAD_DATA'd or under the
+                               # agent's --data-root); "" = the host sends its partition
 
 ``port = "emulate"`` starts the real board agent on a pseudo-terminal on this host, without
 any profile-driven slow-down: its times are the host's (``measured-emulated``) and its class
@@ -38,7 +40,7 @@ import numpy as np
 EMULATE = "emulate"
 #: the keys of a ``[[fleet.boards]]`` table and their types
 BOARD_KEYS: dict[str, type] = {"port": str, "device": str, "baud": int, "token_file": str,
-                               "every_round": bool, "train_timeout_s": float}
+                               "every_round": bool, "train_timeout_s": float, "data": str}
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", float: "a number"}
 
 
@@ -52,6 +54,7 @@ class BoardConfig:
     token_file: str = ""
     every_round: bool = True
     train_timeout_s: float = 600.0
+    data: str = ""
 
     @property
     def emulate(self) -> bool:
@@ -280,6 +283,10 @@ class BoardSet:
         self.profiles = profiles
         return profiles
 
+    def data_ref(self, i: int) -> str | None:
+        """The on-board shard board ``i`` trains on (None: the host's partition is sent)."""
+        return self.configs[i].data or None
+
     def records(self) -> list[BoardRecord]:
         return [BoardRecord(bc.client_id, str(bc.board_uuid), bc.port, dev, bool(bc.emulated),
                             _sensor(bc.info),
@@ -291,8 +298,10 @@ class BoardSet:
     def attach(self, shards: list[tuple[np.ndarray, np.ndarray]]) -> list[Any]:
         """Give each board its shard (uploaded at its first round) and its calibrated profile;
         returns the board clients in config order."""
-        for bc, dev, (x, y) in zip(self.clients, self.devices, shards, strict=True):
-            bc.set_data(bc.client_id, x, y)
+        for bc, dev, b, (x, y) in zip(self.clients, self.devices, self.configs, shards,
+                                      strict=True):
+            if not b.data:
+                bc.set_data(bc.client_id, x, y)
             bc.profile = self.profiles.get(dev, dev)
         return list(self.clients)
 

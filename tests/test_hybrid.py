@@ -272,3 +272,32 @@ def test_ctrl_c_checkpoints_writes_a_partial_report_and_releases_the_boards(tmp_
     assert "Partial report" in (out / "report.md").read_text()
     assert not _agents(str(tmp_path / "home")), "boards released on Ctrl-C"
     assert np.isfinite(float(read_csv(out / "rounds.csv")[0]["loss"]))
+
+
+def test_a_board_trains_on_a_shard_already_on_it(tmp_path):
+    """``data = "NAME"``: the board's own shard (LOAD_DATA'd before, or under its data root);
+    the host sends no data, only the task."""
+    from sklearn.datasets import load_digits
+
+    from fl_core.board_client import BoardClient, EmulatedBoard
+    from fl_core.federation import Federation
+
+    d = load_digits()
+    x = (d.data[:120] / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    y = d.target[:120].astype(np.int64)
+    with EmulatedBoard() as emu:
+        with BoardClient(emu.path) as bc:
+            bc.load_data("my-shard", x, y)
+        doc = _doc(f'[[fleet.boards]]\nport = "{emu.path}"\ndevice = "generic-x86"\n'
+                   'data = "my-shard"\n')
+        doc["fleet"]["boards"] = doc["fleet"]["boards"][1:]     # only the external board
+        doc["rounds"] = 1
+        fed = Federation(parse_config(doc), tmp_path / "run")
+        s = fed.run()
+        assert fed.boards.emulators == [] and emu.proc.poll() is None, \
+            "a board the run did not start is left running"
+    assert s["status"] == "completed"
+    row = next(r for r in read_csv(tmp_path / "run" / "clients.csv")
+               if r["client_id"] == "board0")
+    assert row["status"] == "ok", row["reason"]
+    assert row["num_samples"] == "0"      # the host does not know the on-board shard's size
