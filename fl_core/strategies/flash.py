@@ -29,6 +29,27 @@ and the mask is the magnitude of the init.
   ``round(d_l · N_l)`` ``|w|`` of the aggregated weights as the next global mask (in between the
   global mask stays and the aggregate is masked by it).
 
+**Sparse-aware scale of the masked init (``sparse_init``; a deviation, default on).** A mask
+drawn independently of the init values — the hunting clients' random start and the stage-2
+re-initialisation under the hunted mask — keeps each output unit's inputs at random, so with
+torch's default (dense fan-in) init a unit's pre-activation variance falls to ``d_l`` of the
+dense one and the biases (still at dense scale) dominate. In a network without batch-norm (e.g.
+``lenet5``) the loss then cannot move: at ``d = 0.05`` the hunted stage-2 model's logits vary
+across inputs by ~1e-4 (vs ~0.05 biases), about half the hidden ReLUs are dead for every input,
+the gradients to the sparse layers vanish, and the run stayed at chance for 100 rounds
+(``benchmarks/results/fl_tradeoff.md``, ``flash-s0.95``; ``flash-s0.9`` sat at chance for ~25
+rounds). FedDST and ``hunt_fraction = 0`` escape because a *magnitude* mask of the init keeps
+the largest weights (~10× the logit signal). With ``sparse_init = "fan_in"`` (default) the
+kept weights of each output unit of a masked layer are multiplied by ``sqrt(fan_in /
+kept_fan_in)`` right after such a random-w.r.t.-init mask is applied, so every unit starts with
+the dense init's variance: the sparsity-aware initialisation of Evci et al., "Gradient Flow in
+Sparse Neural Networks and How Lottery Tickets Win" (AAAI 2022). The FLASH reference code does
+not rescale (``"dense"`` reproduces it): its main models are ResNets whose batch-norm undoes the
+scale, and for its one BN-free model (MNISTNet) it leaves the first and last layers dense
+(``remove_first_last``) — not enough here (tried: lenet5 with conv1 dense still sat at chance).
+Magnitude masks of the init (``hunt_fraction = 0``) are not rescaled: their kept weights are
+already the largest.
+
 Aggregation of the masked layers' weights: ``mean`` — the unweighted mean over clients with
 unsent entries as 0 (the reference default; biases and BN parameters unweighted too) — or
 ``masked_mean`` — ``Σ n_k w_k m_k / Σ n_k m_k`` (sample weights for everything). BN running
@@ -64,6 +85,7 @@ from .sparse_base import MaskedStrategy
 MODES = ("spdst", "jmwst")
 AGGREGATIONS = ("mean", "masked_mean")
 INITS = ("erk", "uniform")
+SPARSE_INITS = ("fan_in", "dense")
 _AUTO = "auto"
 
 
@@ -81,7 +103,7 @@ class Flash(MaskedStrategy):
                  aggregation: str | None = None, init: str = "erk",
                  layers: str | list[str] = "flash", lr_start: float | None = None,
                  lr_end: float | str | None = _AUTO, lr_horizon: int | None = None,
-                 uplink_dtype: str = "f32") -> None:
+                 uplink_dtype: str = "f32", sparse_init: str = "fan_in") -> None:
         super().__init__(spec, rounds=rounds, seed=seed, train=train,
                          downlink_dtype=downlink_dtype)
         n = self.name
@@ -98,6 +120,7 @@ class Flash(MaskedStrategy):
                                         self.default_aggregation if aggregation is None
                                         else aggregation, AGGREGATIONS)
         self.init = check_choice(n, "init", init, INITS)
+        self.sparse_init = check_choice(n, "sparse_init", sparse_init, SPARSE_INITS)
         if uplink_dtype not in ("f32", "f16"):
             raise ValueError(f"{n}: parameter 'uplink_dtype' expected 'f32' or 'f16', "
                              f"got {uplink_dtype!r}")
@@ -131,6 +154,24 @@ class Flash(MaskedStrategy):
     def sizes(self) -> dict[str, int]:
         return {n: self.layer_size(n) for n in self.layer_names}
 
+    def scale_to_dense_variance(self, weights: dict[str, np.ndarray],
+                                masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``weights`` with each masked layer's kept weights of output unit ``j`` multiplied by
+        ``sqrt(fan_in / kept_j)`` (``kept_j`` = its unmasked inputs; units with none are left
+        as they are), when ``sparse_init == "fan_in"``; unchanged for ``"dense"``."""
+        if self.sparse_init == "dense":
+            return weights
+        out = dict(weights)
+        for n, m in masks.items():
+            k = f"{n}.weight"
+            w = np.asarray(weights[k])
+            rows = np.asarray(m, dtype=bool).reshape(w.shape[0], -1)
+            kept = rows.sum(axis=1)
+            scale = np.sqrt(rows.shape[1] / np.maximum(kept, 1)).astype(np.float64)
+            scale[kept == 0] = 1.0
+            out[k] = (w * scale.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32)
+        return out
+
     def _rng(self, tag: str, rnd: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, rnd, zlib.crc32(tag.encode())])
 
@@ -148,6 +189,7 @@ class Flash(MaskedStrategy):
                 m = np.zeros(size, dtype=bool)
                 m[rng.choice(size, density_count(d, size), replace=False)] = True
                 self.masks[n] = m.reshape(self.weights[f"{n}.weight"].shape)
+            self.weights = self.scale_to_dense_variance(self.weights, self.masks)
         self.weights = self.apply_masks(self.weights, self.masks)
 
     def is_hunting(self, rnd: int) -> bool:
@@ -249,7 +291,7 @@ class Flash(MaskedStrategy):
             masks[n] = m.reshape(self.weights[f"{n}.weight"].shape)
         self.densities = budgets
         self.masks = masks
-        self.weights = self.apply_masks(fresh, masks)
+        self.weights = self.apply_masks(self.scale_to_dense_variance(fresh, masks), masks)
         self.hunted = True
         self.stage2_start = rnd + 1
         return {"clients": float(len(dec)), "hunting": 1.0, "density": self.mask_density()}

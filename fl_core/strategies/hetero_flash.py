@@ -17,8 +17,8 @@ Masks for lower budgets are nested inside the global one: per layer, a client at
 inside the global mask — the same scores with index tie-breaking, so lower budgets are subsets
 of higher ones. Layers whose budget is 1 (ERK caps small layers) stay dense for every client. Aggregation defaults to ``masked_mean`` (positions only high-budget clients
 train are averaged over those clients, not diluted by zeros); ``mean`` is available. Stage 1
-(hunting) and stage 2 (``spdst``/``jmwst``) are FLASH's (:mod:`.flash`); hunting clients hunt
-at ``d``.
+(hunting) and stage 2 (``spdst``/``jmwst``) are FLASH's (:mod:`.flash`), including its
+sparse-aware init scale (``sparse_init``); hunting clients hunt at ``d``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class HeteroFlash(Flash):
                  aggregation: str | None = None, init: str = "erk",
                  layers: str | list[str] = "flash", lr_start: float | None = None,
                  lr_end: float | str | None = _AUTO, lr_horizon: int | None = None,
-                 uplink_dtype: str = "f32",
+                 uplink_dtype: str = "f32", sparse_init: str = "fan_in",
                  budget_factors: tuple[float, ...] | list[float] = (1.0, 0.75, 0.5),
                  radio: str = "wifi") -> None:
         super().__init__(spec, rounds=rounds, seed=seed, train=train,
@@ -60,7 +60,8 @@ class HeteroFlash(Flash):
                          hunt_prune_rate=hunt_prune_rate, prune_rate=prune_rate,
                          dst_interval=dst_interval, update_interval=update_interval,
                          aggregation=aggregation, init=init, layers=layers, lr_start=lr_start,
-                         lr_end=lr_end, lr_horizon=lr_horizon, uplink_dtype=uplink_dtype)
+                         lr_end=lr_end, lr_horizon=lr_horizon, uplink_dtype=uplink_dtype,
+                         sparse_init=sparse_init)
         if isinstance(budget_factors, (str, bytes)) or not hasattr(budget_factors, "__iter__") \
                 or not list(budget_factors):
             raise ValueError(f"{self.name}: parameter 'budget_factors' expected a non-empty "
