@@ -147,20 +147,41 @@ def test_hybrid_run_calibrates_then_measures_beside_simulated_clients(tmp_path):
     assert (out / "report.md").is_file()
 
 
-def test_board_unplugged_fails_its_round_and_reconnects_when_back(tmp_path):
+def test_board_unplugged_mid_round_fails_it_and_reconnects_when_back(tmp_path):
+    """The agent is killed right after the host sent its TRAIN (an unplugged board): the
+    board's round fails after its train timeout, the round completes without it; the agent
+    started again on the same port is reconnected at the next round."""
+    from embedded.protocol import MSG
     from fl_core.federation import Federation
 
-    cfg = parse_config(_doc())
-    fed = Federation(cfg, tmp_path / "run")
+    doc = _doc()
+    doc["fleet"]["boards"][0]["train_timeout_s"] = 4.0
+    fed = Federation(parse_config(doc), tmp_path / "run")
     try:
         fed.prepare()
-        emu = fed.boards.emulators[0]
+        emu, bc = fed.boards.emulators[0], fed.boards.clients[0]
         r1 = fed.run_round(1)
         assert r1.clients[0]["client_id"] == "board0" and r1.clients[0]["status"] == "ok"
-        emu.kill()                                     # unplugged
+        orig_long = bc._long
+
+        def unplug_after_sending(msg_type, fields, wait_s):
+            if msg_type == MSG.TRAIN:
+                link = bc._ensure()
+                send = link.send_message
+
+                def send_then_unplug(*a, **k):
+                    out = send(*a, **k)
+                    emu.kill()
+                    return out
+                link.send_message = send_then_unplug
+            return orig_long(msg_type, fields, wait_s)
+
+        bc._long = unplug_after_sending
         r2 = fed.run_round(2)
+        bc._long = orig_long
+        assert emu.proc.poll() is not None
         b2 = next(r for r in r2.clients if r["client_id"] == "board0")
-        assert b2["status"] == "failed" and "board" in b2["reason"]
+        assert b2["status"] == "failed" and "board" in b2["reason"], b2
         assert r2.row["clients_ok"] == 3 and r2.row["clients_failed"] == 1
         assert r2.row["accuracy"] is not None, "the round completes without the board"
         emu.restart()                                  # plugged back in
