@@ -59,12 +59,17 @@ def pack_input(x, xbits, xq, sh, sw, ph, pw, Hq, Wq, KH, KW, hist, want_hist):
                             j1 += 1
                         row[:j0 * N] = 0.0
                         row[j1 * N:] = 0.0
+                        run = row[j0 * N:j1 * N]  # slices indexed from 0: no wrap-around
+                        iw0 = j0 * sw + pws - pw
+                        cnt = j1 - j0
                         for n in range(N):
-                            src = x[n, ci, ih]
-                            iw = j0 * sw + pws - pw
-                            for j in range(j0, j1):
-                                row[j * N + n] = src[iw]
-                                iw += sw
+                            src = x[n, ci, ih, iw0:]
+                            if sw == 1:
+                                for q in range(cnt):
+                                    run[q * N + n] = src[q]
+                            else:
+                                for q in range(cnt):
+                                    run[q * N + n] = src[q * sw]
             if want_hist:
                 # 4 sub-histograms taken in turn along the row: consecutive equal bins (the
                 # zeros of ReLU inputs) do not form one serial chain of increments
@@ -125,7 +130,8 @@ def pack_grad_out(gy, gyb, gyT, gbias, want_bias, want_T, rstride):
 
 @njit(cache=True, nogil=True)
 def _unpack_channel(gxq, gx, ci, sh, sw, ph, pw, Hq, Wq):
-    """gx[:, ci] (NCHW) from the packed planes of input channel ci (padding dropped)."""
+    """gx[:, ci] (NCHW) from the packed planes of input channel ci (padding dropped).
+    Each (row, phase) run is sliced first and indexed from 0 (no wrap-around checks)."""
     N, _, H, W = gx.shape
     rs = Wq * N
     for ih in range(H):
@@ -137,14 +143,20 @@ def _unpack_channel(gxq, gx, ci, sh, sw, ph, pw, Hq, Wq):
             if iw0 >= W:
                 continue
             j0 = (iw0 + pw) // sw
+            cnt = (W - iw0 + sw - 1) // sw
             cq = (ci * sh + phs) * sw + pws
-            base = (cq * Hq + i) * rs
-            for n in range(N):
-                dst = gx[n, ci, ih]
-                j = j0
-                for iw in range(iw0, W, sw):
-                    dst[iw] = gxq[base + j * N + n]
-                    j += 1
+            base = (cq * Hq + i) * rs + j0 * N
+            src = gxq[base:base + cnt * N]  # (cnt, N) batch-last run
+            if sw == 1:
+                for n in range(N):
+                    dst = gx[n, ci, ih]
+                    for q in range(cnt):
+                        dst[q] = src[q * N + n]
+            else:
+                for n in range(N):
+                    dst = gx[n, ci, ih, iw0:]
+                    for q in range(cnt):
+                        dst[q * sw] = src[q * N + n]
 
 
 # ----------------------------------------------------------------------------- compute
@@ -219,10 +231,11 @@ def fwd_csr(rowptr, code, val, xq, yb, y, bias, has_bias, OH, rs):
             p += 1
         b = bias[co] if has_bias else np.float32(0.0)
         for oh in range(OH):
+            src = out[oh * rs:oh * rs + OW * N]  # sliced: indexed from 0
             for n in range(N):
                 dst = y[n, co, oh]
                 for ow in range(OW):
-                    dst[ow] = out[oh * rs + ow * N + n] + b
+                    dst[ow] = src[ow * N + n] + b
 
 
 @dual
