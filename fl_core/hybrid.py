@@ -21,7 +21,8 @@ bench``), then fits one profile per device class to the measurements of that cla
 class (``calibrated-estimate``) and each board's own rounds (``est_time_s``), which the report
 sets beside the time **measured** on the board for whole TRAIN rounds: the estimate comes
 from micro-benchmarks, the measurement from training, so the comparison is not circular.
-The calibrated profiles are written to ``calibration/<device>.toml`` and the boards to
+The calibrated profiles are written to ``calibration/<device>.toml`` (the raw BENCH
+measurements beside them, ``<device>-measurements.csv``) and the boards to
 ``boards.json`` in the run directory; a resumed run reloads the profiles instead of
 re-benchmarking, so its estimates are the same numbers.
 """
@@ -146,6 +147,8 @@ class BoardSet:
         self.devices: list[str] = []
         self.profiles: dict[str, Any] = {}      # device class -> calibrated DeviceProfile
         self.calibration: dict[str, dict[str, Any]] = {}
+        #: the raw BENCH measurements per device class (kept beside the fitted profile)
+        self.measurements: dict[str, list[Any]] = {}
         self._calibrated_for: tuple | None = None
         self.started = False
 
@@ -231,6 +234,7 @@ class BoardSet:
             by_class.setdefault(dev, []).extend(rep["measurements"])
             uuids.setdefault(dev, []).append(str(bc.board_uuid))
         profiles = {}
+        self.measurements = by_class
         for dev, ms in by_class.items():
             base = load_profile(dev)
             emulated = any(bc.emulated for bc, d in zip(self.clients, self.devices, strict=True)
@@ -258,8 +262,13 @@ class BoardSet:
 
         out = Path(out_dir)
         (out / "calibration").mkdir(parents=True, exist_ok=True)
+        from hwmodel.measure import to_csv
+
         for dev, prof in self.profiles.items():
             atomic_write_text(out / "calibration" / f"{_safe(dev)}.toml", profile_to_toml(prof))
+            if self.measurements.get(dev):
+                atomic_write_text(out / "calibration" / f"{_safe(dev)}-measurements.csv",
+                                  to_csv(self.measurements[dev]))
         atomic_write_text(out / "boards.json", json.dumps(
             [dataclasses.asdict(r) for r in self.records()], indent=1) + "\n")
 

@@ -121,6 +121,8 @@ def test_hybrid_run_calibrates_then_measures_beside_simulated_clients(tmp_path):
     out = tmp_path / "run"
     prof = load_profile(out / "calibration" / "generic-x86.toml")
     assert prof.fitted, "the class profile is fitted to the board's BENCH measurements"
+    raw = (out / "calibration" / "generic-x86-measurements.csv").read_text().splitlines()
+    assert len(raw) > 10 and "median_s" in raw[0]      # the raw BENCH data is kept
     boards = json.loads((out / "boards.json").read_text())
     assert boards[0]["device"] == "generic-x86" and boards[0]["calibration"]["n_measurements"] > 0
     rows = read_csv(out / "clients.csv")
