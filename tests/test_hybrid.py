@@ -324,3 +324,38 @@ def test_a_board_trains_on_a_shard_already_on_it(tmp_path):
                if r["client_id"] == "board0")
     assert row["status"] == "ok", row["reason"]
     assert row["num_samples"] == "0"      # the host does not know the on-board shard's size
+
+
+@pytest.mark.slow
+def test_a_killed_comparison_resumes_to_the_same_results(tmp_path):
+    """The main job's shape ([[compare]] + a board): kill -9 during the second strategy, then
+    ``--resume`` the comparison directory: the finished run is kept, the interrupted one
+    resumes from its checkpoint, and every final model equals an uninterrupted comparison's."""
+    cfg = tmp_path / "cmp.toml"
+    cfg.write_text(CONFIG.replace("rounds = 3", "rounds = 4") +
+                   '\n[[compare]]\nname = "fedavg"\n\n[[compare]]\nname = "zerofl"\n'
+                   'sparsity = 0.9\nrule = "topk_weights"\nmask_ratio = 0.1\n')
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    p = _cli(tmp_path, str(cfg), "--out", str(full))
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err.decode()[-2000:]
+    assert (full / "comparison.md").is_file()
+    p = _cli(tmp_path, str(cfg), "--out", str(killed))
+    _wait_for(killed / "zerofl-0.9" / "checkpoints" / "ckpt-000002.json", p)
+    alive = p.poll() is None
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    assert alive, "the comparison finished before it could be killed"
+    assert json.loads((killed / "fedavg" / "summary.json").read_text())["status"] == "completed"
+    assert not (killed / "zerofl-0.9" / "final_model.npz").exists()
+    p = _cli(tmp_path, "--resume", str(killed))
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err.decode()[-2000:]
+    assert "fedavg: already finished" in err.decode()
+    for lab in ("fedavg", "zerofl-0.9"):
+        a = load_npz(full / lab / "final_model.npz")
+        b = load_npz(killed / lab / "final_model.npz")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].tobytes() == b[k].tobytes(), (lab, k)
+    assert (killed / "comparison.md").is_file()
