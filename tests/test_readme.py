@@ -249,7 +249,7 @@ def parse_sparsefl(argv: list[str]) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------ the scratch world
-REDUCED_DEMO = {"epochs = 5": "epochs = 1", "calibration_repeats = 5": "calibration_repeats = 2"}
+REDUCED_DEMO = {"epochs = 5": "epochs = 1", "calibration_repeats = 5": "calibration_repeats = 1"}
 
 
 class World:
@@ -594,10 +594,12 @@ def test_hwmodel_python_block_runs(world, capsys):
 @pytest.mark.slow
 def test_flower_python_block_runs(world, capsys):
     (block,) = [b for _, b, _ in fenced_blocks("python") if "flower" in b]
+    assert "rounds=2," in block
+    block = block.replace("rounds=2,", "rounds=1,")      # reduced: Ray's start-up dominates
     ns: dict[str, Any] = {}
     exec(compile(block, "README.md", "exec"), ns)
     acc = float(capsys.readouterr().out.strip().splitlines()[-1])
-    assert 0.0 <= acc <= 1.0 and len(ns["run"].rounds) == 2
+    assert 0.0 <= acc <= 1.0 and len(ns["run"].rounds) == 1
 
 
 def test_inline_commands_in_the_prose_name_real_options():
