@@ -602,32 +602,111 @@ def test_flower_python_block_runs(world, capsys):
     assert 0.0 <= acc <= 1.0 and len(ns["run"].rounds) == 1
 
 
-def test_inline_commands_in_the_prose_name_real_options():
-    """`sparsefl ...` and `python benchmarks/...` in running text: subcommands and options exist."""
+def agent_parser() -> argparse.ArgumentParser:
+    """The agent's real parser, caught as ``embedded.agent.main`` builds it."""
+    from embedded import agent
+
+    seen: list[argparse.ArgumentParser] = []
+    original = argparse.ArgumentParser.parse_args
+
+    def catch(self, args=None, namespace=None):
+        seen.append(self)
+        raise _Parsed(argparse.Namespace())
+
+    argparse.ArgumentParser.parse_args = catch
+    try:
+        agent.main(["--port", "x"])
+    except _Parsed:
+        pass
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return seen[0]
+
+
+def check_words(parser: argparse.ArgumentParser, words: list[str], where: str) -> None:
+    """Subcommands and ``--options`` of ``words`` exist in ``parser`` (placeholders, values and
+    ``[optional]`` brackets allowed); stops at ``...``."""
+    p = parser
+    for word in words:
+        word = word.strip("[]")
+        if word in ("...", "") or word.startswith("..."):
+            return
+        if word.startswith("--"):
+            for opt in word.split("|"):
+                opt = opt.split("=")[0]
+                assert opt in p._option_string_actions, f"{where}: no option {opt}"
+            continue
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            continue                  # positional arguments and option values
+        assert word in subs[0].choices, f"{where}: no subcommand {word!r}"
+        p = subs[0].choices[word]
+
+
+def mentions(text: str) -> list[tuple[str, list[str]]]:
+    """Every ``sparsefl SUB ...``, ``python -m embedded.agent ...`` and ``python benchmarks/...``:
+    inline code spans of the prose, and lines of fenced blocks (continuations joined)."""
+    starts = ("sparsefl ", "python benchmarks/", "python -m embedded.agent")
+    found: list[str] = []
+    fences, prose_lines, body = [], [], None
+    for line in text.splitlines():
+        if line.strip().startswith("```"):
+            if body is None:
+                body = []
+            else:
+                fences.append("\n".join(body))
+                body = None
+        elif body is None:
+            prose_lines.append(line)
+        else:
+            body.append(line)
+    prose = "\n".join(prose_lines)
+    for span in re.findall(r"`([^`]+)`", prose):
+        found.append(re.sub(r"\s+", " ", span).strip())
+    for body in fences:
+        for line in re.sub(r"\\\n\s*", " ", body).splitlines():
+            line = line.split(" #")[0].strip()
+            i = line.find("python -m embedded.agent")     # also inside ExecStart=...
+            found.append(line[i:] if i > 0 and not line.startswith(starts) else line)
+    out = []
+    for s in found:
+        if s.startswith(starts):
+            w = s.split()
+            if w[:3] == ["python", "-m", "embedded.agent"] or w[0] == "sparsefl" or \
+                    w[1].startswith("benchmarks/"):
+                out.append((s, w))
+    return out
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/boards.md"])
+def test_every_mention_names_real_subcommands_and_options(doc):
+    """`sparsefl ...`, agent and benchmark command lines anywhere in the text (prose, code
+    blocks, the systemd unit): their subcommands and options exist."""
     from fl_core.cli import build_parser
 
-    text = README.read_text("utf-8")
-    prose = re.sub(r"```.*?```", "", text, flags=re.S)
-    spans = [re.sub(r"\s+", " ", s) for s in re.findall(r"`([^`]+)`", prose)]
-    checked = 0
-    for s in spans:
-        argv = s.split()
-        if argv[0] == "python" and len(argv) > 1 and argv[1].startswith("benchmarks/"):
-            parse_benchmark(argv)
-            checked += 1
-        elif argv[0] == "sparsefl" and len(argv) > 1:
-            p = build_parser()
-            for word in argv[1:]:
-                if word == "...":
-                    break
-                if word.startswith("-"):
-                    opt = word.split("=")[0]
-                    assert opt in p._option_string_actions, f"`{s}`: no option {opt}"
-                    continue
-                subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
-                if not subs:
-                    break                 # positional arguments from here on
-                assert word in subs[0].choices, f"`{s}`: no subcommand {word!r}"
-                p = subs[0].choices[word]
-            checked += 1
-    assert checked >= 5
+    text = (ROOT / doc).read_text("utf-8")
+    found = mentions(text)
+    assert len(found) >= 10
+    agent = agent_parser()
+    for where, words in found:
+        if words[0] == "sparsefl":
+            if len(words) > 1:
+                check_words(build_parser(), words[1:], f"{doc}: `{where}`")
+        elif words[:3] == ["python", "-m", "embedded.agent"]:
+            check_words(agent, words[3:], f"{doc}: `{where}`")
+        else:
+            script = ROOT / words[1]
+            assert script.is_file(), f"{doc}: `{where}`: no such benchmark"
+            if "[" not in where:
+                parse_benchmark(words)
+
+
+def test_the_mention_check_rejects_a_wrong_option():
+    from fl_core.cli import build_parser
+
+    with pytest.raises(AssertionError, match="no option --token"):
+        check_words(build_parser(), ["board", "pair", "PORT", "--token", "f"], "x")
+    with pytest.raises(AssertionError, match="no subcommand 'probe/bench'"):
+        check_words(build_parser(), ["board", "probe/bench", "PATH"], "x")
+    with pytest.raises(AssertionError, match="no option --sensors"):
+        check_words(agent_parser(), ["--port", "/dev/ttyGS0", "[--sensors", "auto]"], "x")
