@@ -133,49 +133,67 @@ def bwd_weight_sddmm(rowptr, col, widx, gyT, xT, gflat):
 
 
 @dual
-def sparse_acts(xT, thr, aptr, apos, aval):
-    """Kept activations (``|x| >= thr``, ``x != 0``) grouped by sample: CSR over n."""
+def sparse_acts_by_feature(xT, thr, fptr, an, av):
+    """Kept activations (``|x| >= thr``, ``x != 0``) grouped by feature: CSR over f of
+    (sample, value), compacted without branches from the batch-last rows of xT."""
     F, N = xT.shape
     p = 0
-    for n in range(N):
-        aptr[n] = p
-        for f in range(F):
-            v = xT[f, n]
-            if v != 0.0 and abs(v) >= thr:
-                apos[p] = f
-                aval[p] = v
-                p += 1
-    aptr[N] = p
+    for f in range(F):
+        fptr[f] = p
+        r = xT[f]
+        for n in range(N):
+            a = r[n]
+            an[p] = n
+            av[p] = a
+            p += (a != 0.0) & (abs(a) >= thr)
+    fptr[F] = p
     return p
 
 
 @dual
-def bwd_weight_tiles(aptr, apos, aval, gy, gw, tile):
-    """Dense gw (O, F) = gy.T @ x_s from the kept activations only.
+def bwd_weight_fblocks(fptr, an, av, gy, gw, tile):
+    """Dense gw (O, F) = gy.T @ x_s from the kept activations only, grouped by feature.
 
-    Output rows are taken in blocks of 16: tile[f, :16] += a * gy[n, o0:o0+16] for every kept
-    (n, f, a) (one 16-wide vector op each), then the tile is written to gw's 16 rows.
-    Blocks are split statically over ``tile.shape[0]`` workers (results do not depend on it).
+    Features are taken in blocks of FB = tile.shape[1]: row t of the worker's tile (FB, O)
+    accumulates ``a * gy[n, :]`` (one contiguous O-long axpy, 4 kept samples per pass) for
+    every kept (n, a) of feature f0 + t, then the tile is written to gw's columns
+    f0..f0+FB. Blocks are split statically over ``tile.shape[0]`` workers; the summation
+    order of each entry is fixed (results do not depend on the worker count).
     """
-    N = gy.shape[0]
-    NO, F = gw.shape
-    B = 16
-    nb = (NO + B - 1) // B
+    NO = gy.shape[1]
+    F = gw.shape[1]
+    FB = tile.shape[1]
+    nb = (F + FB - 1) // FB
     nw = tile.shape[0]
     for c in prange(nw):
         tl = tile[c]
-        for ob in range(nb * c // nw, nb * (c + 1) // nw):
-            o0 = ob * B
-            w = min(B, NO - o0)
-            tl[:, :] = 0.0
-            for n in range(N):
-                g = gy[n, o0:o0 + w]
-                for e in range(aptr[n], aptr[n + 1]):
-                    a = aval[e]
-                    row = tl[apos[e]]
-                    for t in range(w):
-                        row[t] += a * g[t]
-            for f in range(F):
-                row = tl[f]
-                for t in range(w):
-                    gw[o0 + t, f] = row[t]
+        for fb in range(nb * c // nw, nb * (c + 1) // nw):
+            f0 = fb * FB
+            fw = min(FB, F - f0)
+            for t in range(fw):
+                dst = tl[t]
+                dst[:] = 0.0
+                p = fptr[f0 + t]
+                p1 = fptr[f0 + t + 1]
+                while p + 4 <= p1:
+                    a0 = av[p]
+                    a1 = av[p + 1]
+                    a2 = av[p + 2]
+                    a3 = av[p + 3]
+                    g0 = gy[an[p]]
+                    g1 = gy[an[p + 1]]
+                    g2 = gy[an[p + 2]]
+                    g3 = gy[an[p + 3]]
+                    for o in range(NO):
+                        dst[o] += a0 * g0[o] + a1 * g1[o] + a2 * g2[o] + a3 * g3[o]
+                    p += 4
+                while p < p1:
+                    a0 = av[p]
+                    g0 = gy[an[p]]
+                    for o in range(NO):
+                        dst[o] += a0 * g0[o]
+                    p += 1
+            for o in range(NO):
+                row = gw[o, f0:f0 + fw]
+                for t in range(fw):
+                    row[t] = tl[t, o]

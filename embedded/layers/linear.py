@@ -2,8 +2,9 @@
 
 * ``dense``: BLAS GEMM (``np.dot`` into preallocated buffers).
 * ``swat``: forward/backward-input with the compressed top-K weights (CSR by output; the
-  input gradient scatters rows into per-worker accumulators) on batch-last copies; weight gradient dense, computed from the top-K input
-  activations only (kept entries grouped by sample, 16 output rows per vector tile).
+  input gradient scatters rows into per-worker accumulators) on batch-last copies; weight
+  gradient dense, computed from the top-K input activations only (kept entries grouped by
+  feature: one O-long axpy of gy per kept entry into a 16-feature tile).
 * ``masked``: compressed W⊙M (structure cached until the mask changes), weight gradient only
   at the kept entries (one dot product over the batch each) unless ``want_dense_grad``.
 """
@@ -60,7 +61,7 @@ class Linear(Layer):
         self._y = np.zeros((n, self.fout), np.float32)
         self._gx = np.zeros((n, self.fin), np.float32)
         self._xT = np.zeros(self.fin * n, np.float32)
-        self._aptr = np.zeros(n + 1, np.int64)
+        self._aptr = np.zeros(self.fin + 1, np.int64)  # kept activations per feature
         self._apos = np.zeros(1, np.int32)
         self._aval = np.zeros(1, np.float32)
         if self.mode == "swat":
@@ -72,8 +73,8 @@ class Linear(Layer):
             self._apos = np.zeros(n * self.fin, np.int32)
             self._aval = np.zeros(n * self.fin, np.float32)
         nw = max(1, numba.config.NUMBA_NUM_THREADS)
-        if self._tile.shape[0] < nw or self._tile.shape[1] != self.fin:
-            self._tile = np.zeros((nw, self.fin, 16), np.float32)
+        if self._tile.shape[0] < nw or self._tile.shape[2] != self.fout:
+            self._tile = np.zeros((nw, 16, self.fout), np.float32)
 
     # ------------------------------------------------------------------ sparsity API
     def set_sparsity(self, mode: str, ls=None) -> None:
@@ -200,12 +201,12 @@ class Linear(Layer):
                     thr = np.uint32(T.resolve(self._hist, k, xT.reshape(-1).view(np.uint32),
                                               cand)).view(np.float32)
                     self._hist_ok = False
-                    aptr = self._aptr[: n + 1]
-                    nnz = K.sparse_acts[0](xT, thr, aptr, self._apos, self._aval)
+                    fptr = self._aptr
+                    nnz = K.sparse_acts_by_feature[0](xT, thr, fptr, self._apos, self._aval)
                     self.measured_act_density = nnz / (n * self.fin)
-                    k2 = S.pick(K.bwd_weight_tiles, nnz * self.fout)
-                    tile = self._tile if k2 is K.bwd_weight_tiles[1] else self._tile[:1]
-                    k2(aptr, self._apos, self._aval, gy, gw, tile)
+                    k2 = S.pick(K.bwd_weight_fblocks, nnz * self.fout)
+                    tile = self._tile if k2 is K.bwd_weight_fblocks[1] else self._tile[:1]
+                    k2(fptr, self._apos, self._aval, gy, gw, tile)
                 elif not self.want_dense_grad:
                     gw[...] = 0.0
                     S.pick(K.bwd_weight_sddmm, sw.nnz * n)(sw.rowptr, sw.code, sw.widx, gyT,
