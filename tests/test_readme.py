@@ -377,6 +377,21 @@ def h_run(world: World, cmd: Command) -> None:
                         "time_provenance", "energy_provenance"):
                 assert col in head, (lab, col)
             assert (root / lab / "report.md").is_file()
+        # the README's provenance table, column by column
+        import csv
+
+        with open(root / "fedavg" / "clients.csv", newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
+        prov = {}
+        for r in rows:
+            kind = "board" if r["board"] else ("calibrated" if r["device"] == "generic-x86"
+                                               else "simulated")
+            prov.setdefault(kind, set()).add((r["time_provenance"], r["energy_provenance"],
+                                              r["bytes_provenance"]))
+        assert prov["board"] == {("measured-emulated", "calibrated-estimate", "measured")}
+        assert prov["simulated"] == {("estimated", "estimated", "measured")}
+        assert prov.get("calibrated", set()) <= {("calibrated-estimate", "calibrated-estimate",
+                                                   "measured")}
         boards = json.loads((root / "boards.json").read_text())
         assert [b["device"] for b in boards] == ["generic-x86", "generic-x86"]
         assert (root / "calibration" / "generic-x86.toml").is_file()
