@@ -149,6 +149,7 @@ def test_hybrid_run_calibrates_then_measures_beside_simulated_clients(tmp_path):
     assert (out / "report.md").is_file()
 
 
+@pytest.mark.slow
 def test_board_unplugged_mid_round_fails_it_and_reconnects_when_back(tmp_path):
     """The agent is killed right after the host sent its TRAIN (an unplugged board): the
     board's round fails after its train timeout, the round completes without it; the agent

@@ -209,7 +209,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
             ["kernels compiled", info.get("kernels_compiled")],
             ["sensors", ", ".join(s.get("kind", "?") for s in info.get("sensors") or [])
              or "none (energy estimated)"]]
-    print(_table([[k, str(v)] for k, v in rows], ["field", "value"]))
+    def show(v: object) -> str:      # what the board does not report: "-", not "None"
+        return "-" if v is None or str(v).replace("None", "").strip(" /(),") == "" else \
+            str(v).replace("None", "-")
+
+    print(_table([[k, show(v)] for k, v in rows], ["field", "value"]))
     if bc.board_changed:
         print(f"note: a different board than before answers on {args.port}")
     return 0
