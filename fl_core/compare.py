@@ -131,6 +131,10 @@ def run_comparison(cfg: RunConfig | None, out: str | Path, *, resume: bool = Fal
                 summaries[lab] = json.loads((d / "summary.json").read_text())
                 continue
             again = (d / "config.toml").is_file()
+            if d.exists() and not again:      # killed before its config was written: start over
+                import shutil
+
+                shutil.rmtree(d)
             say(f"[{i}/{len(runs)}] {lab}: {'resuming' if again else 'running'} -> {d}")
             fed = Federation(v if not again else load_config(d / "config.toml"), d,
                              dataset=dataset, parts=parts, pool=pool, boards=boards,
