@@ -138,7 +138,7 @@ def run_comparison(cfg: RunConfig | None, out: str | Path, *, resume: bool = Fal
             say(f"[{i}/{len(runs)}] {lab}: {'resuming' if again else 'running'} -> {d}")
             fed = Federation(v if not again else load_config(d / "config.toml"), d,
                              dataset=dataset, parts=parts, pool=pool, boards=boards,
-                             progress=progress)
+                             progress=progress, label=lab)
             try:
                 summaries[lab] = fed.run(resume=again)
             finally:

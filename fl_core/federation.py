@@ -185,8 +185,11 @@ class Federation:
                  clients: list[Client] | None = None, dataset: Any = None,
                  parts: list[np.ndarray] | None = None, pool: WorkerPool | None = None,
                  workers: int | None = None, progress: bool = False,
-                 write_report: bool = True, boards: BoardSet | None = None) -> None:
+                 write_report: bool = True, boards: BoardSet | None = None,
+                 label: str | None = None) -> None:
         self.cfg = cfg
+        #: the run's name in comparisons (default: the strategy and its parameters)
+        self.label = label
         self.out = Path(out_dir)
         self.progress = progress
         self.write_report = write_report
@@ -532,7 +535,8 @@ class Federation:
                 by_dev[r["device"]] = by_dev.get(r["device"], 0.0) + float(r.get("energy_j") or 0)
         evals = [r for r in rounds if r.get("accuracy") is not None]
         return {
-            "status": status, "name": self.cfg.name, "strategy": self.cfg.strategy_name,
+            "status": status, "name": self.cfg.name, **({"label": self.label} if self.label else {}),
+            "strategy": self.cfg.strategy_name,
             "strategy_params": self.cfg.strategy_params, "model": self.spec.name,
             "dataset": self.cfg.data.name, "seed": self.cfg.seed, "threads": self.cfg.threads,
             "rounds": self.cfg.rounds, "rounds_completed": len(rounds),

@@ -72,6 +72,8 @@ class Run:
     @property
     def label(self) -> str:
         s = self.summary
+        if s.get("label"):          # a comparison's name for the run (e.g. zerofl-0.9)
+            return str(s["label"])
         params = s.get("strategy_params") or {}
         extra = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
         return f"{s.get('strategy', '?')}" + (f"({extra})" if extra else "")
