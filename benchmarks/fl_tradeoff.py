@@ -202,7 +202,10 @@ def _fmt(vals: list[float], scale: float = 1.0, nd: int = 3, fmt: str = "f") -> 
         return "-"
     if len(vals) == 1:
         return f"{vals[0]:.{nd}{fmt}}"
-    return f"{statistics.mean(vals):.{nd}{fmt}} ± {statistics.stdev(vals):.2g}"
+    mean, sd = statistics.mean(vals), statistics.stdev(vals)
+    if sd <= 1e-9 * abs(mean):   # float summation noise of identical costs, not a spread
+        sd = 0.0
+    return f"{mean:.{nd}{fmt}} ± {sd:.2g}"
 
 
 def markdown(results: dict[str, dict[str, Any]], devices: list[str], meta: dict[str, Any]) -> str:
