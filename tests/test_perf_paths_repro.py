@@ -74,6 +74,19 @@ def _run(layer, x, gy):
     return [y, gx] + [g.copy() for g in layer.grads.values()]
 
 
+def _run_at_1_and_2_threads(layer, x, gy):
+    """One step's outputs and gradients at 1 thread, then at 2 (thread count restored)."""
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        a = _run(layer, x, gy)
+        numba.set_num_threads(_threads(2))
+        b = _run(layer, x, gy)
+    finally:
+        numba.set_num_threads(before)
+    return a, b
+
+
 # (cin, cout, h, w, kernel, stride, padding, batch): many output channels (the channels-last
 # gradient transpose's other branch), 3x3 stride 2 (every phase plane packed), 5x5
 @pytest.mark.parametrize("case", [
@@ -88,14 +101,7 @@ def test_conv_swat_matches_torch_and_threads(case, monkeypatch):
     layer.set_sparsity("swat", LayerSparsity(0.15, 0.2, 1))
     wt = layer.params["weight"].copy()
     mw, mx = _mask(wt, 0.15), _mask(x, 0.2)
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        a = _run(layer, x, gy)
-        numba.set_num_threads(_threads(2))
-        b = _run(layer, x, gy)
-    finally:
-        numba.set_num_threads(before)
+    a, b = _run_at_1_and_2_threads(layer, x, gy)
     for u, v in zip(a, b, strict=True):
         assert np.array_equal(u, v)
     xt = torch.from_numpy(x).requires_grad_(True)
@@ -125,14 +131,7 @@ def test_linear_swat_weight_grad_by_feature(fin, fout, n, monkeypatch):
     gy = rng.standard_normal((n, fout)).astype(np.float32)
     layer.set_sparsity("swat", LayerSparsity(0.2, 0.25, 1))
     wt = layer.params["weight"].copy()
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        a = _run(layer, x, gy)
-        numba.set_num_threads(_threads(2))
-        b = _run(layer, x, gy)
-    finally:
-        numba.set_num_threads(before)
+    a, b = _run_at_1_and_2_threads(layer, x, gy)
     # output and weight gradient: bitwise across thread counts; the input gradient sums one
     # private accumulator per worker, so it is bitwise only for a given thread count
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[2], b[2])
