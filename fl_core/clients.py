@@ -442,12 +442,11 @@ def run_clients(clients: list[Client], tasks: list[ClientTask],
             out[i] = ClientResult(tasks[i].round, c.client_id,
                                   error=f"{type(e).__name__}: {e}")
 
+    running = {i for i, c in enumerate(clients) if getattr(c, "concurrent", False)}
     threads = [threading.Thread(target=fit, args=(i,), daemon=True,
-                                name=f"client-{clients[i].client_id}")
-               for i, c in enumerate(clients) if getattr(c, "concurrent", False)]
+                                name=f"client-{clients[i].client_id}") for i in sorted(running)]
     for t in threads:
         t.start()
-    running = {i for i, c in enumerate(clients) if getattr(c, "concurrent", False)}
     batch = [i for i, c in enumerate(clients)
              if isinstance(c, SimulatedClient) and pool is not None and c.pool is pool]
     if batch:
@@ -468,6 +467,14 @@ def default_workers() -> int:
     return 0 if n < 2 else min(DEFAULT_WORKERS, n)
 
 
+def worker_count(workers: int | None, configured: int | None) -> int:
+    """The workers a run uses: the caller's ``workers``, else the config's ``[fleet] workers``,
+    else :func:`default_workers`."""
+    if workers is not None:
+        return workers
+    return configured if configured is not None else default_workers()
+
+
 __all__ = ["DEFAULT_TIMEOUT_S", "DEFAULT_WORKERS", "Client", "SimulatedClient", "WorkerPool",
            "default_workers", "estimate_task", "evaluate_state", "pack_job", "run_clients",
-           "unpack_job"]
+           "unpack_job", "worker_count"]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, resolved_toml
-from .runlog import atomic_write_text
+from .runlog import atomic_write_text, fresh_dir
 
 
 def label_of(entry: dict[str, Any]) -> str:
@@ -63,9 +63,10 @@ class ComparisonResult:
     status: str
 
 
-def _status(d: Path) -> str | None:
+def _summary(d: Path) -> dict[str, Any] | None:
+    """A run directory's summary.json (None when it has none yet or it is unreadable)."""
     try:
-        return json.loads((d / "summary.json").read_text()).get("status")
+        return json.loads((d / "summary.json").read_text())
     except (OSError, ValueError):
         return None
 
@@ -74,7 +75,7 @@ def run_comparison(cfg: RunConfig | None, out: str | Path, *, resume: bool = Fal
                    force: bool = False, progress: bool = True, workers: int | None = None,
                    log: Any = None) -> ComparisonResult:
     """Run (or resume) every ``[[compare]]`` entry of ``cfg`` into ``out``."""
-    from .clients import WorkerPool, default_workers
+    from .clients import WorkerPool, worker_count
     from .config import load_config
     from .federation import Federation, RunDirError, build_spec, check_out_dir, load_data
     from .federation import make_strategy as _strategy
@@ -99,14 +100,9 @@ def run_comparison(cfg: RunConfig | None, out: str | Path, *, resume: bool = Fal
     for _lab, v in runs:                      # every strategy's parameters, before any work
         _strategy(v, spec)
     if not resume:
-        import shutil
-
-        if root.exists():
-            shutil.rmtree(root) if root.is_dir() else root.unlink()
-        root.mkdir(parents=True)
+        fresh_dir(root)
         atomic_write_text(root / "config.toml", resolved_toml(cfg))
-    nw = workers if workers is not None else (cfg.fleet.workers if cfg.fleet.workers
-                                              is not None else default_workers())
+    nw = worker_count(workers, cfg.fleet.workers)
     pool = WorkerPool(nw, timeout_s=cfg.fleet.timeout_s) if nw > 0 else None
     boards = (BoardSet(parse_boards(cfg.fleet.boards),
                        calibration_repeats=cfg.fleet.calibration_repeats, log=say)
@@ -125,16 +121,14 @@ def run_comparison(cfg: RunConfig | None, out: str | Path, *, resume: bool = Fal
             boards.save(root)
         for i, (lab, v) in enumerate(runs, 1):
             d = root / lab
-            st = _status(d)
-            if st == "completed":
+            done = _summary(d)
+            if done is not None and done.get("status") == "completed":
                 say(f"[{i}/{len(runs)}] {lab}: already finished")
-                summaries[lab] = json.loads((d / "summary.json").read_text())
+                summaries[lab] = done
                 continue
             again = (d / "config.toml").is_file()
             if d.exists() and not again:      # killed before its config was written: start over
-                import shutil
-
-                shutil.rmtree(d)
+                fresh_dir(d)
             say(f"[{i}/{len(runs)}] {lab}: {'resuming' if again else 'running'} -> {d}")
             fed = Federation(v if not again else load_config(d / "config.toml"), d,
                              dataset=dataset, parts=parts, pool=pool, boards=boards,

@@ -41,18 +41,19 @@ from .clients import (
     Client,
     SimulatedClient,
     WorkerPool,
-    default_workers,
     estimate_task,
     evaluate_state,
     run_clients,
+    worker_count,
 )
 from .config import ConfigError, RunConfig, resolved_toml
-from .fleet import Decision, Fleet
+from .fleet import Fleet
 from .hybrid import BoardSet, parse_boards, sparsities_of
 from .runlog import (
     Checkpointer,
     RunLog,
     atomic_write_text,
+    fresh_dir,
     machine,
     versions,
     write_final_model,
@@ -218,16 +219,19 @@ class Federation:
             self.boards = BoardSet(parse_boards(cfg.fleet.boards),
                                    calibration_repeats=cfg.fleet.calibration_repeats)
             self._own_boards = True
-        nb = len(self.boards) if self.boards is not None else 0
+        #: the boards are clients 0 .. nb-1
+        self.nb = nb = len(self.boards) if self.boards is not None else 0
         if self.boards is not None:
             self.boards.start([f"board{i}" for i in range(nb)])
         self.fleet = Fleet(cfg.fleet, cfg.data.num_clients, cfg.seed,
                            fixed_devices=self.boards.devices if self.boards is not None else ())
-        #: client indices that train every round (boards with every_round)
-        self.always = [i for i, b in enumerate(parse_boards(cfg.fleet.boards)) if b.every_round
-                       ] if nb else []
-        nw = workers if workers is not None else (cfg.fleet.workers if cfg.fleet.workers
-                                                  is not None else default_workers())
+        #: client indices that train every round (boards with every_round), and the clients
+        #: the rest of a round is sampled from
+        self.always = [i for i, b in enumerate(self.boards.configs) if b.every_round] \
+            if nb else []
+        self._sample_from = np.array([i for i in range(cfg.data.num_clients)
+                                      if i not in self.always])
+        nw = worker_count(workers, cfg.fleet.workers)
         if self.pool is None and nw > 0 and clients is None:
             self.pool = WorkerPool(nw, timeout_s=cfg.fleet.timeout_s)
             self._own_pool = True
@@ -291,8 +295,6 @@ class Federation:
         self._calibrate_boards(resume)
 
     def _prepare(self, resume: bool, force: bool) -> None:
-        import shutil
-
         if resume:
             if not (self.out / "config.toml").is_file():
                 raise RunDirError(f"{self.out}: not a run directory (no config.toml) to resume")
@@ -304,12 +306,7 @@ class Federation:
             self.restore(ck.meta, ck.arrays)
             return
         check_out_dir(self.out, force)
-        if self.out.exists():
-            if self.out.is_dir():
-                shutil.rmtree(self.out)
-            else:
-                self.out.unlink()
-        self.out.mkdir(parents=True, exist_ok=True)
+        fresh_dir(self.out)
         atomic_write_text(self.out / "config.toml", resolved_toml(self.cfg))
         self.strategy.initialize()
         self.log.start()
@@ -352,15 +349,15 @@ class Federation:
     def run_round(self, rnd: int) -> RoundOutcome:
         cfg = self.cfg
         if self.always:
-            rest = np.array([i for i in range(cfg.data.num_clients) if i not in self.always])
-            picked = self.rng.choice(rest, size=cfg.clients_per_round - len(self.always),
+            picked = self.rng.choice(self._sample_from,
+                                     size=cfg.clients_per_round - len(self.always),
                                      replace=False)
             sampled = sorted(self.always + [int(i) for i in picked])
         else:
             sampled = sorted(int(i) for i in self.rng.choice(cfg.data.num_clients,
                                                              size=cfg.clients_per_round,
                                                              replace=False))
-        nb = len(self.boards) if self.boards is not None else 0
+        nb = self.nb
         rows: dict[int, dict[str, Any]] = {}
 
         def base_row(c: int) -> dict[str, Any]:
@@ -393,16 +390,17 @@ class Federation:
                                reason=f"not selected by the strategy ({self.strategy.name}) "
                                "this round")
                 continue
-            down = len(task.global_state) + len(task.global_masks or b"")
-            est = estimate_task(task, self.clients[c].device, max(1, info.num_samples),
-                                cfg.fleet.radio, down_bytes=down, profile=self.profile_of(c))
             # a board's round is measured, not predicted: it is not dropped on an estimate
-            dec = self.fleet.budget_check(c, est) if c >= nb else Decision(c, True)
-            if not dec.ok:
-                rows[c] = dict(base_row(c), status="dropped", reason=dec.reason,
-                               time_s=est["time_s"], time_provenance=est["provenance"],
-                               energy_j=est["energy_j"], energy_provenance=est["provenance"])
-                continue
+            if c >= nb:
+                down = len(task.global_state) + len(task.global_masks or b"")
+                est = estimate_task(task, self.clients[c].device, max(1, info.num_samples),
+                                    cfg.fleet.radio, down_bytes=down, profile=self.profile_of(c))
+                dec = self.fleet.budget_check(c, est)
+                if not dec.ok:
+                    rows[c] = dict(base_row(c), status="dropped", reason=dec.reason,
+                                   time_s=est["time_s"], time_provenance=est["provenance"],
+                                   energy_j=est["energy_j"], energy_provenance=est["provenance"])
+                    continue
             run_c.append(c)
             run_t.append(task)
             run_i.append(info)
@@ -468,11 +466,10 @@ class Federation:
         estimate of the same task's compute on its class's (calibrated) profile."""
         bc = self.clients[c]
         out: dict[str, Any] = {"board": str(getattr(bc, "board_uuid", "") or "")}
-        for q in ("compute_s", "transfer_s"):
-            v = _value(res, q)
-            if v is not None:
-                out[q] = v
+        if _value(res, "compute_s") is not None:
+            out["compute_s"] = _value(res, "compute_s")
         if _value(res, "transfer_s") is not None:
+            out["transfer_s"] = _value(res, "transfer_s")
             out["transfer_provenance"] = _prov(res, "transfer_s")
         steps = res.stats.steps if (res.ok and res.stats is not None) else None
         if steps:

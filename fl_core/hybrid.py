@@ -256,14 +256,13 @@ class BoardSet:
 
     def save(self, out_dir: str | Path) -> None:
         """Write ``calibration/<device>.toml`` and ``boards.json`` into the run directory."""
+        from hwmodel.measure import to_csv
         from hwmodel.profiles import profile_to_toml
 
         from .runlog import atomic_write_text
 
         out = Path(out_dir)
         (out / "calibration").mkdir(parents=True, exist_ok=True)
-        from hwmodel.measure import to_csv
-
         for dev, prof in self.profiles.items():
             atomic_write_text(out / "calibration" / f"{_safe(dev)}.toml", profile_to_toml(prof))
             if self.measurements.get(dev):

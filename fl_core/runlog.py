@@ -52,6 +52,19 @@ os.umask(_UMASK)
 
 
 # ------------------------------------------------------------------------------ atomic files
+def fresh_dir(path: str | os.PathLike) -> Path:
+    """``path`` as a new empty directory (whatever stood there, file or tree, removed)."""
+    import shutil
+
+    p = Path(path)
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        p.unlink()
+    p.mkdir(parents=True)
+    return p
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -293,5 +306,6 @@ def write_final_model(out_dir: str | os.PathLike, weights: Mapping[str, np.ndarr
 
 
 __all__ = ["CLIENT_COLUMNS", "ROUND_COLUMNS", "STATUSES", "Checkpoint", "Checkpointer", "RunLog",
+           "fresh_dir",
            "atomic_write_bytes", "atomic_write_text", "load_npz", "machine", "npz_bytes",
            "read_csv", "versions", "write_final_model", "write_summary"]
