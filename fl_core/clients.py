@@ -267,12 +267,11 @@ def estimate_task(task: ClientTask, device: str, samples: int, radio: str | None
     formulas when ``None``) plus the idle draw while transferring, as ``hwmodel.budget`` does.
     """
     from hwmodel.estimator import estimate, provenance_of, radio_cost
-    from hwmodel.estimator import resolve_device as _dev
 
     prof = _cached_profile(device) if profile is None else profile
     cfg = task.train
     est = _cached_estimate(task, prof, device, max(1, int(samples)), cfg.batch_size,
-                           cfg.epochs, estimate, _dev)
+                           cfg.epochs, estimate)
     t = est.sparse.totals
     scale = 1.0
     if steps is not None and est.steps > 0:
@@ -305,7 +304,7 @@ def _cached_profile(device: str) -> Any:
 
 
 def _cached_estimate(task: ClientTask, prof: Any, device: str, samples: int, batch: int,
-                     epochs: int, estimate: Any, _dev: Any) -> Any:
+                     epochs: int, estimate: Any) -> Any:
     # keyed by the profile object's id; the entry holds the profile, so the id stays its own
     key = (task.spec.to_json(), task.plan.to_json(), device, id(prof), samples, batch, epochs)
     hit = _ESTIMATES.get(key)

@@ -383,10 +383,9 @@ def _source_lines(cmp: list[ClassComparison], boards: list[dict[str, Any]]) -> l
     return lines
 
 
-def _hybrid_section(run: Run) -> list[str]:
-    cmp = measured_vs_estimated(run)
+def _hybrid_section(run: Run, cmp: list[ClassComparison],
+                    boards: list[dict[str, Any]]) -> list[str]:
     links = link_by_board(run)
-    boards = load_boards(run.dir)
     lines: list[str] = []
     if boards:
         lines += ["", "## Boards", "", "| client | board | port | device | emulated | sensor "
@@ -487,7 +486,7 @@ def write_report(path: str | Path) -> Path:
     """Write ``report.md`` and the four PNG plots into the run directory ``path``."""
     run = load_run(path)
     p = run.dir
-    load_boards(p)      # a malformed boards.json fails before any plot is drawn
+    boards = load_boards(p)      # a malformed boards.json fails before any plot is drawn
     _line_plot(p / PLOTS["accuracy_vs_rounds"], [run], "round", "round", "accuracy vs rounds")
     _line_plot(p / PLOTS["accuracy_vs_energy"], [run], "energy_cum_j",
                "cumulative client energy (J)", "accuracy vs client energy")
@@ -525,8 +524,8 @@ def write_report(path: str | Path) -> Path:
     hybrid = any(is_board(r) for r in run.clients)
     plots = dict(PLOTS)
     if hybrid:
-        lines += _hybrid_section(run)
         cmp = measured_vs_estimated(run)
+        lines += _hybrid_section(run, cmp, boards)
         if cmp:
             _mve_plot(p / HYBRID_PLOTS["measured_vs_estimated"], cmp)
             plots.update(HYBRID_PLOTS)

@@ -26,7 +26,7 @@ from typing import Any
 from hwmodel.counts import FLOPS_CONVENTION
 from hwmodel.estimator import DEFAULT_SAMPLES, Budget, budget
 
-from .estimate import mib, render_table, si
+from .estimate import add_round_args, mib, render_table, si
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -49,25 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, metavar="FILE.toml",
                    help="a device profile file, e.g. a board's calibration.toml "
                    "(instead of --device)")
-    p.add_argument("--model", default=None, metavar="NAME|PATH",
-                   help="a builder name (femnist_cnn, resnet8, ...) or a ModelSpec .json file "
-                   "(required unless --run)")
-    p.add_argument("--device", default=None, metavar="NAME|PATH",
-                   help="a shipped profile name (rpi4, pixel4, ...) or a profile .toml file; with "
-                   "--run, one of the run's device classes")
-    p.add_argument("--sparsity", type=float, default=None,
-                   help="weight (and SWAT activation) sparsity of the sparse layers, in [0, 1) "
-                   "(default: 0, or the run's strategy)")
-    p.add_argument("--mode", choices=("swat", "masked", "dense"), default=None,
-                   help="sparse training mode (default: swat, or the run's strategy's; swat's "
-                   "sparse layers: all conv/linear but the first and the classifier; masked: "
-                   "every conv/linear layer)")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default: 32, or the run's)")
-    p.add_argument("--samples", type=int, default=None,
-                   help=f"local samples per epoch (default: {DEFAULT_SAMPLES}, or the run's "
-                   "median per client)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="local epochs per round (default: 1, or the run's)")
+    add_round_args(p, from_run=True)
     p.add_argument("--radio", default=None,
                    help="radio of the device profile (wifi, lte; default: wifi, or the run's)")
     g = p.add_mutually_exclusive_group()
@@ -92,7 +74,6 @@ class RunWorkload:
     n_clients: int
     strategy: str
     sparsity: float
-    strategy_params: dict[str, Any]
     radio: str
     devices: list[str]
     calibrations: dict[str, Path] = field(default_factory=dict)
@@ -145,7 +126,9 @@ def load_run_workload(path: str | Path) -> RunWorkload:
         raise ValueError(f"{d / 'clients.csv'}: no client rows yet (the run has not finished a "
                          "round); give --samples and the other options instead")
     samples = max(1, int(round(statistics.median(per_client.values()))))
-    boards = _boards(d)
+    from ..report import load_boards
+
+    boards = load_boards(d)
     devices = sorted({r["device"] for r in rows if r.get("device")}
                      | {b["device"] for b in boards if b.get("device")}
                      | set(getattr(cfg.fleet, "devices", {}) or {}))
@@ -154,22 +137,9 @@ def load_run_workload(path: str | Path) -> RunWorkload:
     return RunWorkload(
         dir=d, model=str(cfg.model["name"]), batch=int(tc.batch_size), epochs=int(tc.epochs),
         samples=samples, n_clients=len(per_client), strategy=cfg.strategy_name,
-        sparsity=float(params.get("sparsity", 0.0) or 0.0), strategy_params=params,
+        sparsity=float(params.get("sparsity", 0.0) or 0.0),
         radio=str(getattr(cfg.fleet, "radio", "wifi") or "wifi"), devices=devices,
         calibrations=_calibrations(d, boards), max_steps=tc.max_steps, config=cfg)
-
-
-def _boards(d: Path) -> list[dict[str, Any]]:
-    path = d / "boards.json"
-    if not path.is_file():
-        return []
-    try:
-        doc = json.loads(path.read_text("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(doc, list) or not all(isinstance(b, dict) for b in doc):
-        raise ValueError(f"{path}: expected a list of board objects")
-    return doc
 
 
 def _calibrations(d: Path, boards: list[dict[str, Any]]) -> dict[str, Path]:

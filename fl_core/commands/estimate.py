@@ -6,26 +6,39 @@ import argparse
 import csv
 import io
 import json
+from typing import Any
 
 from hwmodel.counts import FLOPS_CONVENTION
 from hwmodel.estimator import DEFAULT_SAMPLES, Estimate, estimate
 
 
-def add_round_args(p: argparse.ArgumentParser, sparsity_default: float = 0.0) -> None:
-    """The options ``estimate`` and ``budget`` share."""
-    p.add_argument("--model", required=True, metavar="NAME|PATH",
-                   help="a builder name (femnist_cnn, resnet8, ...) or a ModelSpec .json file")
-    p.add_argument("--device", required=True, metavar="NAME|PATH",
-                   help="a shipped profile name (rpi4, pixel4, ...) or a profile .toml file")
-    p.add_argument("--sparsity", type=float, default=sparsity_default,
-                   help="weight (and SWAT activation) sparsity of the sparse layers, in [0, 1)")
-    p.add_argument("--mode", choices=("swat", "masked", "dense"), default="swat",
-                   help="sparse training mode (default: swat; its sparse layers: all conv/linear "
-                   "but the first and the classifier; masked: every conv/linear layer)")
-    p.add_argument("--batch", type=int, default=32, help="batch size (default: 32)")
-    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
-                   help=f"local samples per epoch (default: {DEFAULT_SAMPLES})")
-    p.add_argument("--epochs", type=int, default=1, help="local epochs per round (default: 1)")
+def add_round_args(p: argparse.ArgumentParser, from_run: bool = False) -> None:
+    """The options ``estimate`` and ``budget`` share. ``from_run`` (budget's ``--run DIR``):
+    none is required and each defaults to None, meaning "the run's value, else the usual"."""
+    def add(flag: str, default: Any, help: str, run_help: str = "", **kw: Any) -> None:
+        if from_run:
+            if default is not None:
+                help += f" (default: {default}, or the run's{run_help})"
+            elif flag == "--model":
+                help += " (required unless --run)"
+            p.add_argument(flag, default=None, help=help, **kw)
+        else:
+            p.add_argument(flag, default=default, required=default is None, help=help, **kw)
+
+    add("--model", None, "a builder name (femnist_cnn, resnet8, ...) or a ModelSpec .json file",
+        metavar="NAME|PATH")
+    add("--device", None,
+        "a shipped profile name (rpi4, pixel4, ...) or a profile .toml file"
+        + ("; with --run, one of the run's device classes" if from_run else ""),
+        metavar="NAME|PATH")
+    add("--sparsity", 0.0, "weight (and SWAT activation) sparsity of the sparse layers, in [0, 1)",
+        " strategy", type=float)
+    add("--mode", "swat", "sparse training mode (swat's sparse layers: all conv/linear but the "
+        "first and the classifier; masked: every conv/linear layer)", " strategy's",
+        choices=("swat", "masked", "dense"))
+    add("--batch", 32, "batch size", type=int)
+    add("--samples", DEFAULT_SAMPLES, "local samples per epoch", " median per client", type=int)
+    add("--epochs", 1, "local epochs per round", type=int)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
