@@ -151,13 +151,6 @@ class Agent:
             MSG.LOAD: Command(self.cmd_load),
             MSG.ABORT: Command(self.cmd_abort),
             MSG.RESET: Command(self.cmd_reset),
-            # The training side plugs in here (handlers taking (fields, abort_event) for long ones):
-            MSG.TRAIN: Command(self.not_implemented("TRAIN"), long=True),
-            MSG.EVAL: Command(self.not_implemented("EVAL"), long=True),
-            MSG.BENCH: Command(self.not_implemented("BENCH"), long=True),
-            MSG.LOAD_MODEL: Command(self.not_implemented("LOAD_MODEL")),
-            MSG.LOAD_DATA: Command(self.not_implemented("LOAD_DATA")),
-            MSG.INFER_BENCH: Command(self.not_implemented("INFER_BENCH"), long=True),
         }
         from .agent_commands import install  # TRAIN, EVAL, BENCH, LOAD_MODEL, LOAD_DATA, ...
         self.board = install(self, emulated=emulated, slowdown_profile=slowdown_profile)
@@ -286,11 +279,6 @@ class Agent:
         self.finished.put((m, *self._call(m, cmd, fields, ev)))
 
     # --- commands --------------------------------------------------------------------------
-    def not_implemented(self, name: str) -> Callable[..., dict]:
-        def handler(fields: dict, abort: threading.Event | None = None) -> dict:
-            raise AgentError(ERR.NOT_IMPLEMENTED, f"{name} is not implemented by this agent yet")
-        return handler
-
     def cmd_hello(self, f: dict) -> dict:
         lo, hi = f["min_version"], f["max_version"]
         common = [v for v in SUPPORTED_VERSIONS if lo <= v <= hi]

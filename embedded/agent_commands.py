@@ -342,12 +342,13 @@ class BoardCommands:
         if reading.energy_j is not None:
             result.costs["energy_j"] = {"value": float(reading.energy_j), "unit": "J",
                                         "provenance": str(Provenance.MEASURED)}
+        digest = state_digest(full)
         with self.lock:
-            self.state.resident = Resident(spec_json, full, masks, state_digest(full))
+            self.state.resident = Resident(spec_json, full, masks, digest)
         out = {"task_id": tid, "result": result.to_bytes(), "compute_s": compute_s,
                "t_start": t_start, "t_end": t_end, "energy": reading.to_dict(),
                "emulated": self.emulated, "slowdown_s": 0.0 if padded is None
-               else float(padded - compute_s), "resident": state_digest(full)}
+               else float(padded - compute_s), "resident": digest}
         with self.lock:
             self.state.results[tid] = out
             while len(self.state.results) > TRAIN_CACHE or (len(self.state.results) > 1 and sum(

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from hwmodel import ModelSpec, SparsityPlan
-from hwmodel.provenance import Provenance, Tagged
+from hwmodel.provenance import Provenance
+from hwmodel.provenance import tag as _tag
 
 from .mask_schedule import MaskSchedule
 from .uplink import UplinkRule, decode_masks
@@ -277,10 +278,6 @@ def _network_for(spec: ModelSpec) -> tuple[Any, dict[str, np.ndarray]]:
     while len(_NET_CACHE) > NET_CACHE_SIZE:
         _NET_CACHE.popitem(last=False)
     return entry
-
-
-def _tag(value: float, unit: str, prov: Provenance) -> dict[str, Any]:
-    return Tagged(float(value), unit, prov).to_dict()
 
 
 def run_task(task: ClientTask, x: np.ndarray, y: np.ndarray,

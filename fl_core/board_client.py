@@ -46,6 +46,7 @@ from embedded.protocol.framing import SUPPORTED_VERSIONS
 from embedded.protocol.messages import ERR, encode_payload
 from embedded.protocol.transport import Link, LinkError, RemoteError, open_link, pair_mac
 from hwmodel.provenance import Provenance
+from hwmodel.provenance import tag as _tag
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,10 +137,6 @@ def _read_token_file(path: str) -> bytes:
 def _digest(state: dict[str, np.ndarray]) -> str:
     from embedded.agent_commands import state_digest
     return state_digest(state)
-
-
-def _tag(value: float, unit: str, prov: Provenance | str) -> dict[str, Any]:
-    return {"value": float(value), "unit": unit, "provenance": str(prov)}
 
 
 class BoardClient:

@@ -36,7 +36,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from embedded.task import ClientResult, ClientTask
-from hwmodel.provenance import Provenance, Tagged
+from hwmodel.provenance import Provenance
+from hwmodel.provenance import tag as _tag
 
 #: Worker processes when a config does not say (``0`` = in-process). Chosen by measurement:
 #: see ``benchmarks/client_pool.py`` and the module docstring.
@@ -314,10 +315,6 @@ def _cached_estimate(task: ClientTask, prof: Any, device: str, samples: int, bat
         hit = _ESTIMATES[key] = (prof, estimate(task.spec, prof, plan=task.plan, batch=batch,
                                                 samples=samples, epochs=epochs, radio=None))
     return hit[1]
-
-
-def _tag(v: float, unit: str, prov: str | Provenance) -> dict[str, Any]:
-    return Tagged(float(v), unit, Provenance.parse(prov)).to_dict()
 
 
 # ------------------------------------------------------------------------------ client

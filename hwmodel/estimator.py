@@ -229,15 +229,6 @@ def time_rows(profile: DeviceProfile, kind: Any, phase: Any, dense_macs: Any, de
     return np.where(work, t + p.overhead, 0.0)
 
 
-def roofline_time(profile: DeviceProfile, op_class: np.ndarray, dense_macs: np.ndarray,
-                  density: np.ndarray, elem_flops: np.ndarray, bytes_moved: np.ndarray,
-                  sparse_eff: np.ndarray | None = None) -> np.ndarray:
-    """Seconds per row from the op class alone (``conv``/``gemm``/``elementwise``, forward
-    keys): :func:`time_rows` without the per-kind, per-phase and book-keeping refinements."""
-    return time_rows(profile, op_class, "forward", dense_macs, density, elem_flops, bytes_moved,
-                     sparse_eff=sparse_eff)
-
-
 def rows_time(profile: DeviceProfile, rows: list[dict]) -> np.ndarray:
     """Seconds of count rows (dicts or a DataFrame's records), per :func:`time_rows`."""
     return time_rows(

@@ -42,3 +42,8 @@ class Tagged:
 
     def to_dict(self) -> dict:
         return {"value": self.value, "unit": self.unit, "provenance": self.provenance.value}
+
+
+def tag(value: float, unit: str, prov: Provenance | str) -> dict:
+    """A cost as it travels in a ClientResult: ``{"value", "unit", "provenance"}``."""
+    return Tagged(float(value), unit, Provenance.parse(prov)).to_dict()

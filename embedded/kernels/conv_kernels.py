@@ -309,7 +309,7 @@ def bwd_input_csc(colptr, c_code, c_row, c_val, gyb, gxq, gx, sh, sw, ph, pw, Hq
 
 
 @dual
-def bwd_weight_scan(xq, thr, gyT, gWt, gw, cnt, kbuf, kval, nch, cb, sh, sw, Hq, Wq, N, KH, KW,
+def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq, Wq, N, KH, KW,
                     OH, OW):
     """Dense weight gradient from the top-K input activations only (SWAT).
 
@@ -325,10 +325,9 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, cnt, kbuf, kval, nch, cb, sh, sw, Hq,
     share ONE destination, so 4 kept entries are accumulated per pass, register-blocked;
     edge columns after). The per-channel accumulation order does not depend on ``nch`` or
     ``cb``.
-    Blocks are then written to the torch layout ``gw``; cnt[ci] = number kept.
+    Blocks are then written to the torch layout ``gw``. ``Cin``: the input channels.
     """
     Co, Cig, _, _ = gw.shape
-    Cin = cnt.size
     Cog = Co // (Cin // Cig)
     blk = KH * KW * Cog
     rs = Wq * N
@@ -337,7 +336,6 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, cnt, kbuf, kval, nch, cb, sh, sw, Hq,
         ci0 = Cin * c // nch
         ci1 = Cin * (c + 1) // nch
         gWt[ci0 * blk:ci1 * blk] = 0.0
-        cnt[ci0:ci1] = 0
         kb = kbuf[c, :Wq * N]
         ke = kbuf[c, Wq * N:2 * Wq * N]
         kv = kval[c, :Wq * N]
@@ -381,7 +379,6 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, cnt, kbuf, kval, nch, cb, sh, sw, Hq,
                                 a = xs[e]
                                 ke[me] = e
                                 me += (a != 0.0) & (abs(a) >= thr)
-                            cnt[ci] += m + me  # kept, even where no output reads it
                             if m + me == 0:
                                 continue
                             co0 = (ci // Cig) * Cog

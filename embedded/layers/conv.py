@@ -143,7 +143,6 @@ class Conv2d(Layer):
         self._xq = np.zeros(cq * self.hq * self.wq * n, np.float32)
         self._y = np.zeros((n, self.cout, self.oh, self.ow), np.float32)
         self._gx = np.zeros((n, self.cin, self.h, self.w), np.float32)
-        self._cnt = np.zeros(self.cin, np.int64)
         nwk = max(1, min(self.cin, numba.config.NUMBA_NUM_THREADS))
         self._kbuf = np.zeros((nwk, 2 * self.wq * n), np.int32)  # per worker: kept (j, n)
         self._kval = np.zeros((nwk, self.wq * n), np.float32)  # per worker: their values
@@ -314,7 +313,7 @@ class Conv2d(Layer):
                 kern = S.pick(K.bwd_weight_scan, int(flops * self.ls.act_density))
                 nch = 1 if kern is K.bwd_weight_scan[0] else min(self.cin, S.threads())
                 gwt = workspace("gWt", w.size)
-                kern(xq, thr_f, gyT, gwt, gw, self._cnt, self._kbuf, self._kval, nch,
+                kern(xq, thr_f, gyT, gwt, gw, self.cin, self._kbuf, self._kval, nch,
                      self.scan_block, self.sh, self.sw, self.hq, self.wq, n, self.kh, self.kw, self.oh, self.ow)
             elif self._masked() and not self.want_dense_grad:
                 sw = self._sw
