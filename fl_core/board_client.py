@@ -116,11 +116,10 @@ def remember_port(port: str, board_uuid: str) -> str | None:
     key = _port_key(port)
     before = ports.get(key)
     if before != board_uuid:
+        from .runlog import atomic_write_text
+
         ports[key] = board_uuid
-        boards_dir().mkdir(parents=True, exist_ok=True)
-        tmp = boards_dir() / f"ports.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(ports, indent=1, sort_keys=True))
-        os.replace(tmp, boards_dir() / "ports.json")
+        atomic_write_text(boards_dir() / "ports.json", json.dumps(ports, indent=1, sort_keys=True))
     return before
 
 

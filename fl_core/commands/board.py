@@ -484,9 +484,9 @@ def cmd_import_power(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise CLIError(f"{path}: not JSON lines: {e}") from None
         new = attach_power(windows, ts, ps, args.clock, os.path.abspath(args.csv))
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(w) + "\n" for w in new))
-        os.replace(tmp, path)
+        from fl_core.runlog import atomic_write_text
+
+        atomic_write_text(path, "".join(json.dumps(w) + "\n" for w in new))
         matched += [w for w, old in zip(new, windows, strict=True) if w is not old]
     if args.format == "json":
         print(json.dumps(matched, indent=2))
