@@ -395,11 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cache_bytes = l2_cache_bytes() if args.cache_bytes is None else args.cache_bytes
     CLOCK["now"] = time.process_time if args.clock == "cpu" else time.perf_counter
-    try:  # BLAS threads that spin after a call would count as our CPU time: cap them too
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(limits=args.threads)
-    except ImportError:  # pragma: no cover
-        pass
+    # BLAS's own pools at one thread (spinning BLAS threads would count as our CPU time; the
+    # trainer's dense GEMMs split over Numba's threads, embedded.kernels.gemm)
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=1, user_api="blas")
     models = args.models.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     sparsities = [float(s) for s in args.sparsities.split(",")]

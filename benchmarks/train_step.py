@@ -46,9 +46,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
 import numpy as np  # noqa: E402
+
+from embedded.runtime import start_threads  # noqa: E402
+
+# Numba's threads first, so torch (imported later) reuses their OpenMP runtime: one pool
+LAYER = start_threads()
 
 MODELS_LAYERS = ("femnist_cnn", "resnet8", "resnet18_cifar")
 MODELS_STEP = ("femnist_cnn", "resnet8")
@@ -57,13 +61,17 @@ MODELS_STEP = ("femnist_cnn", "resnet8")
 def set_threads(n: int) -> None:
     import numba
     import torch
-    torch.set_num_threads(n)
+    torch.set_num_threads(n)  # torch's GEMMs: its own MKL / oneDNN on the OpenMP threads
     numba.set_num_threads(n)
-    try:
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(limits=n, user_api="blas")
-    except ImportError:  # pragma: no cover
-        pass
+    # OpenBLAS (NumPy's, SciPy's) held to one thread: our dense GEMMs call SciPy's sgemm once
+    # per block over Numba's n threads (embedded.kernels.gemm), as train_local does
+    global _BLAS_HOLD
+    if _BLAS_HOLD is None:
+        from embedded.kernels.gemm import single_threaded_blas
+        _BLAS_HOLD = single_threaded_blas().__enter__()  # for the whole run
+
+
+_BLAS_HOLD = None
 
 
 def _median_interleaved(fa, fb, reps: int, budget_s: float, block: int = 1
@@ -304,7 +312,6 @@ def bench_steps(model: str, threads: int, batch: int, sparsities, reps: int, per
 _CHILD = r"""
 import os, sys, time, json, resource
 sys.path.insert(0, {root!r})
-os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 import numpy as np
 side, model, batch, s, period, threads = {args!r}
 from hwmodel import build, SparsityPlan
@@ -527,7 +534,7 @@ def main(argv=None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"format": "sparsefl.bench.train_step/1", "records": records,
                        "argv": sys.argv[1:], "cpu_count": os.cpu_count(),
-                       "threading_layer": os.environ.get("NUMBA_THREADING_LAYER")}, f,
+                       "threading_layer": LAYER}, f,
                       indent=1)
         print(f"wrote {args.json}")
         md = os.path.splitext(args.json)[0] + ".md"

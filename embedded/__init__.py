@@ -9,10 +9,17 @@ from __future__ import annotations
 import importlib
 import os
 
-# One threading layer, chosen deliberately: Numba's 'omp' layer can load a second OpenMP
-# runtime beside torch's in the same process. 'workqueue' ships with Numba on every platform
-# (ARM boards included). A user may override it with NUMBA_THREADING_LAYER.
-os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+# One threading layer, chosen deliberately: GNU OpenMP ('omp'), else 'workqueue' (always
+# there). Measured on the 2-core VM (python benchmarks/threading_layers.py): an
+# empty parallel region costs ~1.6 us with 'omp' (its idle threads spin briefly before they
+# sleep) but ~150 us with 'workqueue' (every region wakes sleeping workers), which cost more
+# than a small conv layer's whole work. 'tbb' (~2.5 us) needs libtbb on the loader path and
+# has no ARM wheel. Beside torch (server side, tests): torch ships its own libgomp.so.1; if
+# Numba's threads start first (:func:`embedded.runtime.start_threads`), torch reuses Numba's
+# runtime, otherwise two OpenMP runtimes live in the process (used one after the other, each
+# with its own threads). Override with NUMBA_THREADING_LAYER (or ..._PRIORITY).
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", "omp workqueue tbb")
 
 _EXPORTS = {
     "Network": "embedded.network",

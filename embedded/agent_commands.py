@@ -461,12 +461,25 @@ class BoardCommands:
         import numba
 
         from .bench import StepBench
-        from .sensors.system import cpu_freq_mhz, temperatures_c
+        from .kernels.gemm import single_threaded_blas
 
         numba.set_num_threads(threads)
         bench = StepBench(spec, sparsity, batch)
         temps: list[float] = []
         freqs: list[float] = []
+        with single_threaded_blas():  # as in training: GEMMs split over Numba's threads
+            self._bench_steps(bench, warm, repeats, sparsity, abort, temps, freqs)
+        return bench.measurements(
+            threads, device=self.agent.board_uuid,
+            provenance="measured-emulated" if self.emulated else "measured",
+            temperature_c=max(temps) if temps else None,
+            freq_mhz=float(np.mean(freqs)) if freqs else None)
+
+    @staticmethod
+    def _bench_steps(bench: Any, warm: int, repeats: int, sparsity: float,
+                     abort: threading.Event, temps: list, freqs: list) -> None:
+        from .sensors.system import cpu_freq_mhz, temperatures_c
+
         for step in range(warm + repeats):
             if abort.is_set():
                 raise Aborted(f"BENCH aborted at sparsity {sparsity:g}, step {step}")
@@ -478,11 +491,6 @@ class BoardCommands:
                 fq = cpu_freq_mhz().get("cur_mhz")
                 if fq:
                     freqs.append(float(fq))
-        return bench.measurements(
-            threads, device=self.agent.board_uuid,
-            provenance="measured-emulated" if self.emulated else "measured",
-            temperature_c=max(temps) if temps else None,
-            freq_mhz=float(np.mean(freqs)) if freqs else None)
 
     # --- INFER_BENCH --------------------------------------------------------------------
     def cmd_infer_bench(self, f: dict, abort: threading.Event) -> dict:

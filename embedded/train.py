@@ -7,12 +7,12 @@ last one smaller unless ``drop_last``. Dropout streams restart from ``config.see
 same seed, data, thread count and starting weights two runs give bitwise equal weights.
 
 Threads: ``numba.set_num_threads(config.threads or all cores)``; the threading layer is the
-one ``embedded/__init__`` selects (``workqueue`` unless ``NUMBA_THREADING_LAYER`` is set).
+one ``embedded/__init__`` selects (GNU OpenMP, else ``workqueue``). BLAS's own pools are held
+to one thread while training: dense GEMMs split over Numba's threads (``kernels.gemm``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -24,6 +24,7 @@ import numpy as np
 from hwmodel.measure import Measurement
 from hwmodel.plan import SparsityPlan
 
+from .kernels.gemm import single_threaded_blas
 from .network import Network, TrainingDiverged
 from .optim import SGD, schedule_lr, total_steps
 
@@ -180,21 +181,6 @@ def _set_threads(threads: int | None) -> int:
     return n
 
 
-def _blas_threads(n: int):
-    """Hold the BLAS thread pool (dense GEMMs) to ``n`` threads while training.
-
-    OpenBLAS's pool does not follow ``numba.set_num_threads``; left at every core, its
-    spin-waiting threads fight Numba's for the same cores (measured: a resnet8 step 43-117 ms
-    with one BLAS thread vs 57-710 ms with two, on a loaded 2-core host). threadpoolctl is
-    optional: without it BLAS keeps its own setting.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl ships with the base install
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=n, user_api="blas")
-
-
 class TrainingStopped(RuntimeError):
     """``should_stop()`` returned true between two steps; ``steps`` were done of ``total``."""
 
@@ -252,7 +238,7 @@ def train_local(net: Network, x: np.ndarray, y: np.ndarray, config: TrainConfig,
         mask_schedule.begin(net, net.plan, total)
     step = 0
     samples = 0
-    with _blas_threads(threads):
+    with single_threaded_blas():  # dense GEMMs split over Numba's threads (kernels.gemm)
         t_start = time.perf_counter()
         while step < total:
             perm = rng.permutation(n)

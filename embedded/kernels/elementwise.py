@@ -13,18 +13,19 @@ work on two cores; :func:`dual` therefore compiles each kernel twice (serial and
 
 from __future__ import annotations
 
+import os
 import types
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-#: Work (elements touched x passes) above which a kernel runs its parallel variant. Measured
-#: on 2 cores with the workqueue layer inside a resnet8 step (batch 16): a parallel launch
-#: costs ~5-10 us alone but ~100 us in situ on a busy host, while the light passes here take
-#: ~0.1-0.2 ns per element serially (ReLU ~20 us, batch norm ~40-60 us at 262k elements), so
-#: only maps of about half a million elements and more go parallel.
-PAR_MIN = 1 << 20
+#: Work (elements touched x passes) above which a kernel runs its parallel variant (override
+#: with SPARSEFL_PAR_MIN_ELEM). With the OpenMP layer an idle thread is still spinning when the
+#: next region starts (~2 us a region, vs ~150 us with workqueue's sleeping workers), so maps
+#: of 64k elements already pay: whole SWAT steps on 2 cores (resnet8 / femnist_cnn, batch 16,
+#: 3 interleaved runs) 12.9 / 22.6 ms at 1M elements vs 11.8 / 18.3 ms at 64k.
+PAR_MIN = int(os.environ.get("SPARSEFL_PAR_MIN_ELEM", str(1 << 16)))
 
 _OPTS = {"cache": True, "nogil": True}
 

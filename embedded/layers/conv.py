@@ -28,6 +28,7 @@ import numpy as np
 from ..kernels import conv_kernels as K
 from ..kernels import sparse as S
 from ..kernels import topk as T
+from ..kernels.gemm import gemm
 from .base import Layer, init_weighted_state
 
 _MODES = ("dense", "swat", "masked")
@@ -272,7 +273,7 @@ class Conv2d(Layer):
                 col = self._col(n)
                 S.pick(K.im2col, col.size)(xq, self._codes, col, self.oh, L, rs, n)
                 yl = yb[: self.cout * self.oh * L]
-                np.dot(w.reshape(self.cout, -1), col, out=yl.reshape(self.cout, -1))
+                gemm(w.reshape(self.cout, -1), col, yl.reshape(self.cout, -1))
                 S.pick(K.unpack_output, yl.size)(yl, y, bias, self.has_bias)
         return y
 
@@ -342,7 +343,7 @@ class Conv2d(Layer):
                     self.ph, self.pw, self.hq, self.wq, self.oh, self.ow)
             else:
                 gcol = self._col(n)
-                np.dot(w.reshape(self.cout, -1).T, gyb.reshape(self.cout, -1), out=gcol)
+                gemm(w.reshape(self.cout, -1), gyb.reshape(self.cout, -1), gcol, ta=True)
                 S.pick(K.col2im, gcol.size)(gcol, self._codes, gxq, gx, self.kk, self.sh,
                                             self.sw, self.ph, self.pw, self.hq, self.wq,
                                             self.oh, L)
@@ -355,7 +356,7 @@ class Conv2d(Layer):
         if rstride == L and self.groups == 1:
             col = self._col(n)
             S.pick(K.im2col, col.size)(xq, self._codes, col, self.oh, L, rs, n)
-            np.dot(gyb.reshape(self.cout, -1), col.T, out=out.reshape(self.cout, -1))
+            gemm(gyb.reshape(self.cout, -1), col, out.reshape(self.cout, -1), tb=True)
             return
         if not self._full_built:
             w2 = self.params["weight"].reshape(self.cout, -1)

@@ -1,6 +1,7 @@
 """Linear layer with real sparse kernels (dense, swat, masked), forward and backward.
 
-* ``dense``: BLAS GEMM (``np.dot`` into preallocated buffers).
+* ``dense``: BLAS GEMM on Numba's threads (:mod:`embedded.kernels.gemm`, into preallocated
+  buffers).
 * ``swat``: forward/backward-input with the compressed top-K weights (CSR by output; the
   input gradient scatters rows into per-worker accumulators) on batch-last copies; weight
   gradient dense, computed from the top-K input activations only (kept entries grouped by
@@ -19,6 +20,7 @@ import numpy as np
 from ..kernels import linear_kernels as K
 from ..kernels import sparse as S
 from ..kernels import topk as T
+from ..kernels.gemm import gemm
 from .base import Layer, init_weighted_state
 from .conv import _MODES, _Timer, shared_hist, workspace
 
@@ -149,7 +151,7 @@ class Linear(Layer):
             if not self._sparse():
                 xs = self._x[:n]
                 xs[...] = x
-                np.dot(xs, w.T, out=y)
+                gemm(xs, w, y, tb=True)
                 if self.has_bias:
                     y += self.params["bias"]
                 self.measured_density = 1.0
@@ -184,7 +186,7 @@ class Linear(Layer):
             if not sparse:
                 if self.has_bias:
                     np.sum(gy, axis=0, out=self.grads["bias"])
-                np.dot(gy.T, self._x[:n], out=gw)
+                gemm(gy, self._x[:n], gw, ta=True)
                 if self.want_dense_grad:
                     if self.dense_grad is None or self.dense_grad.shape != w.shape:
                         self.dense_grad = np.zeros_like(w)
@@ -214,7 +216,7 @@ class Linear(Layer):
                 else:
                     if self.dense_grad is None or self.dense_grad.shape != w.shape:
                         self.dense_grad = np.zeros_like(w)
-                    np.dot(gyT, xT.T, out=self.dense_grad)
+                    gemm(gyT, xT, self.dense_grad, tb=True)
                     np.multiply(self.dense_grad, self.mask, out=gw)
         if not need_input_grad:
             self.phase_times.pop("backward_input", None)
@@ -227,7 +229,7 @@ class Linear(Layer):
                 priv = workspace("priv", nw * self.fin * n).reshape(nw, self.fin, n)
                 kern(sw.rowptr, sw.code, sw.val, gyT, priv, gx)
             else:
-                np.dot(gy, w, out=gx)
+                gemm(gy, w, gx)
         return gx
 
     def memory_bytes(self) -> int:
