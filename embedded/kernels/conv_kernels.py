@@ -308,6 +308,16 @@ def bwd_input_csc(colptr, c_code, c_row, c_val, gyb, gxq, gx, sh, sw, ph, pw, Hq
         _unpack_channel(gxq, gx, ci, sh, sw, ph, pw, Hq, Wq)
 
 
+@njit(cache=True, nogil=True)
+def _phase_tap_offset(KW, sw, pws):
+    """Slot of column phase ``pws``'s first tap in a kernel row of the weight-gradient scratch
+    (the taps kw = pws + mw*sw of each phase are stored together, mw reversed)."""
+    off = 0
+    for p in range(pws):
+        off += (KW - p + sw - 1) // sw
+    return off
+
+
 @dual
 def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq, Wq, N, KH, KW,
                     OH, OW):
@@ -315,9 +325,10 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
 
     Every kept activation a (``|a| >= thr``, ``a != 0``) at plane (ci, phs, pws), position
     (i, j), sample n adds, for each tap kh = phs + mh*sh, kw = pws + mw*sw (landing on output
-    (i - mh, j - mw)), ``a * gyT[oh, n, ow, group]`` to ``gWt[ci, kh, KW-1-kw, :]``
-    (gyT is (OH, N, OW, Co), gWt keeps kw reversed). With groups == 1 and column stride 1
-    the taps of one kernel row then form ONE contiguous axpy (nw*Co long) instead of nw
+    (i - mh, j - mw)), ``a * gyT[oh, n, ow, group]`` to gWt's row of ci, kh at slot
+    ``toff(pws) + nw-1-mw`` (gyT is (OH, N, OW, Co); gWt stores the taps of each column phase
+    together, mw reversed). With groups == 1 (any stride) the taps of one kernel row in one
+    phase then form ONE contiguous axpy (nw*Co long) instead of nw
     short ones. Input channels are split into ``nch`` static chunks (one per worker) walked
     in blocks of ``cb`` channels per input row, so the gyT rows around row i stay in cache.
     The kept (j, n) of each (ci, i) row are compacted without branches into ``kbuf[worker]``
@@ -331,7 +342,7 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
     Cog = Co // (Cin // Cig)
     blk = KH * KW * Cog
     rs = Wq * N
-    fast = Cog == Co and sw == 1
+    fast = Cog == Co
     for c in prange(nch):
         ci0 = Cin * c // nch
         ci1 = Cin * (c + 1) // nch
@@ -345,6 +356,7 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
                 nh = (KH - phs + sh - 1) // sh  # taps kh = phs + mh*sh land on oh = i - mh
                 for pws in range(min(sw, KW)):
                     nw = (KW - pws + sw - 1) // sw
+                    toff = _phase_tap_offset(KW, sw, pws)  # its taps' slot in a kernel row
                     jhi = min(OW, Wq)  # interior columns: [jlo, jhi)
                     jlo = min(nw - 1, jhi)
                     for i in range(Hq):
@@ -359,7 +371,7 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
                                 # value and gyT offset (n*OW + j - (KW-1))*Co of each entry
                                 for j in range(jlo, jhi):
                                     xr = xs[j * N:(j + 1) * N]
-                                    o0 = (j - (KW - 1)) * Co
+                                    o0 = (j - (nw - 1)) * Co
                                     for n in range(N):
                                         a = xr[n]
                                         kb[m] = o0 + n * OW * Co
@@ -394,8 +406,9 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
                                     # interior: all taps of the kernel row form one contiguous
                                     # axpy into the same destination, 4 entries per pass
                                     # (1 load + 1 store of dst per 4 multiply-adds)
-                                    ln = KW * Co
-                                    dst = g[kh * KW * Co:(kh + 1) * KW * Co]
+                                    ln = nw * Co
+                                    d0 = (kh * KW + toff) * Co
+                                    dst = g[d0:d0 + ln]
                                     ob = oh * N * OW * Co
                                     q = 0
                                     while q + 4 <= m:
@@ -438,17 +451,16 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
                                     if fast:
                                         ln = (mw1 - mw0 + 1) * Co
                                         s0 = (rowb + j - mw1) * Co
-                                        d0 = (kh * KW + KW - 1 - mw1) * Co
+                                        d0 = (kh * KW + toff + nw - 1 - mw1) * Co
                                         src = gyT[s0:s0 + ln]
                                         dst = g[d0:d0 + ln]
                                         for t in range(ln):
                                             dst[t] += a * src[t]
                                         continue
                                     for mw in range(mw0, mw1 + 1):
-                                        kw = pws + mw * sw
                                         s0 = (rowb + j - mw) * Co + co0
                                         src = gyT[s0:s0 + Cog]
-                                        d0 = (kh * KW + KW - 1 - kw) * Cog
+                                        d0 = (kh * KW + toff + nw - 1 - mw) * Cog
                                         dst = g[d0:d0 + Cog]
                                         for t in range(Cog):
                                             dst[t] += a * src[t]
@@ -456,10 +468,14 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
             co0 = (ci // Cig) * Cog
             cig = ci - (ci // Cig) * Cig
             g = gWt[ci * blk:(ci + 1) * blk]
-            for cl in range(Cog):
-                for kh in range(KH):
-                    for kw in range(KW):
-                        gw[co0 + cl, cig, kh, kw] = g[(kh * KW + KW - 1 - kw) * Cog + cl]
+            for kh in range(KH):
+                for kw in range(KW):
+                    pws = kw % sw
+                    mw = kw // sw
+                    nw = (KW - pws + sw - 1) // sw
+                    src = g[(kh * KW + _phase_tap_offset(KW, sw, pws) + nw - 1 - mw) * Cog:]
+                    for cl in range(Cog):
+                        gw[co0 + cl, cig, kh, kw] = src[cl]
 
 
 @dual(fastmath=True)

@@ -69,13 +69,20 @@ def hist_top_bits(bits, hist):
 
 @njit(cache=True, nogil=True)
 def _pick(hist, k):
-    """Bin (from the top) where the cumulative count reaches k; returns (bin, count above)."""
-    nb = hist.shape[1]
+    """Bin (from the top) where the cumulative count reaches k; returns (bin, count above).
+
+    The rows are first summed into row 0 (row-wise adds vectorise; row 0 is overwritten):
+    scanning ~1,500 empty top bins across 32 rows column by column cost ~80 us a select,
+    more than a small layer's whole top-K."""
+    rows, nb = hist.shape
+    h = hist[0]
+    for c in range(1, rows):
+        r = hist[c]
+        for b in range(nb):
+            h[b] += r[b]
     above = 0
     for b in range(nb - 1, -1, -1):
-        s = 0
-        for c in range(hist.shape[0]):
-            s += hist[c, b]
+        s = h[b]
         if above + s >= k:
             return b, above
         above += s
