@@ -318,9 +318,20 @@ def _phase_tap_offset(KW, sw, pws):
     return off
 
 
+def tap_slots(KH: int, KW: int, sw: int) -> np.ndarray:
+    """Slot of tap (kh, kw) (flat kh*KW + kw) in the weight-gradient scratch's kernel rows."""
+    out = np.zeros(KH * KW, np.int64)
+    for kh in range(KH):
+        for kw in range(KW):
+            pws, mw = kw % sw, kw // sw
+            nw = (KW - pws + sw - 1) // sw
+            out[kh * KW + kw] = kh * KW + _phase_tap_offset(KW, sw, pws) + nw - 1 - mw
+    return out
+
+
 @dual
 def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq, Wq, N, KH, KW,
-                    OH, OW):
+                    OH, OW, slots):
     """Dense weight gradient from the top-K input activations only (SWAT).
 
     Every kept activation a (``|a| >= thr``, ``a != 0``) at plane (ci, phs, pws), position
@@ -336,7 +347,9 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
     share ONE destination, so 4 kept entries are accumulated per pass, register-blocked;
     edge columns after). The per-channel accumulation order does not depend on ``nch`` or
     ``cb``.
-    Blocks are then written to the torch layout ``gw``. ``Cin``: the input channels.
+    Blocks are then written to the torch layout ``gw`` (``slots[kh*KW + kw]``: the tap's slot,
+    :func:`tap_slots`; channel-major, so the writes are contiguous). ``Cin``: the input
+    channels.
     """
     Co, Cig, _, _ = gw.shape
     Cog = Co // (Cin // Cig)
@@ -468,14 +481,14 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
             co0 = (ci // Cig) * Cog
             cig = ci - (ci // Cig) * Cig
             g = gWt[ci * blk:(ci + 1) * blk]
-            for kh in range(KH):
-                for kw in range(KW):
-                    pws = kw % sw
-                    mw = kw // sw
-                    nw = (KW - pws + sw - 1) // sw
-                    src = g[(kh * KW + _phase_tap_offset(KW, sw, pws) + nw - 1 - mw) * Cog:]
-                    for cl in range(Cog):
-                        gw[co0 + cl, cig, kh, kw] = src[cl]
+            for cl in range(Cog):  # gw[co, cig] is contiguous: write it tap after tap
+                for kh in range(KH):
+                    if sw == 1:  # slot kh*KW + KW-1-kw: no table load
+                        for kw in range(KW):
+                            gw[co0 + cl, cig, kh, kw] = g[(kh * KW + KW - 1 - kw) * Cog + cl]
+                    else:
+                        for kw in range(KW):
+                            gw[co0 + cl, cig, kh, kw] = g[slots[kh * KW + kw] * Cog + cl]
 
 
 @dual(fastmath=True)

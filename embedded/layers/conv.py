@@ -124,6 +124,7 @@ class Conv2d(Layer):
         cq = (ci * self.sh + kh % self.sh) * self.sw + kw % self.sw
         codes = (((cq * self.hq) + kh // self.sh) * self.wq + kw // self.sw).reshape(-1)
         self._codes = codes.astype(np.int32)
+        self._slots = K.tap_slots(self.kh, self.kw, self.sw)  # weight-gradient scratch layout
 
     # ------------------------------------------------------------------ setup
     def init_params(self, rng: np.random.Generator) -> None:
@@ -315,7 +316,8 @@ class Conv2d(Layer):
                 nch = 1 if kern is K.bwd_weight_scan[0] else min(self.cin, S.threads())
                 gwt = workspace("gWt", w.size)
                 kern(xq, thr_f, gyT, gwt, gw, self.cin, self._kbuf, self._kval, nch,
-                     self.scan_block, self.sh, self.sw, self.hq, self.wq, n, self.kh, self.kw, self.oh, self.ow)
+                     self.scan_block, self.sh, self.sw, self.hq, self.wq, n, self.kh, self.kw,
+                     self.oh, self.ow, self._slots)
             elif self._masked() and not self.want_dense_grad:
                 sw = self._sw
                 gw[...] = 0.0
