@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .sparse import dual
+from .sparse import compact_kept, dual
 
 
 # ----------------------------------------------------------------------------- layout
@@ -342,7 +342,7 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
     phase then form ONE contiguous axpy (nw*Co long) instead of nw
     short ones. Input channels are split into ``nch`` static chunks (one per worker) walked
     in blocks of ``cb`` channels per input row, so the gyT rows around row i stay in cache.
-    The kept (j, n) of each (ci, i) row are compacted without branches into ``kbuf[worker]``
+    The kept (j, n) of each (ci, i) row are compacted (:func:`compact_kept`) into ``kbuf[worker]``
     (interior columns first, whose taps all land inside the output: for one kernel row they
     share ONE destination, so 4 kept entries are accumulated per pass, register-blocked;
     edge columns after). The per-channel accumulation order does not depend on ``nch`` or
@@ -379,31 +379,16 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
                             # kept (j, n) of this row, compacted without branches: columns
                             # where every tap lands inside the output ("interior", one
                             # shared destination per tap row) apart from the edge columns
-                            m = 0
+                            m = compact_kept(xs, jlo * N, jhi * N, thr, kb, 0)
                             if fast:
-                                # value and gyT offset (n*OW + j - (KW-1))*Co of each entry
-                                for j in range(jlo, jhi):
-                                    xr = xs[j * N:(j + 1) * N]
-                                    o0 = (j - (nw - 1)) * Co
-                                    for n in range(N):
-                                        a = xr[n]
-                                        kb[m] = o0 + n * OW * Co
-                                        kv[m] = a
-                                        m += (a != 0.0) & (abs(a) >= thr)
-                            else:
-                                for e in range(jlo * N, jhi * N):
-                                    a = xs[e]
-                                    kb[m] = e
-                                    m += (a != 0.0) & (abs(a) >= thr)
-                            me = 0
-                            for e in range(jlo * N):
-                                a = xs[e]
-                                ke[me] = e
-                                me += (a != 0.0) & (abs(a) >= thr)
-                            for e in range(jhi * N, Wq * N):
-                                a = xs[e]
-                                ke[me] = e
-                                me += (a != 0.0) & (abs(a) >= thr)
+                                # value and gyT offset (n*OW + j - (nw-1))*Co of each entry
+                                for q in range(m):
+                                    e = kb[q]
+                                    j = e // N
+                                    kv[q] = xs[e]
+                                    kb[q] = (j - (nw - 1)) * Co + (e - j * N) * OW * Co
+                            me = compact_kept(xs, 0, jlo * N, thr, ke, 0)
+                            me = compact_kept(xs, jhi * N, Wq * N, thr, ke, me)
                             if m + me == 0:
                                 continue
                             co0 = (ci // Cig) * Cog

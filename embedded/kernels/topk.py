@@ -20,7 +20,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .sparse import dual, pick
+from .sparse import dual, low_bit, pick
 
 NCHUNK = 8  # static partition of the histogram pass (independent of the thread count)
 NSUB = 4  # interleaved sub-histograms per chunk: breaks the increment dependency chains
@@ -107,10 +107,18 @@ def _resolve_count(hist, k, bits, cand):
         src = bits[lo:hi]  # 1-D slices indexed from 0: no wrap-around check per access
         dst = cand[lo:hi]
         m = 0
-        for i in range(src.size):  # branch-free: ReLU inputs make the test a coin flip
-            b = src[i] & np.uint32(0x7FFFFFFF)
-            dst[m] = b
-            m += (b != 0) & ((b >> np.uint32(20)) == top)
+        for i0 in range(0, src.size, 64):  # keep-bitmask of 64 entries, then its set bits
+            ln = min(64, src.size - i0)
+            blk = src[i0:i0 + ln]
+            keep = np.uint64(0)
+            for i in range(ln):
+                b = blk[i] & np.uint32(0x7FFFFFFF)
+                keep |= np.uint64((b != 0) & ((b >> np.uint32(20)) == top)) << np.uint64(i)
+            while keep:
+                i, low = low_bit(keep)
+                keep ^= low
+                dst[m] = blk[i] & np.uint32(0x7FFFFFFF)
+                m += 1
         mc[c] = m
     m = 0
     for c in range(NCHUNK):
