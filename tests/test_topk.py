@@ -48,3 +48,63 @@ def test_bad_k():
     with pytest.raises(ValueError, match="k: expected"):
         kth_largest_abs(np.ones(3, np.float32), 4)
     assert count_for_density(0.0001, 10) == 1
+
+
+def test_windowed_select_is_exact_hit_or_miss():
+    """The one-pass windowed select returns numpy's K-th magnitude whatever the guess: inside
+    the window (a hit), above or below it (a miss falls back), with ties, zeros and ReLU-like
+    data; the window narrows after hits and widens after misses."""
+    from embedded.kernels import topk as T
+
+    rng = np.random.default_rng(7)
+    hist = T.new_hist()
+    mc = np.zeros(T.NCHUNK, np.int64)
+    above = np.zeros(T.NCHUNK, np.int64)
+    hits = misses = 0
+    for trial in range(120):
+        n = int(rng.integers(1, 3000))
+        a = rng.standard_normal(n).astype(np.float32)
+        if trial % 3 == 0:
+            a = np.maximum(a, 0)
+        if trial % 4 == 0:
+            a = np.round(a * 4) / 4  # many ties
+        ref = np.sort(np.abs(a))[::-1]
+        k = int(rng.integers(1, n + 1))
+        want = kth_largest_abs(a, k)
+        if ref[k - 1] > 0:
+            assert want == ref[k - 1]
+        guess = float(ref[k - 1]) * float(rng.choice([0.5, 0.995, 1.0, 1.004, 2.0]))
+        win = T.Window(0.01, 0.001)
+        got = T.kth_largest_abs_near(a, k, guess if guess > 0 else 1.0, win, hist,
+                                     np.empty(n, np.uint32), mc, above)
+        assert got == want
+        hits += win.hits
+        misses += win.misses
+        assert win.w == (0.008 if win.hits else 0.02)
+    assert hits > 20 and misses > 20  # both paths were taken
+
+
+def test_swat_layer_refreshes_match_numpy_topk_over_training_steps():
+    """A SWAT linear layer refreshing its weight threshold every step (the windowed select
+    after the first) keeps exactly numpy's top-K of its current weights at every step."""
+    from embedded.layers.linear import Linear
+    from hwmodel import LayerSparsity
+    from hwmodel.spec import Node
+
+    node = Node("fc", "linear", ["x"], {"in_features": 300, "out_features": 200, "bias": True})
+    layer = Linear(node, [(300,)], (200,))
+    rng = np.random.default_rng(3)
+    layer.init_params(rng)
+    layer.setup(8)
+    layer.set_sparsity("swat", LayerSparsity(0.1, 0.1, 1))
+    w = layer.params["weight"]
+    k = count_for_density(0.1, w.size)
+    for _step in range(12):
+        x = np.maximum(rng.standard_normal((8, 300)), 0).astype(np.float32)
+        layer.forward(x, True)
+        layer.backward(rng.standard_normal((8, 200)).astype(np.float32), True)
+        t = np.sort(np.abs(w).ravel())[::-1][k - 1]
+        assert layer._thr == t
+        assert abs(layer.measured_density - ((np.abs(w) >= t) & (w != 0)).mean()) < 1e-12
+        w -= np.float32(0.05) * layer.grads["weight"]  # an SGD step moves the K-th magnitude
+    assert layer._win.hits + layer._win.misses == 11 and layer._win.hits >= 3

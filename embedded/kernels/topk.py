@@ -190,3 +190,124 @@ def kth_largest_abs(a: np.ndarray, k: int, hist: np.ndarray | None = None,
 def topk_threshold(a: np.ndarray, density: float, hist: np.ndarray | None = None) -> float:
     """Magnitude threshold ``t``: ``|a| >= t`` keeps the top ``count_for_density`` entries."""
     return kth_largest_abs(a, count_for_density(density, a.size), hist)
+
+
+# ----------------------------------------------------------------------------- windowed select
+# When the K-th magnitude is known to lie near a guess (the previous step's threshold: weights
+# move little per SGD step, and a layer's activation statistics little from batch to batch),
+# ONE pass finds it exactly: count the entries above a window [lo, hi] of bit patterns around
+# the guess and compact the entries inside it; the K-th is then selected among those few
+# candidates. A guess that misses (the K-th outside the window) is detected, never wrong: the
+# caller falls back to the histogram select and widens its window (see :class:`Window`).
+
+@dual
+def window_pass(bits, lo, hi, cand, mc, above):
+    """Over NCHUNK static chunks: ``above[c]`` = entries of chunk c with |a| > hi (bit
+    patterns), its entries with lo <= |a| <= hi compacted into ``cand[chunk c]`` (``mc[c]``
+    of them; a keep-bitmask per 64 entries, see :func:`~embedded.kernels.sparse.low_bit`).
+    Integer counts: the result does not depend on the thread count."""
+    n = bits.size
+    for c in prange(NCHUNK):
+        src = bits[n * c // NCHUNK:n * (c + 1) // NCHUNK]  # indexed from 0
+        dst = cand[n * c // NCHUNK:n * (c + 1) // NCHUNK]
+        m = 0
+        a = 0
+        for i0 in range(0, src.size, 64):
+            ln = min(64, src.size - i0)
+            blk = src[i0:i0 + ln]
+            keep = np.uint64(0)
+            for i in range(ln):
+                b = blk[i] & np.uint32(0x7FFFFFFF)
+                a += b > hi
+                keep |= np.uint64((b >= lo) & (b <= hi)) << np.uint64(i)
+            while keep:
+                i, low = low_bit(keep)
+                keep ^= low
+                dst[m] = blk[i] & np.uint32(0x7FFFFFFF)
+                m += 1
+        mc[c] = m
+        above[c] = a
+
+
+@njit(cache=True, nogil=True)
+def select_window(cand, starts, mc, above, k, hist):
+    """The K-th largest among all entries from a window pass: (bit pattern, number of
+    entries >= it), or (0, -1) if the K-th lies outside the window. ``cand[starts[c]:
+    starts[c] + mc[c]]`` are chunk c's candidates; ``hist`` a (>= 2, 2048) int32 scratch."""
+    n_above = 0
+    m = 0
+    for c in range(mc.size):
+        n_above += above[c]
+        m += mc[c]
+    if n_above >= k or n_above + m < k:
+        return np.uint32(0), -1
+    k -= n_above
+    total = n_above
+    pre = np.uint32(0)
+    # three radix levels over the candidates: bits 20..30, 9..19, 0..8
+    for level in range(3):
+        shift = np.uint32(20) if level == 0 else (np.uint32(9) if level == 1 else np.uint32(0))
+        nb = 2048 if level < 2 else 512
+        mask = np.uint32(nb - 1)
+        h = hist[0:1, :nb]
+        h[:] = 0
+        for c in range(mc.size):
+            for i in range(starts[c], starts[c] + mc[c]):
+                b = cand[i]
+                if level == 0 or (b >> (shift + np.uint32(11 if level == 1 else 9))) == pre:
+                    h[0, (b >> shift) & mask] += 1
+        bsel, ab = _pick(h, k)
+        total += ab
+        k -= ab
+        if level == 0:
+            pre = np.uint32(bsel)
+        elif level == 1:
+            pre = (pre << np.uint32(11)) | np.uint32(bsel)
+        else:
+            total += h[0, bsel]  # the ties at the k-th value
+            return (pre << np.uint32(9)) | np.uint32(bsel), total
+    return np.uint32(0), -1  # pragma: no cover
+
+
+class Window:
+    """The adaptive window of a layer's windowed top-K: relative half-width ``w`` around the
+    last threshold, narrowed after a hit (fewer candidates) and doubled after a miss."""
+
+    def __init__(self, w: float, w_min: float, w_max: float = 1.0):
+        self.w, self.w_min, self.w_max = w, w_min, w_max
+        self.hits = 0
+        self.misses = 0
+
+    def bounds(self, thr: float) -> tuple[np.uint32, np.uint32]:
+        """(lo, hi) bit patterns of [thr (1 - w), thr (1 + w)] (lo >= the smallest positive
+        float: exact zeros are never candidates)."""
+        lo = np.float32(thr * (1.0 - self.w)).view(np.uint32)
+        hi = np.float32(thr * (1.0 + self.w)).view(np.uint32)
+        return np.uint32(max(int(lo), 1)), np.uint32(hi)
+
+    def update(self, hit: bool) -> None:
+        if hit:
+            self.hits += 1
+            self.w = max(self.w_min, self.w * 0.8)
+        else:
+            self.misses += 1
+            self.w = min(self.w_max, self.w * 2.0)
+
+
+def kth_largest_abs_near(a: np.ndarray, k: int, guess: float, win: Window, hist: np.ndarray,
+                         cand: np.ndarray, mc: np.ndarray, above: np.ndarray) -> float:
+    """:func:`kth_largest_abs` (same exact answer) in one pass when the K-th magnitude lies in
+    ``win``'s window around ``guess`` (> 0), else the histogram select; ``win`` adapts."""
+    bits = a.reshape(-1).view(np.uint32)
+    lo, hi = win.bounds(guess)
+    pick(window_pass, bits.size)(bits, lo, hi, cand, mc, above)
+    starts = _chunk_starts(bits.size)
+    b, kept = select_window(cand, starts, mc, above, k, hist)
+    win.update(kept >= 0)
+    if kept >= 0:
+        return bits_to_float(int(b))
+    return kth_largest_abs(a, k, hist, cand)
+
+
+def _chunk_starts(n: int) -> np.ndarray:
+    return np.array([n * c // NCHUNK for c in range(NCHUNK)], np.int64)

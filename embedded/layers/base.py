@@ -75,3 +75,4 @@ def init_weighted_state(layer: Layer, wshape: tuple[int, ...], nout: int, has_bi
     layer.phase_times = {}
     layer._steps = 0
     layer._thr = -1.0
+    layer._win = None  # the weight top-K's window around the last threshold (topk.Window)

@@ -22,7 +22,7 @@ from ..kernels import sparse as S
 from ..kernels import topk as T
 from ..kernels.gemm import gemm
 from .base import Layer, init_weighted_state
-from .conv import _MODES, _Timer, shared_hist, workspace
+from .conv import _MODES, _Timer, weight_threshold, workspace
 
 
 class Linear(Layer):
@@ -120,8 +120,7 @@ class Linear(Layer):
             ls = self.ls
             if self._thr < 0 or (training and self._steps % ls.topk_period == 0):
                 k = T.count_for_density(ls.weight_density, w.size)
-                cand = workspace("cand", w.size).view(np.uint32)
-                self._thr = T.kth_largest_abs(w, k, shared_hist(), cand)
+                self._thr = weight_threshold(self, w, k)
             if training:
                 self._steps += 1
             self._sw.build(w, self._thr)
