@@ -519,3 +519,22 @@ def test_serial_and_parallel_kernels_are_bitwise_equal(monkeypatch):
         assert np.array_equal(out[0][1][k], out[1][1][k]), k
     for k in out[0][2]:
         assert np.array_equal(out[0][2][k], out[1][2][k]), k
+
+
+def test_maxpool_2x2_fast_path_matches_torch_on_nan_ties_and_odd_sizes():
+    """The unrolled 2x2/stride-2 pool (serial and parallel) picks torch's value and index:
+    NaN wins, the first maximum wins a tie, an odd last row/column is dropped."""
+    import embedded.layers.pool as P
+
+    x = np.random.default_rng(0).standard_normal((3, 4, 9, 7)).astype(np.float32)
+    x[0, 0, 0, 1] = np.nan
+    x[1, 1, 2:4, 2:4] = 1.5
+    x[2, 2, 4, 4] = np.nan
+    x[2, 2, 5, 5] = np.nan
+    yt, it = torch.nn.functional.max_pool2d(torch.from_numpy(x), 2, 2, return_indices=True)
+    for kern in P.MAXPOOL_FWD:
+        y = np.zeros((3, 4, 4, 3), np.float32)
+        idx = np.zeros(y.shape, np.int32)
+        kern(x, 2, 2, 2, 2, 0, 0, y, idx)
+        assert np.array_equal(y, yt.numpy(), equal_nan=True)
+        assert np.array_equal(idx, it.numpy())
