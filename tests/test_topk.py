@@ -108,3 +108,31 @@ def test_swat_layer_refreshes_match_numpy_topk_over_training_steps():
         assert abs(layer.measured_density - ((np.abs(w) >= t) & (w != 0)).mean()) < 1e-12
         w -= np.float32(0.05) * layer.grads["weight"]  # an SGD step moves the K-th magnitude
     assert layer._win.hits + layer._win.misses == 11 and layer._win.hits >= 3
+
+
+def test_swat_conv_activation_select_matches_numpy_over_batches():
+    """A SWAT conv layer's activation top-K (windowed around the last batch's threshold after
+    the first) equals numpy's K-th magnitude of every batch, including a batch whose scale
+    jumps (a miss that must fall back)."""
+    from embedded.layers.conv import Conv2d
+    from hwmodel import LayerSparsity
+    from hwmodel.spec import Node
+
+    node = Node("c", "conv2d", ["x"], {"in_channels": 6, "out_channels": 8, "kernel": (3, 3),
+                                       "stride": (2, 1), "padding": (1, 2), "groups": 1,
+                                       "bias": True})
+    layer = Conv2d(node, [(6, 11, 9)], (8, 6, 11))
+    rng = np.random.default_rng(5)
+    layer.init_params(rng)
+    layer.setup(4)
+    layer.set_sparsity("swat", LayerSparsity(0.2, 0.15, 1))
+    for step in range(10):
+        scale = 10.0 if step == 6 else 1.0
+        x = (np.maximum(rng.standard_normal((4, 6, 11, 9)), 0) * scale).astype(np.float32)
+        layer.forward(x, True)
+        k = count_for_density(0.15, x.size)
+        assert layer._thr_a == np.sort(np.abs(x).ravel())[::-1][k - 1]
+        kept = int(((np.abs(x) >= layer._thr_a) & (x != 0)).sum())
+        assert layer.measured_act_density == kept / x.size
+        layer.backward(rng.standard_normal((4, 8, 6, 11)).astype(np.float32), True)
+    assert layer._awin.misses >= 1 and layer._awin.hits >= 4

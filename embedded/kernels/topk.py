@@ -230,10 +230,10 @@ def window_pass(bits, lo, hi, cand, mc, above):
 
 
 @njit(cache=True, nogil=True)
-def select_window(cand, starts, mc, above, k, hist):
-    """The K-th largest among all entries from a window pass: (bit pattern, number of
-    entries >= it), or (0, -1) if the K-th lies outside the window. ``cand[starts[c]:
-    starts[c] + mc[c]]`` are chunk c's candidates; ``hist`` a (>= 2, 2048) int32 scratch."""
+def select_window(cand, n, mc, above, k, hist):
+    """The K-th largest among all n entries from a window pass: (bit pattern, number of
+    entries >= it), or (0, -1) if the K-th lies outside the window. Chunk c's candidates
+    are ``cand[n*c//NCHUNK:][:mc[c]]``; ``hist`` a (>= 1, 2048) int32 scratch."""
     n_above = 0
     m = 0
     for c in range(mc.size):
@@ -252,7 +252,7 @@ def select_window(cand, starts, mc, above, k, hist):
         h = hist[0:1, :nb]
         h[:] = 0
         for c in range(mc.size):
-            for i in range(starts[c], starts[c] + mc[c]):
+            for i in range(n * c // NCHUNK, n * c // NCHUNK + mc[c]):
                 b = cand[i]
                 if level == 0 or (b >> (shift + np.uint32(11 if level == 1 else 9))) == pre:
                     h[0, (b >> shift) & mask] += 1
@@ -294,20 +294,25 @@ class Window:
             self.w = min(self.w_max, self.w * 2.0)
 
 
+def select_count_near(bits: np.ndarray, k: int, guess: float, win: Window, hist: np.ndarray,
+                      cand: np.ndarray, mc: np.ndarray, above: np.ndarray):
+    """:func:`resolve_count`'s answer (bit pattern of the K-th largest |a|, entries >= it) for
+    the float32 bit patterns ``bits`` in one pass when the K-th lies in ``win``'s window
+    around ``guess`` (> 0), else by the histogram select; ``win`` adapts."""
+    lo, hi = win.bounds(guess)
+    pick(window_pass, bits.size)(bits, lo, hi, cand, mc, above)
+    b, kept = select_window(cand, bits.size, mc, above, k, hist)
+    win.update(kept >= 0)
+    if kept >= 0:
+        return b, kept
+    pick(hist_top_bits, bits.size)(bits, hist)
+    return resolve_count(hist, k, bits, cand)
+
+
 def kth_largest_abs_near(a: np.ndarray, k: int, guess: float, win: Window, hist: np.ndarray,
                          cand: np.ndarray, mc: np.ndarray, above: np.ndarray) -> float:
     """:func:`kth_largest_abs` (same exact answer) in one pass when the K-th magnitude lies in
     ``win``'s window around ``guess`` (> 0), else the histogram select; ``win`` adapts."""
-    bits = a.reshape(-1).view(np.uint32)
-    lo, hi = win.bounds(guess)
-    pick(window_pass, bits.size)(bits, lo, hi, cand, mc, above)
-    starts = _chunk_starts(bits.size)
-    b, kept = select_window(cand, starts, mc, above, k, hist)
-    win.update(kept >= 0)
-    if kept >= 0:
-        return bits_to_float(int(b))
-    return kth_largest_abs(a, k, hist, cand)
-
-
-def _chunk_starts(n: int) -> np.ndarray:
-    return np.array([n * c // NCHUNK for c in range(NCHUNK)], np.int64)
+    b, _ = select_count_near(a.reshape(-1).view(np.uint32), k, guess, win, hist, cand, mc,
+                             above)
+    return bits_to_float(int(b))

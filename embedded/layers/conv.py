@@ -125,6 +125,8 @@ class Conv2d(Layer):
         self._hist = T.new_hist()     # pass 1 of the activation top-K (fused into packing)
         self._hist_ok = False
         self._thr_a = np.float32(0.0)
+        self._thr_a_guess = 0.0  # the last activation threshold (the windowed select's guess)
+        self._awin = None
         self._n = 0
         geo = np.array([1, self.cog, self.cig, self.kh, self.kw, self.sh, self.sw, self.hq,
                         self.wq, self.cin], np.int64)
@@ -177,6 +179,7 @@ class Conv2d(Layer):
         self._mask_built = None
         self.measured_density = 1.0
         self.measured_act_density = 1.0
+        self._thr_a_guess = 0.0
 
     def set_mask(self, mask: np.ndarray | None) -> None:
         """Store the mask (weight-shaped, bool/uint8) and zero the weights outside it."""
@@ -268,16 +271,28 @@ class Conv2d(Layer):
         y = self._y[:n]
         flops = w.size * self.oh * L
         with _Timer(self, "forward"):
-            want_hist = self.mode == "swat" and training
+            want_sel = self.mode == "swat" and training
+            # the activation top-K: after the first step, a windowed select around the last
+            # threshold (one pass over x); else pass 1 of the histogram select in the packing
+            near = want_sel and self._thr_a_guess > 0
             S.pick(K.pack_input, xq.size)(x, x.view(np.uint32), xq, self.sh, self.sw, self.ph,
                                           self.pw, self.hq, self.wq, self.kh, self.kw,
-                                          self._hist, want_hist)
-            self._hist_ok = want_hist
-            if want_hist:  # finish the activation top-K on x itself (exact, ties counted)
+                                          self._hist, want_sel and not near)
+            self._hist_ok = want_sel
+            if want_sel:  # finish the activation top-K on x itself (exact, ties counted)
                 k = T.count_for_density(self.ls.act_density, x.size)
                 cand = workspace("cand", x.size).view(np.uint32)
-                tb, kept = T.resolve_count(self._hist, k, x.reshape(-1).view(np.uint32), cand)
+                xb = x.reshape(-1).view(np.uint32)
+                if near:
+                    cnt = workspace("win_counts", 4 * T.NCHUNK).view(np.int64)
+                    tb, kept = T.select_count_near(xb, k, self._thr_a_guess, self._awin,
+                                                   self._hist, cand, cnt[:T.NCHUNK],
+                                                   cnt[T.NCHUNK:])
+                else:
+                    tb, kept = T.resolve_count(self._hist, k, xb, cand)
+                    self._awin = T.Window(0.1, 0.01)
                 self._thr_a = np.uint32(tb).view(np.float32)
+                self._thr_a_guess = float(self._thr_a) if tb > 1 else 0.0  # 1: keep-all
                 self.measured_act_density = int(kept) / x.size
             if self._direct("forward"):
                 sw = self._structure(training)
