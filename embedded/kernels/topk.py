@@ -271,7 +271,10 @@ def select_window(cand, n, mc, above, k, hist):
 
 class Window:
     """The adaptive window of a layer's windowed top-K: relative half-width ``w`` around the
-    last threshold, narrowed after a hit (fewer candidates) and doubled after a miss."""
+    last threshold. After each select it follows the threshold's own movement: ``w`` becomes
+    the larger of 3x the last relative change and 0.7x its old value (at least ``w_min``), so
+    it widens at once after a jump and narrows slowly while the threshold is steady. (A
+    shrink-on-hit / double-on-miss rule missed 20-25 % of resnet8's weight selects.)"""
 
     def __init__(self, w: float, w_min: float, w_max: float = 1.0):
         self.w, self.w_min, self.w_max = w, w_min, w_max
@@ -281,17 +284,17 @@ class Window:
     def bounds(self, thr: float) -> tuple[np.uint32, np.uint32]:
         """(lo, hi) bit patterns of [thr (1 - w), thr (1 + w)] (lo >= the smallest positive
         float: exact zeros are never candidates)."""
-        lo = np.float32(thr * (1.0 - self.w)).view(np.uint32)
+        lo = np.float32(thr * (1.0 - min(self.w, 1.0))).view(np.uint32)
         hi = np.float32(thr * (1.0 + self.w)).view(np.uint32)
         return np.uint32(max(int(lo), 1)), np.uint32(hi)
 
-    def update(self, hit: bool) -> None:
+    def update(self, hit: bool, rel_change: float) -> None:
+        """Record a hit or miss and the threshold's relative change |new/guess - 1|."""
         if hit:
             self.hits += 1
-            self.w = max(self.w_min, self.w * 0.8)
         else:
             self.misses += 1
-            self.w = min(self.w_max, self.w * 2.0)
+        self.w = min(self.w_max, max(self.w_min, 0.7 * self.w, 3.0 * rel_change))
 
 
 def select_count_near(bits: np.ndarray, k: int, guess: float, win: Window, hist: np.ndarray,
@@ -302,11 +305,12 @@ def select_count_near(bits: np.ndarray, k: int, guess: float, win: Window, hist:
     lo, hi = win.bounds(guess)
     pick(window_pass, bits.size)(bits, lo, hi, cand, mc, above)
     b, kept = select_window(cand, bits.size, mc, above, k, hist)
-    win.update(kept >= 0)
-    if kept >= 0:
-        return b, kept
-    pick(hist_top_bits, bits.size)(bits, hist)
-    return resolve_count(hist, k, bits, cand)
+    hit = kept >= 0
+    if not hit:
+        pick(hist_top_bits, bits.size)(bits, hist)
+        b, kept = resolve_count(hist, k, bits, cand)
+    win.update(hit, abs(bits_to_float(int(b)) / guess - 1.0))
+    return b, kept
 
 
 def kth_largest_abs_near(a: np.ndarray, k: int, guess: float, win: Window, hist: np.ndarray,
