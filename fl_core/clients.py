@@ -14,11 +14,12 @@ array bytes with a JSON header) go to the worker, the ``ClientResult.to_bytes`` 
 back. Nothing from a worker is unpickled.
 
 Parallel workers or in-process? ``benchmarks/client_pool.py`` times one round of 10 LeNet-5
-clients (400 MNIST samples each, one epoch) on this 2-core machine, shared with other jobs
-(load 4-8), interleaved, 5 repeats after a warm-up: 2 workers median 0.78 s (0.41-1.15 s),
-in-process with 1 Numba thread 7.7 s (0.8-15.7 s), in-process with 2 threads 4.6 s
-(0.7-11.6 s). Hence :data:`DEFAULT_WORKERS` = 2. Workers start with one BLAS thread each:
-without that, two workers' spin-waiting BLAS threads made every job ~3x slower.
+clients (400 MNIST samples each, one epoch) on this 2-core machine, interleaved, 5 repeats
+after a warm-up. Quiet host, OpenMP threading layer: 2 workers median 0.24 s, in-process with
+2 Numba threads 0.29 s, with 1 thread 0.42 s (earlier, with the workqueue layer on a host
+shared with other jobs: 0.78 / 4.6 / 7.7 s). Hence :data:`DEFAULT_WORKERS` = 2. Workers start
+with one BLAS thread each: without that, two workers' spin-waiting BLAS threads made every
+job ~3x slower.
 """
 
 from __future__ import annotations
