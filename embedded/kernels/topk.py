@@ -67,6 +67,30 @@ def hist_top_bits(bits, hist):
             i += 1
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _collect(src, lo, hi, dst, want_above):
+    """Compact the |a| bit patterns of ``src`` with lo <= b <= hi into ``dst`` (in order, 64
+    at a time through a keep-bitmask, see :func:`~embedded.kernels.sparse.low_bit`); returns
+    (how many, how many above hi if ``want_above`` else 0)."""
+    m = 0
+    a = 0
+    for i0 in range(0, src.size, 64):
+        ln = min(64, src.size - i0)
+        blk = src[i0:i0 + ln]
+        keep = np.uint64(0)
+        for i in range(ln):
+            b = blk[i] & np.uint32(0x7FFFFFFF)
+            if want_above:  # a literal at each call site: compiled away where False
+                a += b > hi
+            keep |= np.uint64((b >= lo) & (b <= hi)) << np.uint64(i)
+        while keep:
+            i, low = low_bit(keep)
+            keep ^= low
+            dst[m] = blk[i] & np.uint32(0x7FFFFFFF)
+            m += 1
+    return m, a
+
+
 @njit(cache=True, nogil=True)
 def _pick(hist, k):
     """Bin (from the top) where the cumulative count reaches k; returns (bin, count above).
@@ -106,19 +130,8 @@ def _resolve_count(hist, k, bits, cand):
         hi = n * (c + 1) // NCHUNK
         src = bits[lo:hi]  # 1-D slices indexed from 0: no wrap-around check per access
         dst = cand[lo:hi]
-        m = 0
-        for i0 in range(0, src.size, 64):  # keep-bitmask of 64 entries, then its set bits
-            ln = min(64, src.size - i0)
-            blk = src[i0:i0 + ln]
-            keep = np.uint64(0)
-            for i in range(ln):
-                b = blk[i] & np.uint32(0x7FFFFFFF)
-                keep |= np.uint64((b != 0) & ((b >> np.uint32(20)) == top)) << np.uint64(i)
-            while keep:
-                i, low = low_bit(keep)
-                keep ^= low
-                dst[m] = blk[i] & np.uint32(0x7FFFFFFF)
-                m += 1
+        m, _ = _collect(src, max(top << np.uint32(20), np.uint32(1)),
+                        (top << np.uint32(20)) | np.uint32(0xFFFFF), dst, False)
         mc[c] = m
     m = 0
     for c in range(NCHUNK):
@@ -210,23 +223,7 @@ def window_pass(bits, lo, hi, cand, mc, above):
     for c in prange(NCHUNK):
         src = bits[n * c // NCHUNK:n * (c + 1) // NCHUNK]  # indexed from 0
         dst = cand[n * c // NCHUNK:n * (c + 1) // NCHUNK]
-        m = 0
-        a = 0
-        for i0 in range(0, src.size, 64):
-            ln = min(64, src.size - i0)
-            blk = src[i0:i0 + ln]
-            keep = np.uint64(0)
-            for i in range(ln):
-                b = blk[i] & np.uint32(0x7FFFFFFF)
-                a += b > hi
-                keep |= np.uint64((b >= lo) & (b <= hi)) << np.uint64(i)
-            while keep:
-                i, low = low_bit(keep)
-                keep ^= low
-                dst[m] = blk[i] & np.uint32(0x7FFFFFFF)
-                m += 1
-        mc[c] = m
-        above[c] = a
+        mc[c], above[c] = _collect(src, lo, hi, dst, True)
 
 
 @njit(cache=True, nogil=True)
