@@ -243,3 +243,17 @@ def test_bitwise_reproducible(mode, monkeypatch):
     if mode != "masked" and mode != "dense":  # (masked: fastmath dot; dense: BLAS threads)
         for u, v in zip(a, e, strict=True):
             assert np.array_equal(u, v)
+
+
+def test_sparse_weight_nbytes_counts_each_array_once_and_follows_growth():
+    """SparseWeight.nbytes is the bytes of its arrays, none twice, and grows with nnz."""
+    from embedded.kernels.sparse import SparseWeight
+
+    sw = SparseWeight(4, 9, np.array([0] * 10, np.int64))
+    base = sw.nbytes()
+    assert base == sum(a.nbytes for a in (sw.rowptr, sw.colptr, sw.counts, sw.wcnt, sw.ctab,
+                                          sw.geo, sw.widx, sw.val, sw.code, sw.col, sw.c_code,
+                                          sw.c_row, sw.c_widx, sw.c_val))
+    sw.build(np.ones((4, 9), np.float32), 0.5)  # 36 kept: the value arrays grow
+    assert sw.nnz == 36
+    assert sw.nbytes() - base == (sw.val.size - 1) * (4 + 4 + 4 + 4)  # widx, val, code, col

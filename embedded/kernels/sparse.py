@@ -285,8 +285,9 @@ class SparseWeight:
                                        self.nnz, bool(self.geo[0] == 1))
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.widx, self.val, self.code, self.col, self.wcnt,
-                                      self.c_code, self.c_row, self.c_widx, self.c_val, self.wcnt))
+        """Bytes of every array this structure holds, each counted once."""
+        arrays = {id(v): v for v in vars(self).values() if isinstance(v, np.ndarray)}
+        return sum(a.nbytes for a in arrays.values())
 
 
 _NOMASK = np.zeros((1, 1), np.uint8)
