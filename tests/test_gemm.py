@@ -44,3 +44,16 @@ def test_bad_operands_are_named():
         G.gemm(a, np.ones((5, 3)), np.ones((4, 3), np.float32))
     with pytest.raises(ValueError, match="c must be a C-contiguous"):
         G.gemm(a, np.ones((5, 6), np.float32), np.ones((4, 6), np.float32)[:, ::2])
+
+
+def test_one_openmp_runtime_beside_torch():
+    """With Numba's threads started first (tests/conftest.py, embedded.runtime), importing torch
+    maps no second libgomp: torch and Numba share one OpenMP thread pool."""
+    import torch  # noqa: F401
+
+    from embedded.runtime import start_threads
+
+    assert start_threads() in ("omp", "workqueue", "tbb")
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        gomp = {line.split()[-1] for line in f if "libgomp" in line and "r-xp" in line}
+    assert len(gomp) == 1, gomp
