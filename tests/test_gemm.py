@@ -1,6 +1,8 @@
 """kernels.gemm: the dense GEMM split over Numba's threads matches a float64 reference for every
 transpose combination, odd shapes and 1 or 2 threads, and rejects bad operands clearly."""
 
+import os
+
 import numba
 import numpy as np
 import pytest
@@ -48,12 +50,15 @@ def test_bad_operands_are_named():
 
 def test_one_openmp_runtime_beside_torch():
     """With Numba's threads started first (tests/conftest.py, embedded.runtime), importing torch
-    maps no second libgomp: torch and Numba share one OpenMP thread pool."""
-    import torch  # noqa: F401
+    maps no copy of torch's own libgomp: torch and Numba share one OpenMP thread pool. (Other
+    packages may vendor theirs under another name, e.g. scikit-learn's.)"""
+    import torch
 
     from embedded.runtime import start_threads
 
-    assert start_threads() in ("omp", "workqueue", "tbb")
+    if start_threads() != "omp":
+        pytest.skip("Numba's omp layer is not available here")
+    torch_lib = os.path.dirname(torch.__file__)
     with open("/proc/self/maps", encoding="utf-8") as f:
         gomp = {line.split()[-1] for line in f if "libgomp" in line and "r-xp" in line}
-    assert len(gomp) == 1, gomp
+    assert not [p for p in gomp if p.startswith(torch_lib)], gomp
