@@ -360,7 +360,7 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
     in blocks of ``cb`` channels per input row, so the gyT rows around row i stay in cache.
     The kept (j, n) of each (ci, i) row are compacted (:func:`compact_kept`) into ``kbuf[worker]``
     (interior columns first, whose taps all land inside the output: for one kernel row they
-    share ONE destination, so 4 kept entries are accumulated per pass, register-blocked;
+    share ONE destination, so 8 (then 4) kept entries are accumulated per pass;
     edge columns after). The per-channel accumulation order does not depend on ``nch`` or
     ``cb``.
     Blocks are then written to the torch layout ``gw`` (``slots[kh*KW + kw]``: the tap's slot,
@@ -425,6 +425,37 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
                                     dst = g[d0:d0 + ln]
                                     ob = oh * N * OW * Co
                                     q = 0
+                                    while q + 8 <= m:  # 8 entries: 1 load + 1 store of dst
+                                        b0 = ob + kb[q]
+                                        b1 = ob + kb[q + 1]
+                                        b2 = ob + kb[q + 2]
+                                        b3 = ob + kb[q + 3]
+                                        b4 = ob + kb[q + 4]
+                                        b5 = ob + kb[q + 5]
+                                        b6 = ob + kb[q + 6]
+                                        b7 = ob + kb[q + 7]
+                                        a0 = kv[q]
+                                        a1 = kv[q + 1]
+                                        a2 = kv[q + 2]
+                                        a3 = kv[q + 3]
+                                        a4 = kv[q + 4]
+                                        a5 = kv[q + 5]
+                                        a6 = kv[q + 6]
+                                        a7 = kv[q + 7]
+                                        r0 = gyT[b0:b0 + ln]
+                                        r1 = gyT[b1:b1 + ln]
+                                        r2 = gyT[b2:b2 + ln]
+                                        r3 = gyT[b3:b3 + ln]
+                                        r4 = gyT[b4:b4 + ln]
+                                        r5 = gyT[b5:b5 + ln]
+                                        r6 = gyT[b6:b6 + ln]
+                                        r7 = gyT[b7:b7 + ln]
+                                        for t in range(ln):
+                                            dst[t] += (((a0 * r0[t] + a1 * r1[t])
+                                                        + (a2 * r2[t] + a3 * r3[t]))
+                                                       + ((a4 * r4[t] + a5 * r5[t])
+                                                          + (a6 * r6[t] + a7 * r7[t])))
+                                        q += 8
                                     while q + 4 <= m:
                                         b0 = ob + kb[q]
                                         b1 = ob + kb[q + 1]
