@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .sparse import compact_kept, dual
+from .sparse import compact_kept, dual, gather_axpy
 
 
 # ----------------------------------------------------------------------------- layout
@@ -202,8 +202,9 @@ def fwd_csr(rowptr, code, val, xq, yb, y, bias, has_bias, OH, rs):
 
     The whole output block of channel co is one contiguous run of RL = (OH-1)*rs + OW*N
     elements of yb (row stride rs = Wq*N: the columns ow >= OW in between are computed and
-    ignored), so each kept tap is one long axpy (4 taps per pass). The block is then
-    unpacked to NCHW ``y`` by the same iteration.
+    ignored), so each kept tap is one long axpy (8, 4, then 1 taps per pass:
+    :func:`~embedded.kernels.sparse.gather_axpy`). The block is then unpacked to NCHW ``y`` by
+    the same iteration.
     """
     N, Co, _, OW = y.shape
     RL = (OH - 1) * rs + OW * N
@@ -213,58 +214,7 @@ def fwd_csr(rowptr, code, val, xq, yb, y, bias, has_bias, OH, rs):
         p1 = rowptr[co + 1]
         out = yb[co * blk:co * blk + RL]
         out[:] = 0.0
-        while p + 8 <= p1:  # 8 taps per pass: 1 load + 1 store of out per 8 multiply-adds
-            a0 = code[p] * N
-            a1 = code[p + 1] * N
-            a2 = code[p + 2] * N
-            a3 = code[p + 3] * N
-            a4 = code[p + 4] * N
-            a5 = code[p + 5] * N
-            a6 = code[p + 6] * N
-            a7 = code[p + 7] * N
-            s0 = xq[a0:a0 + RL]
-            s1 = xq[a1:a1 + RL]
-            s2 = xq[a2:a2 + RL]
-            s3 = xq[a3:a3 + RL]
-            s4 = xq[a4:a4 + RL]
-            s5 = xq[a5:a5 + RL]
-            s6 = xq[a6:a6 + RL]
-            s7 = xq[a7:a7 + RL]
-            v0 = val[p]
-            v1 = val[p + 1]
-            v2 = val[p + 2]
-            v3 = val[p + 3]
-            v4 = val[p + 4]
-            v5 = val[p + 5]
-            v6 = val[p + 6]
-            v7 = val[p + 7]
-            for t in range(RL):
-                out[t] += ((v0 * s0[t] + v1 * s1[t]) + (v2 * s2[t] + v3 * s3[t])
-                           + ((v4 * s4[t] + v5 * s5[t]) + (v6 * s6[t] + v7 * s7[t])))
-            p += 8
-        while p + 4 <= p1:
-            a0 = code[p] * N
-            a1 = code[p + 1] * N
-            a2 = code[p + 2] * N
-            a3 = code[p + 3] * N
-            s0 = xq[a0:a0 + RL]
-            s1 = xq[a1:a1 + RL]
-            s2 = xq[a2:a2 + RL]
-            s3 = xq[a3:a3 + RL]
-            v0 = val[p]
-            v1 = val[p + 1]
-            v2 = val[p + 2]
-            v3 = val[p + 3]
-            for t in range(RL):
-                out[t] += v0 * s0[t] + v1 * s1[t] + v2 * s2[t] + v3 * s3[t]
-            p += 4
-        while p < p1:
-            a0 = code[p] * N
-            s0 = xq[a0:a0 + RL]
-            v0 = val[p]
-            for t in range(RL):
-                out[t] += v0 * s0[t]
-            p += 1
+        gather_axpy(out, xq, code, val, p, p1, N, 0)
         b = bias[co] if has_bias else np.float32(0.0)
         for oh in range(OH):
             src = out[oh * rs:oh * rs + OW * N]  # sliced: indexed from 0
@@ -297,30 +247,7 @@ def bwd_input_csc(colptr, c_code, c_row, c_val, gyb, gxq, gx, sh, sw, ph, pw, Hq
             if p == p1:
                 continue
             a = c_code[p] * N  # one input offset per (ci, tap) column
-            dst = gxq[a:a + RL]
-            while p + 4 <= p1:  # 4 output channels per pass (1 load + 1 store of dst)
-                v0 = c_val[p]
-                v1 = c_val[p + 1]
-                v2 = c_val[p + 2]
-                v3 = c_val[p + 3]
-                b0 = c_row[p] * blk
-                b1 = c_row[p + 1] * blk
-                b2 = c_row[p + 2] * blk
-                b3 = c_row[p + 3] * blk
-                r0 = gyb[b0:b0 + RL]
-                r1 = gyb[b1:b1 + RL]
-                r2 = gyb[b2:b2 + RL]
-                r3 = gyb[b3:b3 + RL]
-                for t in range(RL):
-                    dst[t] += v0 * r0[t] + v1 * r1[t] + v2 * r2[t] + v3 * r3[t]
-                p += 4
-            while p < p1:
-                v = c_val[p]
-                b0 = c_row[p] * blk
-                src = gyb[b0:b0 + RL]
-                for t in range(RL):
-                    dst[t] += v * src[t]
-                p += 1
+            gather_axpy(gxq[a:a + RL], gyb, c_row, c_val, p, p1, blk, 0)
         _unpack_channel(gxq, gx, ci, sh, sw, ph, pw, Hq, Wq)
 
 
@@ -418,68 +345,12 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
                                 kh = phs + mh * sh
                                 if fast:
                                     # interior: all taps of the kernel row form one contiguous
-                                    # axpy into the same destination, 4 entries per pass
-                                    # (1 load + 1 store of dst per 4 multiply-adds)
+                                    # axpy into the same destination (8, 4, 1 entries a pass)
                                     ln = nw * Co
                                     d0 = (kh * KW + toff) * Co
                                     dst = g[d0:d0 + ln]
                                     ob = oh * N * OW * Co
-                                    q = 0
-                                    while q + 8 <= m:  # 8 entries: 1 load + 1 store of dst
-                                        b0 = ob + kb[q]
-                                        b1 = ob + kb[q + 1]
-                                        b2 = ob + kb[q + 2]
-                                        b3 = ob + kb[q + 3]
-                                        b4 = ob + kb[q + 4]
-                                        b5 = ob + kb[q + 5]
-                                        b6 = ob + kb[q + 6]
-                                        b7 = ob + kb[q + 7]
-                                        a0 = kv[q]
-                                        a1 = kv[q + 1]
-                                        a2 = kv[q + 2]
-                                        a3 = kv[q + 3]
-                                        a4 = kv[q + 4]
-                                        a5 = kv[q + 5]
-                                        a6 = kv[q + 6]
-                                        a7 = kv[q + 7]
-                                        r0 = gyT[b0:b0 + ln]
-                                        r1 = gyT[b1:b1 + ln]
-                                        r2 = gyT[b2:b2 + ln]
-                                        r3 = gyT[b3:b3 + ln]
-                                        r4 = gyT[b4:b4 + ln]
-                                        r5 = gyT[b5:b5 + ln]
-                                        r6 = gyT[b6:b6 + ln]
-                                        r7 = gyT[b7:b7 + ln]
-                                        for t in range(ln):
-                                            dst[t] += (((a0 * r0[t] + a1 * r1[t])
-                                                        + (a2 * r2[t] + a3 * r3[t]))
-                                                       + ((a4 * r4[t] + a5 * r5[t])
-                                                          + (a6 * r6[t] + a7 * r7[t])))
-                                        q += 8
-                                    while q + 4 <= m:
-                                        b0 = ob + kb[q]
-                                        b1 = ob + kb[q + 1]
-                                        b2 = ob + kb[q + 2]
-                                        b3 = ob + kb[q + 3]
-                                        a0 = kv[q]
-                                        a1 = kv[q + 1]
-                                        a2 = kv[q + 2]
-                                        a3 = kv[q + 3]
-                                        r0 = gyT[b0:b0 + ln]
-                                        r1 = gyT[b1:b1 + ln]
-                                        r2 = gyT[b2:b2 + ln]
-                                        r3 = gyT[b3:b3 + ln]
-                                        for t in range(ln):
-                                            dst[t] += (a0 * r0[t] + a1 * r1[t]
-                                                       + a2 * r2[t] + a3 * r3[t])
-                                        q += 4
-                                    while q < m:
-                                        b0 = ob + kb[q]
-                                        a0 = kv[q]
-                                        r0 = gyT[b0:b0 + ln]
-                                        for t in range(ln):
-                                            dst[t] += a0 * r0[t]
-                                        q += 1
+                                    gather_axpy(dst, gyT, kb, kv, 0, m, 1, ob)
                                     q0 = 0  # then the edge entries (general taps)
                                 else:
                                     q0 = -m  # every entry (interior then edge), general taps

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from .sparse import dual
+from .sparse import dual, gather_axpy
 
 
 @dual
@@ -37,32 +37,15 @@ def pack_x(x, xbits, xT, hist, want_hist):
 
 @dual
 def fwd_csr(rowptr, col, val, xT, yT, y, bias, has_bias):
-    """y[:, o] = bias[o] + sum over kept (i, v) of row o: v * xT[i, :] (4 entries per pass)."""
+    """y[:, o] = bias[o] + sum over kept (i, v) of row o: v * xT[i, :] (8, 4, then 1 entries
+    per pass: :func:`~embedded.kernels.sparse.gather_axpy`)."""
     NO = rowptr.size - 1
     N = xT.shape[1]
+    xTf = xT.reshape(-1)
     for o in prange(NO):
         out = yT[o]
         out[:] = 0.0
-        p = rowptr[o]
-        p1 = rowptr[o + 1]
-        while p + 4 <= p1:
-            s0 = xT[col[p]]
-            s1 = xT[col[p + 1]]
-            s2 = xT[col[p + 2]]
-            s3 = xT[col[p + 3]]
-            v0 = val[p]
-            v1 = val[p + 1]
-            v2 = val[p + 2]
-            v3 = val[p + 3]
-            for t in range(N):
-                out[t] += v0 * s0[t] + v1 * s1[t] + v2 * s2[t] + v3 * s3[t]
-            p += 4
-        while p < p1:
-            s0 = xT[col[p]]
-            v0 = val[p]
-            for t in range(N):
-                out[t] += v0 * s0[t]
-            p += 1
+        gather_axpy(out, xTf, col, val, rowptr[o], rowptr[o + 1], N, 0)
         b = bias[o] if has_bias else np.float32(0.0)
         for n in range(N):
             y[n, o] = out[n] + b
@@ -155,13 +138,14 @@ def bwd_weight_fblocks(fptr, an, av, gy, gw, tile):
     """Dense gw (O, F) = gy.T @ x_s from the kept activations only, grouped by feature.
 
     Features are taken in blocks of FB = tile.shape[1]: row t of the worker's tile (FB, O)
-    accumulates ``a * gy[n, :]`` (one contiguous O-long axpy, 4 kept samples per pass) for
-    every kept (n, a) of feature f0 + t, then the tile is written to gw's columns
+    accumulates ``a * gy[n, :]`` (one contiguous O-long axpy, 8, 4, then 1 kept samples per
+    pass) for every kept (n, a) of feature f0 + t, then the tile is written to gw's columns
     f0..f0+FB. Blocks are split statically over ``tile.shape[0]`` workers; the summation
     order of each entry is fixed (results do not depend on the worker count).
     """
     NO = gy.shape[1]
     F = gw.shape[1]
+    gyf = gy.reshape(-1)
     FB = tile.shape[1]
     nb = (F + FB - 1) // FB
     nw = tile.shape[0]
@@ -173,26 +157,7 @@ def bwd_weight_fblocks(fptr, an, av, gy, gw, tile):
             for t in range(fw):
                 dst = tl[t]
                 dst[:] = 0.0
-                p = fptr[f0 + t]
-                p1 = fptr[f0 + t + 1]
-                while p + 4 <= p1:
-                    a0 = av[p]
-                    a1 = av[p + 1]
-                    a2 = av[p + 2]
-                    a3 = av[p + 3]
-                    g0 = gy[an[p]]
-                    g1 = gy[an[p + 1]]
-                    g2 = gy[an[p + 2]]
-                    g3 = gy[an[p + 3]]
-                    for o in range(NO):
-                        dst[o] += a0 * g0[o] + a1 * g1[o] + a2 * g2[o] + a3 * g3[o]
-                    p += 4
-                while p < p1:
-                    a0 = av[p]
-                    g0 = gy[an[p]]
-                    for o in range(NO):
-                        dst[o] += a0 * g0[o]
-                    p += 1
+                gather_axpy(dst, gyf, an, av, fptr[f0 + t], fptr[f0 + t + 1], NO, 0)
             for o in range(NO):
                 row = gw[o, f0:f0 + fw]
                 for t in range(fw):

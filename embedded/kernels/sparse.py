@@ -102,6 +102,68 @@ def compact_kept(xs, e0, e1, thr, out, m):
     return m
 
 
+@njit(cache=True, nogil=True, inline="always")
+def gather_axpy(dst, src, offs, vals, p, p1, scale, base):
+    """``dst += vals[i] * src[base + offs[i]*scale :][:dst.size]`` for i in [p, p1): the
+    register-blocked inner loop of every sparse kernel (conv forward, input gradient and
+    weight-gradient scan, linear forward and weight gradient). 8, then 4, then 1 entries per
+    pass (one load and one store of dst per pass); the summation order is fixed by the entries'
+    order. Each source run is a slice indexed from 0, which is what vectorises in Numba."""
+    ln = dst.size
+    while p + 8 <= p1:
+        o0 = base + offs[p] * scale
+        o1 = base + offs[p + 1] * scale
+        o2 = base + offs[p + 2] * scale
+        o3 = base + offs[p + 3] * scale
+        o4 = base + offs[p + 4] * scale
+        o5 = base + offs[p + 5] * scale
+        o6 = base + offs[p + 6] * scale
+        o7 = base + offs[p + 7] * scale
+        v0 = vals[p]
+        v1 = vals[p + 1]
+        v2 = vals[p + 2]
+        v3 = vals[p + 3]
+        v4 = vals[p + 4]
+        v5 = vals[p + 5]
+        v6 = vals[p + 6]
+        v7 = vals[p + 7]
+        s0 = src[o0:o0 + ln]
+        s1 = src[o1:o1 + ln]
+        s2 = src[o2:o2 + ln]
+        s3 = src[o3:o3 + ln]
+        s4 = src[o4:o4 + ln]
+        s5 = src[o5:o5 + ln]
+        s6 = src[o6:o6 + ln]
+        s7 = src[o7:o7 + ln]
+        for t in range(ln):
+            dst[t] += ((v0 * s0[t] + v1 * s1[t]) + (v2 * s2[t] + v3 * s3[t])
+                       + ((v4 * s4[t] + v5 * s5[t]) + (v6 * s6[t] + v7 * s7[t])))
+        p += 8
+    while p + 4 <= p1:
+        o0 = base + offs[p] * scale
+        o1 = base + offs[p + 1] * scale
+        o2 = base + offs[p + 2] * scale
+        o3 = base + offs[p + 3] * scale
+        v0 = vals[p]
+        v1 = vals[p + 1]
+        v2 = vals[p + 2]
+        v3 = vals[p + 3]
+        s0 = src[o0:o0 + ln]
+        s1 = src[o1:o1 + ln]
+        s2 = src[o2:o2 + ln]
+        s3 = src[o3:o3 + ln]
+        for t in range(ln):
+            dst[t] += v0 * s0[t] + v1 * s1[t] + v2 * s2[t] + v3 * s3[t]
+        p += 4
+    while p < p1:
+        o0 = base + offs[p] * scale
+        v0 = vals[p]
+        s0 = src[o0:o0 + ln]
+        for t in range(ln):
+            dst[t] += v0 * s0[t]
+        p += 1
+
+
 @njit(cache=True, nogil=True)
 def _prefix(counts, rowptr):
     s = 0
