@@ -138,27 +138,37 @@ def _resolve_count(hist, k, bits, cand):
         m += mc[c]
     if m < k:
         return np.uint32(1), total + m  # fewer than k non-zero magnitudes: keep them all
-    h2 = hist[0:1]
-    h2[:] = 0
-    for c in range(NCHUNK):
-        lo = n * c // NCHUNK
-        for i in range(lo, lo + mc[c]):
-            h2[0, (cand[i] >> np.uint32(9)) & np.uint32(2047)] += 1
-    b2, above = _pick(h2, k)
-    total += above
-    k -= above
-    pre = (top << np.uint32(11)) | np.uint32(b2)
-    h3 = hist[1:2, :512]
-    h3[:] = 0
-    for c in range(NCHUNK):
-        lo = n * c // NCHUNK
-        for i in range(lo, lo + mc[c]):
-            cc = cand[i]
-            if (cc >> np.uint32(9)) == pre:
-                h3[0, cc & np.uint32(511)] += 1
-    b3, above = _pick(h3, k)
-    total += above + h3[0, b3]  # everything above, and the ties at the k-th value
-    return (pre << np.uint32(9)) | np.uint32(b3), total
+    return _radix_levels(cand, n, mc, k, total, top, 1, hist)
+
+
+@njit(cache=True, nogil=True)
+def _radix_levels(cand, n, mc, k, total, pre, level0, hist):
+    """Finish a select among candidates (chunk c's: ``cand[n*c//NCHUNK:][:mc[c]]``) by radix
+    levels over bits 20..30, 9..19 and 0..8 of their |a| bit patterns, from ``level0`` (1 when
+    the top 11 bits ``pre`` are already known): the K-th largest's pattern and ``total`` plus
+    the candidates >= it (ties included). ``hist`` row 0 is the scratch."""
+    for level in range(level0, 3):
+        shift = np.uint32(20) if level == 0 else (np.uint32(9) if level == 1 else np.uint32(0))
+        nb = 2048 if level < 2 else 512
+        mask = np.uint32(nb - 1)
+        h = hist[0:1, :nb]
+        h[:] = 0
+        for c in range(mc.size):
+            for i in range(n * c // NCHUNK, n * c // NCHUNK + mc[c]):
+                b = cand[i]
+                if level == 0 or (b >> (shift + np.uint32(11 if level == 1 else 9))) == pre:
+                    h[0, (b >> shift) & mask] += 1
+        bsel, ab = _pick(h, k)
+        total += ab
+        k -= ab
+        if level == 0:
+            pre = np.uint32(bsel)
+        elif level == 1:
+            pre = (pre << np.uint32(11)) | np.uint32(bsel)
+        else:
+            total += h[0, bsel]  # the ties at the k-th value
+            return (pre << np.uint32(9)) | np.uint32(bsel), total
+    return np.uint32(0), -1  # pragma: no cover
 
 
 def resolve_count(hist: np.ndarray, k: int, bits: np.ndarray, cand: np.ndarray):
@@ -238,32 +248,7 @@ def select_window(cand, n, mc, above, k, hist):
         m += mc[c]
     if n_above >= k or n_above + m < k:
         return np.uint32(0), -1
-    k -= n_above
-    total = n_above
-    pre = np.uint32(0)
-    # three radix levels over the candidates: bits 20..30, 9..19, 0..8
-    for level in range(3):
-        shift = np.uint32(20) if level == 0 else (np.uint32(9) if level == 1 else np.uint32(0))
-        nb = 2048 if level < 2 else 512
-        mask = np.uint32(nb - 1)
-        h = hist[0:1, :nb]
-        h[:] = 0
-        for c in range(mc.size):
-            for i in range(n * c // NCHUNK, n * c // NCHUNK + mc[c]):
-                b = cand[i]
-                if level == 0 or (b >> (shift + np.uint32(11 if level == 1 else 9))) == pre:
-                    h[0, (b >> shift) & mask] += 1
-        bsel, ab = _pick(h, k)
-        total += ab
-        k -= ab
-        if level == 0:
-            pre = np.uint32(bsel)
-        elif level == 1:
-            pre = (pre << np.uint32(11)) | np.uint32(bsel)
-        else:
-            total += h[0, bsel]  # the ties at the k-th value
-            return (pre << np.uint32(9)) | np.uint32(bsel), total
-    return np.uint32(0), -1  # pragma: no cover
+    return _radix_levels(cand, n, mc, k - n_above, n_above, np.uint32(0), 0, hist)
 
 
 class Window:

@@ -63,9 +63,14 @@ def weight_threshold(layer: Layer, w: np.ndarray, k: int) -> float:
     if layer._thr <= 0:
         layer._win = T.Window(0.01, 0.001)
         return T.kth_largest_abs(w, k, shared_hist(), cand)
-    counts = workspace("win_counts", 4 * T.NCHUNK).view(np.int64)
     return T.kth_largest_abs_near(w, k, layer._thr, layer._win, shared_hist(), cand,
-                                  counts[:T.NCHUNK], counts[T.NCHUNK:])
+                                  *window_counts())
+
+
+def window_counts() -> tuple[np.ndarray, np.ndarray]:
+    """This thread's (per-chunk candidates, per-chunk entries above) scratch of a window pass."""
+    counts = workspace("win_counts", 4 * T.NCHUNK).view(np.int64)
+    return counts[:T.NCHUNK], counts[T.NCHUNK:]
 
 
 def workspace_bytes() -> int:
@@ -298,10 +303,8 @@ class Conv2d(Layer):
                 cand = workspace("cand", x.size).view(np.uint32)
                 xb = x.reshape(-1).view(np.uint32)
                 if near:
-                    cnt = workspace("win_counts", 4 * T.NCHUNK).view(np.int64)
                     tb, kept = T.select_count_near(xb, k, self._thr_a_guess, self._awin,
-                                                   self._hist, cand, cnt[:T.NCHUNK],
-                                                   cnt[T.NCHUNK:])
+                                                   self._hist, cand, *window_counts())
                 else:
                     tb, kept = T.resolve_count(self._hist, k, xb, cand)
                     self._awin = T.Window(0.1, 0.01)
