@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from .layout import to_grid
 from .sparse import dual, gather_axpy
 
 
@@ -149,8 +150,10 @@ def bwd_weight_fblocks(fptr, an, av, gy, gw, tile):
     FB = tile.shape[1]
     nb = (F + FB - 1) // FB
     nw = tile.shape[0]
+    gwf = gw.reshape(gw.size)
     for c in prange(nw):
         tl = tile[c]
+        tlf = tl.reshape(tl.size)
         for fb in range(nb * c // nw, nb * (c + 1) // nw):
             f0 = fb * FB
             fw = min(FB, F - f0)
@@ -158,7 +161,5 @@ def bwd_weight_fblocks(fptr, an, av, gy, gw, tile):
                 dst = tl[t]
                 dst[:] = 0.0
                 gather_axpy(dst, gyf, an, av, fptr[f0 + t], fptr[f0 + t + 1], NO, 0)
-            for o in range(NO):
-                row = gw[o, f0:f0 + fw]
-                for t in range(fw):
-                    row[t] = tl[t, o]
+            # tile (fw, O) -> gw[:, f0:f0 + fw]: 8 x 8 register-block transposes
+            to_grid(tlf, 0, NO, fw, NO, 1, gwf, f0, 0, F, NO)
