@@ -69,7 +69,7 @@ def _owner(a: np.ndarray) -> np.ndarray:
 class Network:
     """A trainable Numba network built from a :class:`hwmodel.ModelSpec`."""
 
-    def __init__(self, spec: ModelSpec, layers: dict, seed: int = 0):
+    def __init__(self, spec: ModelSpec, layers: dict, seed: int = 0, fuse_relu: bool = True):
         self.spec = spec
         self.layers = layers
         self.seed = seed
@@ -92,13 +92,33 @@ class Network:
         # last step's per-node timings: name -> {phase: seconds}
         self.times: dict[str, dict[str, float]] = {n.name: {} for n in self.nodes}
         self.loss_time = 0.0  # seconds of the fused loss + gradient of the last step
+        self.fused_relus = self._fuse_relus() if fuse_relu else []
         self.reseed(seed)
+
+    def _fuse_relus(self) -> list[str]:
+        """Fold each ReLU whose input comes from a batch norm or a residual add that nothing
+        else reads into that layer (it writes max(y, 0) and masks its own backward by y > 0:
+        the same floats, one pass fewer each way). Returns the fused ReLUs' names."""
+        consumers = self.spec.consumers()
+        fused = []
+        for node in self.nodes:
+            if node.op != "relu" or node.inputs[0] == INPUT:
+                continue
+            src = node.inputs[0]
+            producer = self.layers[src]
+            if len(consumers[src]) == 1 and isinstance(producer, (BatchNorm2d, Add)):
+                producer.relu = True
+                self.layers[node.name].fused = True
+                fused.append(node.name)
+        return fused
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_spec(cls, spec: ModelSpec, seed: int = 0) -> Network:
+    def from_spec(cls, spec: ModelSpec, seed: int = 0, fuse_relu: bool = True) -> Network:
         """Build layers for every node and initialise parameters (torch's default init) from
-        ``np.random.default_rng(seed)``, node by node in spec order."""
+        ``np.random.default_rng(seed)``, node by node in spec order. ``fuse_relu``: fold
+        ReLUs into the batch norm / residual add before them (:meth:`_fuse_relus`; results
+        are bit-for-bit the same either way)."""
         if not isinstance(spec, ModelSpec):
             raise TypeError(f"Network.from_spec: expected a hwmodel.ModelSpec, got "
                             f"{type(spec).__name__}")
@@ -110,7 +130,7 @@ class Network:
             layer = layer_class(node.op)(node, spec.in_shapes[node.name], spec.shapes[node.name])
             layer.init_params(rng)
             layers[node.name] = layer
-        return cls(spec, layers, int(seed))
+        return cls(spec, layers, int(seed), fuse_relu=bool(fuse_relu))
 
     def reseed(self, seed: int) -> None:
         """Restart the random streams of dropout layers (one independent stream per node)."""

@@ -195,6 +195,66 @@ def test_add_backward_gives_same_gradient_to_both(variant):
     assert np.array_equal(layer.backward(gy), gy)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_with_fused_relu_matches_torch_bn_then_relu(training, variant):
+    rng = np.random.default_rng(9)
+    layer, tmod, _ = _one_layer("batchnorm2d", (4, 5, 6))
+    _randomise(layer, tmod, rng)
+    layer.relu = True
+    tmod = torch.nn.Sequential(tmod, torch.nn.ReLU())
+    layer.setup(5)
+    warm = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
+    layer.forward(warm, True)  # running statistics for the eval case
+    tmod.train(True)
+    tmod(torch.tensor(warm))
+    x = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
+    if training:
+        x[1, 2, 3, 4] = np.nan  # NaN propagates through the ReLU, as torch's
+    tmod.train(training)
+    y = layer.forward(x, training).copy()
+    xt = torch.tensor(x, requires_grad=True)
+    yt = tmod(xt)
+    close(y, yt.detach().numpy(), "forward")
+    assert (y == 0).any()  # the ReLU cut something
+    gy = rng.standard_normal(y.shape).astype(np.float32)
+    gx = layer.backward(gy, need_input_grad=True)
+    (yt * torch.tensor(gy)).sum().backward()
+    close(gx, xt.grad.numpy(), "input gradient")
+    close(layer.grads["weight"], tmod[0].weight.grad.numpy(), "grad weight")
+    close(layer.grads["bias"], tmod[0].bias.grad.numpy(), "grad bias")
+
+
+def test_add_with_fused_relu_masks_the_gradient(variant):
+    node = make_node("L", "add", ("input", "input"))
+    layer = layer_class("add")(node, ((3, 4, 5), (3, 4, 5)), (3, 4, 5))
+    layer.relu = True
+    layer.setup(2)
+    rng = np.random.default_rng(10)
+    a, b = (rng.standard_normal((2, 3, 4, 5)).astype(np.float32) for _ in range(2))
+    y = layer.forward(a, b, True).copy()
+    close(y, np.maximum(a + b, 0))
+    gy = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    np.testing.assert_array_equal(layer.backward(gy), np.where(y > 0, gy, 0))
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.9])
+def test_fused_relus_give_bit_identical_steps(sparsity):
+    """Folding ReLUs into the batch norm / residual add before them changes no float."""
+    spec = build("resnet8")
+    nets = [Network.from_spec(spec, seed=1), Network.from_spec(spec, seed=1, fuse_relu=False)]
+    assert "layer1.0.relu2" in nets[0].fused_relus and nets[1].fused_relus == []
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, *spec.input_shape)).astype(np.float32)
+    y = rng.integers(0, spec.num_classes, 4)
+    plan = (SparsityPlan.uniform(spec, sparsity, mode="swat", layers="swat", topk_period=1)
+            if sparsity else None)
+    outs = [net.loss_and_grads(x, y, plan) for net in nets]
+    assert outs[0][0] == outs[1][0]
+    for k, g in outs[0][1].items():
+        assert np.array_equal(g, outs[1][1][k]), k
+    assert np.array_equal(nets[0].predict(x), nets[1].predict(x))
+
+
 def test_dropout_scales_kept_units_and_is_identity_in_eval(variant):
     layer, _, _ = _one_layer("dropout", (4, 5, 6), p=0.25)
     layer.setup(3)

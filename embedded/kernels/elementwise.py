@@ -69,6 +69,13 @@ def _add_fwd(a, b, y):
         y[i] = a[i] + b[i]
 
 
+def _add_relu_fwd(a, b, y):
+    # a residual sum and the ReLU after it in one pass (the same floats as the two passes)
+    for i in prange(a.size):
+        v = a[i] + b[i]
+        y[i] = np.float32(0.0) if v <= 0.0 else v
+
+
 def _acc(dst, src):
     for i in prange(dst.size):
         dst[i] += src[i]
@@ -136,6 +143,7 @@ def _all_finite(x):
 RELU_FWD = dual(_relu_fwd)
 RELU_BWD = dual(_relu_bwd)
 ADD_FWD = dual(_add_fwd)
+ADD_RELU_FWD = dual(_add_relu_fwd)
 ACC = dual(_acc)
 DROPOUT_FWD = dual(_dropout_fwd)
 DROPOUT_BWD = dual(_dropout_bwd)

@@ -1,4 +1,8 @@
-"""ReLU, forward and backward (the mask comes from the saved output: y > 0)."""
+"""ReLU, forward and backward (the mask comes from the saved output: y > 0).
+
+A ReLU whose input is produced by a batch norm or a residual add read by nothing else is
+fused into that layer by the Network (the producer writes max(y, 0) and masks its own
+backward): the ReLU layer then passes its input and gradient through untouched."""
 
 from __future__ import annotations
 
@@ -11,7 +15,12 @@ from embedded.layers.base import BufferedLayer
 class ReLU(BufferedLayer):
     """``torch.nn.ReLU``; the gradient at exactly 0 is 0, as torch's."""
 
+    #: True when the producer of the input applies this ReLU (see the module docstring)
+    fused = False
+
     def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
+        if self.fused:
+            return x
         n = x.shape[0]
         y = self._y[:n]
         pick(RELU_FWD, x.size)(x.reshape(-1), y.reshape(-1))
@@ -21,6 +30,8 @@ class ReLU(BufferedLayer):
     def backward(self, gy: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
         if not need_input_grad:
             return None
+        if self.fused:
+            return gy
         n = self._n
         gx = self._gx[:n]
         pick(RELU_BWD, gx.size)(gy.reshape(-1), self._y[:n].reshape(-1), gx.reshape(-1))

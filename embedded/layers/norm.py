@@ -46,6 +46,18 @@ def _block_gsums(g, r, k):
     return a, b
 
 
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _block_gsums_relu(g, y, r, k):
+    """:func:`_block_gsums` of g masked by y > 0 (the gradient through a fused ReLU)."""
+    a = np.float32(0.0)
+    b = np.float32(0.0)
+    for j in range(r.size):
+        gv = np.float32(0.0) if y[j] <= 0.0 else g[j]
+        a += gv
+        b += gv * (r[j] - k)
+    return a, b
+
+
 # Blocks are passed as slices: handing the kernel (array, lo, hi) made LLVM drop the
 # vectorisation once inlined (measured 10x slower), slices keep it.
 @njit(cache=True, nogil=True)
@@ -74,11 +86,25 @@ def _row_gsums(g, r, k):
     return s, s2
 
 
+@njit(cache=True, nogil=True)
+def _row_gsums_relu(g, y, r, k):
+    s = 0.0
+    s2 = 0.0
+    n = r.size
+    for lo in range(0, n, _BLOCK):
+        hi = min(lo + _BLOCK, n)
+        a, b = _block_gsums_relu(g[lo:hi], y[lo:hi], r[lo:hi], k)
+        s += np.float64(a)
+        s2 += np.float64(b)
+    return s, s2
+
+
 # ----------------------------------------------------------------------------- batch norm
 @njit(cache=True, nogil=True, inline="always")
-def _bn_write(x, y, ch, m, a, beta):
+def _bn_write(x, y, ch, m, a, beta, relu):
     # y = (x - m)·a + β in float32, with m split into float32 hi + lo parts: x - hi is exact
     # when x is near the mean (Sterbenz), so the result stays accurate when |mean| >> std.
+    # relu: a fused ReLU (torch's threshold: v <= 0 -> 0, NaN passes).
     mh = np.float32(m)
     ml = np.float32(m - np.float64(mh))
     n = x.shape[0]
@@ -86,11 +112,16 @@ def _bn_write(x, y, ch, m, a, beta):
     for i in range(n):
         xr = x[i, ch]
         yr = y[i, ch]
-        for j in range(hw):
-            yr[j] = ((xr[j] - mh) - ml) * a + beta
+        if relu:
+            for j in range(hw):
+                v = ((xr[j] - mh) - ml) * a + beta
+                yr[j] = np.float32(0.0) if v <= 0.0 else v
+        else:
+            for j in range(hw):
+                yr[j] = ((xr[j] - mh) - ml) * a + beta
 
 
-def _bn_fwd_train(x, gamma, beta, eps, y, mean, invstd, rmean, rvar, momentum):
+def _bn_fwd_train(x, gamma, beta, eps, y, mean, invstd, rmean, rvar, momentum, relu):
     n, c, hw = x.shape
     cnt = n * hw
     for ch in prange(c):
@@ -111,24 +142,25 @@ def _bn_fwd_train(x, gamma, beta, eps, y, mean, invstd, rmean, rvar, momentum):
         inv = 1.0 / math.sqrt(var + eps)
         mean[ch] = m
         invstd[ch] = inv
-        _bn_write(x, y, ch, m, np.float32(gamma[ch] * inv), beta[ch])
+        _bn_write(x, y, ch, m, np.float32(gamma[ch] * inv), beta[ch], relu)
         # torch: running stats use the unbiased variance; momentum weights the new value.
         unbiased = var * cnt / (cnt - 1)
         rmean[ch] = np.float32((1.0 - momentum) * rmean[ch] + momentum * m)
         rvar[ch] = np.float32((1.0 - momentum) * rvar[ch] + momentum * unbiased)
 
 
-def _bn_fwd_eval(x, gamma, beta, eps, y, mean, invstd, rmean, rvar):
+def _bn_fwd_eval(x, gamma, beta, eps, y, mean, invstd, rmean, rvar, relu):
     n, c, hw = x.shape
     for ch in prange(c):
         m = np.float64(rmean[ch])
         inv = 1.0 / math.sqrt(np.float64(rvar[ch]) + eps)
         mean[ch] = m
         invstd[ch] = inv
-        _bn_write(x, y, ch, m, np.float32(gamma[ch] * inv), beta[ch])
+        _bn_write(x, y, ch, m, np.float32(gamma[ch] * inv), beta[ch], relu)
 
 
-def _bn_bwd(x, gy, gamma, mean, invstd, gx, dgamma, dbeta, training, need_gx):
+def _bn_bwd(x, gy, y, gamma, mean, invstd, gx, dgamma, dbeta, training, need_gx, relu):
+    # relu: gy comes through a fused ReLU on the output y: masked by y > 0 as it is read
     n, c, hw = x.shape
     cnt = n * hw
     for ch in prange(c):
@@ -138,7 +170,10 @@ def _bn_bwd(x, gy, gamma, mean, invstd, gx, dgamma, dbeta, training, need_gx):
         sg = 0.0
         sgx = 0.0
         for i in range(n):
-            a, b = _row_gsums(gy[i, ch], x[i, ch], m32)
+            if relu:
+                a, b = _row_gsums_relu(gy[i, ch], y[i, ch], x[i, ch], m32)
+            else:
+                a, b = _row_gsums(gy[i, ch], x[i, ch], m32)
             sg += a
             sgx += b
         sgx -= (m - np.float64(m32)) * sg  # Σg(x − m) from Σg(x − m32)
@@ -158,13 +193,22 @@ def _bn_bwd(x, gy, gamma, mean, invstd, gx, dgamma, dbeta, training, need_gx):
                 xr = x[i, ch]
                 gr = gy[i, ch]
                 out = gx[i, ch]
-                for j in range(hw):
-                    out[j] = k * (gr[j] - a - ((xr[j] - mh) - ml) * b)
+                if relu:
+                    yr = y[i, ch]
+                    for j in range(hw):
+                        g = np.float32(0.0) if yr[j] <= 0.0 else gr[j]
+                        out[j] = k * (g - a - ((xr[j] - mh) - ml) * b)
+                else:
+                    for j in range(hw):
+                        out[j] = k * (gr[j] - a - ((xr[j] - mh) - ml) * b)
         else:
             k32 = np.float32(np.float64(gamma[ch]) * inv)
             for i in range(n):
                 for j in range(hw):
-                    gx[i, ch, j] = gy[i, ch, j] * k32
+                    g = gy[i, ch, j]
+                    if relu and y[i, ch, j] <= 0.0:
+                        g = np.float32(0.0)
+                    gx[i, ch, j] = g * k32
 
 
 BN_FWD_TRAIN = dual(_bn_fwd_train)
@@ -189,6 +233,7 @@ class BatchNorm2d(Layer):
         self._invstd = np.ones(c, np.float64)
         self._x = None
         self._training = True
+        self.relu = False  # a fused ReLU on the output (set by the Network)
 
     def init_params(self, rng: np.random.Generator) -> None:
         """torch's init: weight 1, bias 0, running mean 0, running var 1, counter 0."""
@@ -217,12 +262,13 @@ class BatchNorm2d(Layer):
             b = self.buffers
             pick(BN_FWD_TRAIN, 2 * x.size)(x3, p["weight"], p["bias"], self.eps, y3, self._mean,
                                        self._invstd, b["running_mean"], b["running_var"],
-                                       self.momentum)
+                                       self.momentum, self.relu)
             b["num_batches_tracked"] += 1
         else:
             b = self.buffers
             pick(BN_FWD_EVAL, 2 * x.size)(x3, p["weight"], p["bias"], self.eps, y3, self._mean,
-                                      self._invstd, b["running_mean"], b["running_var"])
+                                      self._invstd, b["running_mean"], b["running_var"],
+                                      self.relu)
         self._x = x3
         self._training = training
         return y
@@ -231,9 +277,10 @@ class BatchNorm2d(Layer):
         x3 = self._x
         n, c, hw = x3.shape
         gx = self._gx[:n]
-        pick(BN_BWD, 3 * x3.size)(x3, gy.reshape(n, c, hw), self.params["weight"], self._mean,
-                              self._invstd, gx.reshape(n, c, hw), self.grads["weight"],
-                              self.grads["bias"], self._training, need_input_grad)
+        pick(BN_BWD, 3 * x3.size)(x3, gy.reshape(n, c, hw), self._y[:n].reshape(n, c, hw),
+                              self.params["weight"], self._mean, self._invstd,
+                              gx.reshape(n, c, hw), self.grads["weight"], self.grads["bias"],
+                              self._training, need_input_grad, self.relu)
         return gx if need_input_grad else None
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from embedded.kernels.elementwise import ADD_FWD, DROPOUT_BWD, DROPOUT_FWD, pick
+from embedded.kernels.elementwise import (
+    ADD_FWD,
+    ADD_RELU_FWD,
+    DROPOUT_BWD,
+    DROPOUT_FWD,
+    RELU_BWD,
+    pick,
+)
 from embedded.layers.base import Layer
 
 
@@ -26,23 +33,36 @@ class Flatten(Layer):
 
 
 class Add(Layer):
-    """y = a + b. ``backward`` returns the one gradient both inputs receive."""
+    """y = a + b. ``backward`` returns the one gradient both inputs receive. With ``relu``
+    (set by the Network when a ReLU alone reads the sum), y = max(a + b, 0) in the same pass
+    and the gradient is masked by y > 0 (the ReLU's backward)."""
 
     def __init__(self, node, in_shapes, out_shape):
         super().__init__(node.name, in_shapes[0], out_shape)
+        self.relu = False
 
     def setup(self, max_batch: int) -> None:
         super().setup(max_batch)
         self._y = np.empty((max_batch, *self.out_shape), np.float32)
+        if self.relu:
+            self._gx = np.empty((max_batch, *self.out_shape), np.float32)
 
     def forward(self, a: np.ndarray, b: np.ndarray, training: bool = True) -> np.ndarray:
         n = a.shape[0]
         y = self._y[:n]
-        pick(ADD_FWD, a.size)(a.reshape(-1), b.reshape(-1), y.reshape(-1))
+        pick(ADD_RELU_FWD if self.relu else ADD_FWD, a.size)(a.reshape(-1), b.reshape(-1),
+                                                             y.reshape(-1))
         return y
 
     def backward(self, gy: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
-        return gy if need_input_grad else None
+        if not need_input_grad:
+            return None
+        if not self.relu:
+            return gy
+        n = gy.shape[0]
+        gx = self._gx[:n]
+        pick(RELU_BWD, gy.size)(gy.reshape(-1), self._y[:n].reshape(-1), gx.reshape(-1))
+        return gx
 
 
 class Dropout(Layer):
