@@ -251,9 +251,43 @@ def test_sparse_weight_nbytes_counts_each_array_once_and_follows_growth():
 
     sw = SparseWeight(4, 9, np.array([0] * 10, np.int64))
     base = sw.nbytes()
+    staging = (sw._ends, sw._sval, sw._scode, sw._scol)
     assert base == sum(a.nbytes for a in (sw.rowptr, sw.colptr, sw.counts, sw.wcnt, sw.ctab,
                                           sw.geo, sw.widx, sw.val, sw.code, sw.col, sw.c_code,
-                                          sw.c_row, sw.c_widx, sw.c_val))
+                                          sw.c_row, sw.c_widx, sw.c_val, *staging))
     sw.build(np.ones((4, 9), np.float32), 0.5)  # 36 kept: the value arrays grow
     assert sw.nnz == 36
-    assert sw.nbytes() - base == (sw.val.size - 1) * (4 + 4 + 4 + 4)  # widx, val, code, col
+    # widx, val, code, col grew; so did the staging arrays of the next one-read build
+    grown = (sw.val.size - 1) * (4 + 4 + 4 + 4) + (sw._sval.size - 1) * (4 + 4)
+    assert sw.nbytes() - base == grown + sw._bounds.nbytes
+
+
+@pytest.mark.parametrize("geo,rows,rl", [
+    ((0,) * 10, 50, 300),                       # linear
+    ((1, 8, 3, 3, 3, 1, 1, 10, 10, 3), 8, 27),  # conv 3 -> 8, 3x3
+    ((1, 4, 2, 3, 3, 2, 2, 6, 6, 4), 8, 18),    # grouped, stride 2
+])
+def test_staged_build_gives_the_two_pass_structure(geo, rows, rl):
+    """The one-read (staged) rebuild yields the two-pass build's CSR/CSC bit for bit, also
+    when the kept count jumps past its chunk regions (then it falls back to two passes)."""
+    from embedded.kernels.sparse import SparseWeight
+
+    geo = np.array(geo, np.int64)
+    ncols = rl if geo[0] == 0 else int(geo[9] * geo[3] * geo[4])
+    sw = SparseWeight(rows, ncols, geo)
+    rng = np.random.default_rng(0)
+    staged = 0
+    for thr in (1.0, 1.0, 1.1, 0.3, 0.0, 1.0, 2.5, 1.0, 1.0):
+        w = rng.standard_normal((rows, rl)).astype(np.float32)
+        staged += sw._bounds is not None
+        nnz = sw.build(w, thr)
+        ref = SparseWeight(rows, ncols, geo)
+        assert nnz == ref.build(w, thr) == int(((np.abs(w) >= thr) & (w != 0)).sum())
+        assert np.array_equal(sw.rowptr, ref.rowptr)
+        names = ["val", "code"] + (["col", "c_code", "c_row", "c_val"] if geo[0] else [])
+        for k in names:
+            assert np.array_equal(getattr(sw, k)[:nnz], getattr(ref, k)[:nnz]), k
+        if geo[0]:
+            assert np.array_equal(sw.colptr, ref.colptr)
+    assert staged == 8  # every build after the first tried the one-read path
+    assert 4 <= sw.staged_builds < 8  # and took it unless the kept count jumped
