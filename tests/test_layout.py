@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from embedded.kernels.layout import from_grid, to_grid
+from embedded.kernels.layout import from_grid, from_pair, to_grid
 
 
 @njit(cache=True)
@@ -50,3 +50,25 @@ def test_to_grid_and_back_match_numpy(R, W, step):
                 back = np.full_like(out, 5.0)
                 back[d + np.arange(R)[:, None] * ds + np.arange(P)[None, :]] = dst[idx] + np.float32(0.25)
                 np.testing.assert_array_equal(out, back)
+
+
+@njit(cache=True)
+def _pair(src, a0, b0, N, cnt, dst, d, ds):
+    from_pair(src, a0, b0, N, cnt, dst, d, ds)
+
+
+@pytest.mark.parametrize("N", [1, 8, 9, 16, 17])
+@pytest.mark.parametrize("cnt", [1, 7, 8, 9, 16])
+def test_from_pair_interleaves_two_phase_runs(N, cnt):
+    """A stride-2 row from its even- and odd-column batch-last runs."""
+    rng = np.random.default_rng(N * 31 + cnt)
+    src = rng.standard_normal(2 * cnt * N + 40).astype(np.float32)
+    a0, b0 = 3, 3 + cnt * N + 5
+    ds, d = 2 * cnt + 3, 2
+    dst = np.full(d + N * ds + 4, 7.0, np.float32)
+    _pair(src, a0, b0, N, cnt, dst, d, ds)
+    want = np.full_like(dst, 7.0)
+    q, i = np.meshgrid(np.arange(cnt), np.arange(N), indexing="ij")
+    want[d + i * ds + 2 * q] = src[a0 + q * N + i]
+    want[d + i * ds + 2 * q + 1] = src[b0 + q * N + i]
+    np.testing.assert_array_equal(dst, want)

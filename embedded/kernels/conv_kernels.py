@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .layout import from_grid, to_grid
+from .layout import from_grid, from_pair, to_grid
 from .sparse import compact_kept, dual, gather_axpy
 
 
@@ -147,10 +147,21 @@ def _unpack_channel(gxq, gx, ci, sh, sw, ph, pw, Hq, Wq):
         from_grid(gxq, ((ci * Hq + ph) * Wq + pw) * N, rs, N, W, N, H * W,
                   gx.reshape(gx.size), ci * H * W, Ci * H * W, np.float32(0.0))
         return
+    gxf = gx.reshape(gx.size)
     for ih in range(H):
         tt = ih + ph
         phs = tt % sh
         i = tt // sh
+        if sw == 2 and W % 2 == 0 and W >= 16:
+            # both column phases hold W/2 (>= 8) columns: the row is one interleaving
+            # transpose (measured, 2 threads, whole layer: resnet18 layer2.0.shortcut.0
+            # 2.08 -> 1.93 ms; narrower rows stay element by element, which was faster)
+            pe = pw % 2  # the phase of the even columns
+            ae = ((ci * sh + phs) * sw + pe) * Hq + i
+            ao = ((ci * sh + phs) * sw + 1 - pe) * Hq + i
+            from_pair(gxq, ae * rs + (pw // 2) * N, ao * rs + ((1 + pw) // 2) * N, N, W // 2,
+                      gxf, (ci * H + ih) * W, Ci * H * W)
+            continue
         for pws in range(sw):
             iw0 = (pws - pw) % sw  # first iw with (iw + pw) % sw == pws
             if iw0 >= W:

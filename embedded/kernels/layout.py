@@ -146,10 +146,44 @@ def _f_from_grid(typingctx, src, s0, rs, cs, W, r0, c0, dst, d0, ds, b):
     return sig, codegen
 
 
+def _f_from_pair(typingctx, src, a0, b0, cs, dst, d0, ds):
+    """Intrinsic: two phase runs of a stride-2 row, 8 positions each (position k of run A at
+    ``a0 + k*cs``, of run B at ``b0 + k*cs``, 8 samples side by side), transposed and
+    interleaved: sample i's 16 columns A0 B0 A1 B1 .. A7 B7 stored contiguously at
+    ``d0 + i*ds``."""
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)):
+        return None
+    sig = types.void(src, a0, b0, cs, dst, d0, ds)
+
+    def codegen(context, builder, signature, args):
+        a0v, b0v, csv, d0v, dsv = _ints(context, builder, signature, args, (1, 2, 3, 5, 6))
+        sp = context.make_array(signature.args[0])(context, builder, args[0]).data
+        dp = context.make_array(signature.args[4])(context, builder, args[4]).data
+        zero = ir.Constant(_I64, 0)
+        big = ir.Constant(_I64, 1 << 40)  # no wrap: positions run along one row
+        ta = _transpose_regs(builder, [
+            builder.load(_vec_ptr(builder, sp, off), align=4)
+            for off in _grid_offsets(builder, a0v, zero, csv, big, zero, zero)])
+        tb = _transpose_regs(builder, [
+            builder.load(_vec_ptr(builder, sp, off), align=4)
+            for off in _grid_offsets(builder, b0v, zero, csv, big, zero, zero)])
+        for i in range(8):
+            off = builder.add(d0v, builder.mul(dsv, ir.Constant(_I64, i)))
+            lo = builder.shuffle_vector(ta[i], tb[i], _mask([0, 8, 1, 9, 2, 10, 3, 11]))
+            hi = builder.shuffle_vector(ta[i], tb[i], _mask([4, 12, 5, 13, 6, 14, 7, 15]))
+            builder.store(lo, _vec_ptr(builder, dp, off), align=4)
+            off8 = builder.add(off, ir.Constant(_I64, 8))
+            builder.store(hi, _vec_ptr(builder, dp, off8), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 block_to_grid = _make_to_grid(0)
 block_to_grid_even2 = _make_to_grid(1)
 block_to_grid_odd2 = _make_to_grid(2)
 block_from_grid = intrinsic(_f_from_grid)
+block_from_pair = intrinsic(_f_from_pair)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -234,5 +268,33 @@ def from_grid(src, s0, rs, cs, W, R, P, dst, d, ds, b):
         for q in range(P):
             row[q] = src[s0 + r * rs + c * cs + i] + b
             r, c = _advance(r, c, 1, W)
+        i += 1
+        d += ds
+
+
+@njit(cache=True, nogil=True, inline="always")
+def from_pair(src, a0, b0, N, cnt, dst, d, ds):
+    """``dst[d + i*ds + 2q] = src[a0 + q*N + i]`` and ``dst[d + i*ds + 2q + 1] =
+    src[b0 + q*N + i]`` for q < cnt, i < N: a stride-2 row put back together from its two
+    batch-last phase runs (both ``cnt`` long), 8 samples x 8 column pairs per block."""
+    i = 0
+    while i + 8 <= N:
+        q = 0
+        while q + 8 <= cnt:
+            block_from_pair(src, a0 + q * N + i, b0 + q * N + i, N, dst, d + 2 * q, ds)
+            q += 8
+        if q < cnt:
+            for k in range(8):
+                row = dst[d + k * ds:d + k * ds + 2 * cnt]
+                for qq in range(q, cnt):
+                    row[2 * qq] = src[a0 + qq * N + i + k]
+                    row[2 * qq + 1] = src[b0 + qq * N + i + k]
+        i += 8
+        d += 8 * ds
+    while i < N:
+        row = dst[d:d + 2 * cnt]
+        for q in range(cnt):
+            row[2 * q] = src[a0 + q * N + i]
+            row[2 * q + 1] = src[b0 + q * N + i]
         i += 1
         d += ds
