@@ -220,12 +220,13 @@ def to_grid(src, s, ss, R, P, step, dst, d0, rs, cs, W):
                 break
             p += 8
             r, c = _advance(r, c, 8, W)
-        for k in range(8):
-            row = src[s + k * ss:s + k * ss + P * step]
-            rr, cc = r, c
-            for q in range(p, P):
-                dst[d0 + rr * rs + cc * cs + i + k] = row[q * step]
-                rr, cc = _advance(rr, cc, 1, W)
+        if p < P:
+            for k in range(8):
+                row = src[s + k * ss:s + k * ss + P * step]
+                rr, cc = r, c
+                for q in range(p, P):
+                    dst[d0 + rr * rs + cc * cs + i + k] = row[q * step]
+                    rr, cc = _advance(rr, cc, 1, W)
         i += 8
         s += 8 * ss
     while i < R:
