@@ -96,20 +96,17 @@ class Network:
         self.reseed(seed)
 
     def _fuse_relus(self) -> list[str]:
-        """Fold each ReLU whose input comes from a batch norm or a residual add that nothing
-        else reads into that layer (it writes max(y, 0) and masks its own backward by y > 0:
-        the same floats, one pass fewer each way). Returns the fused ReLUs' names."""
-        consumers = self.spec.consumers()
-        fused = []
-        for node in self.nodes:
-            if node.op != "relu" or node.inputs[0] == INPUT:
-                continue
-            src = node.inputs[0]
-            producer = self.layers[src]
-            if len(consumers[src]) == 1 and isinstance(producer, (BatchNorm2d, Add)):
-                producer.relu = True
-                self.layers[node.name].fused = True
-                fused.append(node.name)
+        """Fold the ReLUs of :meth:`hwmodel.spec.ModelSpec.fused_relus` (input from a batch
+        norm or a residual add that nothing else reads) into that layer: it writes max(y, 0)
+        and masks its own backward by y > 0 (the same floats, one pass fewer each way; the
+        cost model counts no pass for them either). Returns the fused ReLUs' names."""
+        fused = self.spec.fused_relus()
+        by_name = {n.name: n for n in self.nodes}
+        for name in fused:
+            producer = self.layers[by_name[name].inputs[0]]
+            assert isinstance(producer, (BatchNorm2d, Add)), name
+            producer.relu = True
+            self.layers[name].fused = True
         return fused
 
     # ------------------------------------------------------------------ construction

@@ -34,6 +34,10 @@ with weight density ``d_w`` and activation density ``d_a``:
 * A layer at density 1 is dense: no selection, no compression, dense storage. So sparse counts
   at density 1 equal dense counts.
 
+A ReLU the trainer folds into the batch norm or residual add before it
+(:meth:`hwmodel.spec.ModelSpec.fused_relus`) has rows without work: its compare rides on that
+node's own pass and its mask is that node's output.
+
 Where memory sits: every memory column is attributed to the phase that creates it, so a column
 summed over the frame is the model total: ``param_bytes``, ``compressed_weight_bytes``,
 ``saved_act_bytes`` and ``buffer_bytes`` on ``forward`` rows, ``grad_bytes`` on
@@ -362,9 +366,12 @@ def count_rows(spec: ModelSpec | str, plan: SparsityPlan | None = None, batch: i
     """The rows of :func:`count` as plain dicts (cheaper than a DataFrame)."""
     spec, plan = _resolve(spec, plan, batch, optimizer)
     rows: list[dict] = []
+    fused = set(spec.fused_relus())
     for node in spec.nodes:
         L = _layer(spec, node)
-        if node.op in ("conv2d", "linear"):
+        if node.name in fused:
+            rows.extend(_empty(node.name, node.op, p, 0, 1.0, 1.0) for p in PHASES)
+        elif node.op in ("conv2d", "linear"):
             rows.extend(_weighted_rows(L, plan, batch, optimizer))
         else:
             rows.extend(_elementwise_rows(L, batch, optimizer))

@@ -319,6 +319,17 @@ class ModelSpec:
     def num_params(self) -> int:
         return sum(math.prod(s) for s in self.param_shapes().values())
 
+    def fused_relus(self) -> list[str]:
+        """The ReLU nodes sparsefl's trainer folds into the node before them: a batch norm or
+        a residual add whose output only the ReLU reads (that node writes max(y, 0) and masks
+        its own backward by y > 0). The cost model counts no separate pass for them."""
+        consumers = self.consumers()
+        op_of = {n.name: n.op for n in self.nodes}
+        return [n.name for n in self.nodes
+                if n.op == "relu" and n.inputs[0] != INPUT
+                and op_of[n.inputs[0]] in ("batchnorm2d", "add")
+                and len(consumers[n.inputs[0]]) == 1]
+
     def consumers(self) -> dict[str, list[str]]:
         """For each node (and 'input'), the nodes that read its output."""
         out: dict[str, list[str]] = {INPUT: []}

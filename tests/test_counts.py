@@ -290,3 +290,18 @@ def test_forward_macs_equal_fvcore_on_the_torch_twin(name):
     df = count(spec)
     ours = df[(df.phase == "forward") & df.type.isin(["conv2d", "linear"])].macs.sum()
     assert abs(ours - theirs) <= 0.005 * theirs
+
+
+def test_relus_the_trainer_folds_count_no_pass():
+    """resnet8's ReLUs after a batch norm or a residual add ride on that node's pass (the
+    trainer fuses them: embedded.Network uses the same rule): no FLOPs, no bytes. A ReLU after
+    a conv (lenet5) keeps its own pass."""
+    spec = hwmodel.build("resnet8")
+    fused = spec.fused_relus()
+    assert fused == [n.name for n in spec.nodes if n.op == "relu"]
+    df = count(spec, batch=4)
+    for name in fused:
+        rows = df[df["layer"] == name]
+        assert len(rows) == len(PHASES)
+        assert (rows[["flops", "bytes_read", "bytes_written"]].to_numpy() == 0).all()
+    assert hwmodel.build("lenet5").fused_relus() == []
