@@ -77,8 +77,8 @@ _BLAS_HOLD = None
 #: Untimed calls of each side before a configuration is measured. Setting a sparsity restarts
 #: our top-K state (the first select is the full histogram one, and the windows around the last
 #: threshold start wide: the activations' at 10 %, narrowing by 0.7x a step to 1 %), so the
-#: first ~7 steps are a transient a training run pays once; 2 warm-up calls measured part of it
-#: as the steady state (resnet8 layer1.0.conv1, SWAT 0.9: 1.2-2.0 ms instead of 0.9-1.2 ms).
+#: first steps are a transient a training run pays once: measured, a fresh SWAT-0.9 layer's first
+#: 3-4 steps take 10-15 % longer (resnet8 layer1.0.conv1 1.06-1.22 ms, then 0.86-0.98 ms).
 WARMUP = 8
 
 
