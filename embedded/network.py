@@ -101,9 +101,8 @@ class Network:
         and masks its own backward by y > 0 (the same floats, one pass fewer each way; the
         cost model counts no pass for them either). Returns the fused ReLUs' names."""
         fused = self.spec.fused_relus()
-        by_name = {n.name: n for n in self.nodes}
         for name in fused:
-            producer = self.layers[by_name[name].inputs[0]]
+            producer = self.layers[self.spec[name].inputs[0]]
             assert isinstance(producer, (BatchNorm2d, Add)), name
             producer.relu = True
             self.layers[name].fused = True

@@ -143,11 +143,11 @@ def _unpack_channel(gxq, gx, ci, sh, sw, ph, pw, Hq, Wq):
     Each (row, phase) run is sliced first and indexed from 0 (no wrap-around checks)."""
     N, Ci, H, W = gx.shape
     rs = Wq * N
+    gxf = gx.reshape(gx.size)
     if sh == 1 and sw == 1 and Hq >= H + ph and Wq >= W + pw:  # one block transpose
         from_grid(gxq, ((ci * Hq + ph) * Wq + pw) * N, rs, N, W, N, H * W,
-                  gx.reshape(gx.size), ci * H * W, Ci * H * W, np.float32(0.0))
+                  gxf, ci * H * W, Ci * H * W, np.float32(0.0))
         return
-    gxf = gx.reshape(gx.size)
     for ih in range(H):
         tt = ih + ph
         phs = tt % sh

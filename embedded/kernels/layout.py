@@ -30,17 +30,25 @@ def _mask(m):
     return ir.Constant(ir.VectorType(ir.IntType(32), 8), m)
 
 
+def _vec_ptr(builder, base, off):
+    return builder.bitcast(builder.gep(base, [off]), _V8.as_pointer())
+
+
+def _line(builder, base, stride):
+    """Offsets ``base + k*stride`` for k < 8."""
+    return [builder.add(base, builder.mul(stride, ir.Constant(_I64, k))) for k in range(8)]
+
+
 def _load_row(builder, ptr, off, mode):
     """Eight floats of a source row at ``off``: contiguous (mode 0), or every other float
     from ``off`` (mode 1: 16 floats loaded, lanes 0, 2, ..) or ``off - 1`` (mode 2: lanes 1,
     3, ..; the pair of loads then starts one float early and still ends inside the row)."""
     if mode == 0:
-        return builder.load(builder.bitcast(builder.gep(ptr, [off]), _V8.as_pointer()), align=4)
+        return builder.load(_vec_ptr(builder, ptr, off), align=4)
     if mode == 2:
         off = builder.sub(off, ir.Constant(_I64, 1))
-    a = builder.load(builder.bitcast(builder.gep(ptr, [off]), _V8.as_pointer()), align=4)
-    off8 = builder.add(off, ir.Constant(_I64, 8))
-    b = builder.load(builder.bitcast(builder.gep(ptr, [off8]), _V8.as_pointer()), align=4)
+    a = builder.load(_vec_ptr(builder, ptr, off), align=4)
+    b = builder.load(_vec_ptr(builder, ptr, builder.add(off, ir.Constant(_I64, 8))), align=4)
     first = 0 if mode == 1 else 1
     return builder.shuffle_vector(a, b, _mask(list(range(first, 16, 2))))
 
@@ -82,10 +90,6 @@ def _grid_offsets(builder, d0, rs, cs, W, r0, c0):
     return out
 
 
-def _vec_ptr(builder, base, off):
-    return builder.bitcast(builder.gep(base, [off]), _V8.as_pointer())
-
-
 def _ints(context, builder, sig, args, idx):
     return [context.cast(builder, args[i], sig.args[i], types.int64) for i in idx]
 
@@ -106,8 +110,7 @@ def _make_to_grid(mode: int):
                                                           (1, 2, 4, 5, 6, 7, 8, 9))
             sp = context.make_array(signature.args[0])(context, builder, args[0]).data
             dp = context.make_array(signature.args[3])(context, builder, args[3]).data
-            rows = [_load_row(builder, sp, builder.add(s0v, builder.mul(ssv, ir.Constant(_I64, i))),
-                              mode) for i in range(8)]
+            rows = [_load_row(builder, sp, off, mode) for off in _line(builder, s0v, ssv)]
             out = _transpose_regs(builder, rows)
             for k, off in enumerate(_grid_offsets(builder, d0v, rsv, csv, wv, r0v, c0v)):
                 builder.store(out[k], _vec_ptr(builder, dp, off), align=4)
@@ -138,8 +141,7 @@ def _f_from_grid(typingctx, src, s0, rs, cs, W, r0, c0, dst, d0, ds, b):
         splat = builder.insert_element(ir.Constant(_V8, ir.Undefined), bv,
                                        ir.Constant(ir.IntType(32), 0))
         splat = builder.shuffle_vector(splat, splat, _mask([0] * 8))
-        for i in range(8):
-            off = builder.add(d0v, builder.mul(dsv, ir.Constant(_I64, i)))
+        for i, off in enumerate(_line(builder, d0v, dsv)):
             builder.store(builder.fadd(out[i], splat), _vec_ptr(builder, dp, off), align=4)
         return context.get_dummy_value()
 
@@ -159,16 +161,10 @@ def _f_from_pair(typingctx, src, a0, b0, cs, dst, d0, ds):
         a0v, b0v, csv, d0v, dsv = _ints(context, builder, signature, args, (1, 2, 3, 5, 6))
         sp = context.make_array(signature.args[0])(context, builder, args[0]).data
         dp = context.make_array(signature.args[4])(context, builder, args[4]).data
-        zero = ir.Constant(_I64, 0)
-        big = ir.Constant(_I64, 1 << 40)  # no wrap: positions run along one row
-        ta = _transpose_regs(builder, [
-            builder.load(_vec_ptr(builder, sp, off), align=4)
-            for off in _grid_offsets(builder, a0v, zero, csv, big, zero, zero)])
-        tb = _transpose_regs(builder, [
-            builder.load(_vec_ptr(builder, sp, off), align=4)
-            for off in _grid_offsets(builder, b0v, zero, csv, big, zero, zero)])
-        for i in range(8):
-            off = builder.add(d0v, builder.mul(dsv, ir.Constant(_I64, i)))
+        ta, tb = (_transpose_regs(builder, [builder.load(_vec_ptr(builder, sp, off), align=4)
+                                            for off in _line(builder, base, csv)])
+                  for base in (a0v, b0v))
+        for i, off in enumerate(_line(builder, d0v, dsv)):
             lo = builder.shuffle_vector(ta[i], tb[i], _mask([0, 8, 1, 9, 2, 10, 3, 11]))
             hi = builder.shuffle_vector(ta[i], tb[i], _mask([4, 12, 5, 13, 6, 14, 7, 15]))
             builder.store(lo, _vec_ptr(builder, dp, off), align=4)

@@ -382,7 +382,7 @@ class SparseWeight:
         self.counts = np.zeros(max(rows, ncols) + 1, np.int64)
         # per-chunk column counts of the CSC sort (conv only; 4 static row chunks)
         self.wcnt = np.zeros((4, ncols) if self.geo[0] == 1 else (1, 1), np.int64)
-        # per-worker row compaction scratch (4 static row chunks) and the per-column codes
+        # the compute code of each column of a weight row
         rl = int(self.geo[2] * self.geo[3] * self.geo[4]) if self.geo[0] == 1 else ncols
         self.ctab = _code_table(self.geo, rl)
         self._alloc(1)
@@ -436,8 +436,8 @@ class SparseWeight:
 
     def _built(self, nnz: int, plan: bool) -> int:
         """Record nnz; with ``plan``, size the next staged build's chunk regions: each
-        chunk's count now plus 1/8 and 64 entries of slack (staging and final arrays grown
-        here, between builds, when they must)."""
+        chunk's count now plus 1/8 and 64 entries of slack (the staging arrays grow here,
+        between builds; final arrays too small make the staged build fall back)."""
         self.nnz = int(nnz)
         if not plan:
             self._bounds = None
@@ -463,8 +463,6 @@ class SparseWeight:
         """Bytes of every array this structure holds, each counted once."""
         arrays = {id(v): v for v in vars(self).values() if isinstance(v, np.ndarray)}
         return sum(a.nbytes for a in arrays.values())
-
-
 
 
 def _code_table(geo: np.ndarray, rl: int) -> np.ndarray:

@@ -59,7 +59,8 @@ def _block_gsums_relu(g, y, r, k):
 
 
 # Blocks are passed as slices: handing the kernel (array, lo, hi) made LLVM drop the
-# vectorisation once inlined (measured 10x slower), slices keep it.
+# vectorisation once inlined (measured 10x slower), slices keep it. ``relu``: g masked by
+# y > 0 (the gradient through a fused ReLU; y unread otherwise).
 @njit(cache=True, nogil=True)
 def _row_sums(r, k):
     s = 0.0
@@ -74,26 +75,16 @@ def _row_sums(r, k):
 
 
 @njit(cache=True, nogil=True)
-def _row_gsums(g, r, k):
+def _row_gsums(g, y, r, k, relu):
     s = 0.0
     s2 = 0.0
     n = r.size
     for lo in range(0, n, _BLOCK):
         hi = min(lo + _BLOCK, n)
-        a, b = _block_gsums(g[lo:hi], r[lo:hi], k)
-        s += np.float64(a)
-        s2 += np.float64(b)
-    return s, s2
-
-
-@njit(cache=True, nogil=True)
-def _row_gsums_relu(g, y, r, k):
-    s = 0.0
-    s2 = 0.0
-    n = r.size
-    for lo in range(0, n, _BLOCK):
-        hi = min(lo + _BLOCK, n)
-        a, b = _block_gsums_relu(g[lo:hi], y[lo:hi], r[lo:hi], k)
+        if relu:
+            a, b = _block_gsums_relu(g[lo:hi], y[lo:hi], r[lo:hi], k)
+        else:
+            a, b = _block_gsums(g[lo:hi], r[lo:hi], k)
         s += np.float64(a)
         s2 += np.float64(b)
     return s, s2
@@ -170,10 +161,7 @@ def _bn_bwd(x, gy, y, gamma, mean, invstd, gx, dgamma, dbeta, training, need_gx,
         sg = 0.0
         sgx = 0.0
         for i in range(n):
-            if relu:
-                a, b = _row_gsums_relu(gy[i, ch], y[i, ch], x[i, ch], m32)
-            else:
-                a, b = _row_gsums(gy[i, ch], x[i, ch], m32)
+            a, b = _row_gsums(gy[i, ch], y[i, ch], x[i, ch], m32, relu)
             sg += a
             sgx += b
         sgx -= (m - np.float64(m32)) * sg  # Σg(x − m) from Σg(x − m32)
@@ -333,7 +321,7 @@ def _gn_bwd(x, gy, gamma, groups, mean, invstd, gx, pg, pgx, need_gx):
         s2 = 0.0  # Σ γ·g·x̂
         m32 = np.float32(m)
         for ch in range(g * cg, (g + 1) * cg):
-            a, b = _row_gsums(gy[i, ch], x[i, ch], m32)
+            a, b = _row_gsums(gy[i, ch], gy[i, ch], x[i, ch], m32, False)
             b = (b - (m - np.float64(m32)) * a) * inv  # Σ g·x̂
             pg[i, ch] = a
             pgx[i, ch] = b
