@@ -251,7 +251,7 @@ def test_sparse_weight_nbytes_counts_each_array_once_and_follows_growth():
 
     sw = SparseWeight(4, 9, np.array([0] * 10, np.int64))
     base = sw.nbytes()
-    staging = (sw._ends, sw._sval, sw._scode, sw._scol)
+    staging = (sw._ends, sw._sval, sw._scode, sw._scol, sw.scounts)
     assert base == sum(a.nbytes for a in (sw.rowptr, sw.colptr, sw.counts, sw.wcnt, sw.ctab,
                                           sw.geo, sw.widx, sw.val, sw.code, sw.col, sw.c_code,
                                           sw.c_row, sw.c_widx, sw.c_val, *staging))
@@ -291,3 +291,63 @@ def test_staged_build_gives_the_two_pass_structure(geo, rows, rl):
             assert np.array_equal(sw.colptr, ref.colptr)
     assert staged == 8  # every build after the first tried the one-read path
     assert 4 <= sw.staged_builds < 8  # and took it unless the kept count jumped
+
+
+@pytest.mark.parametrize("geo,rows,rl", [
+    ((0, 0, 0, 0, 0, 0, 0, 0, 0, 0), 37, 200),  # linear
+    ((1, 64, 3, 3, 3, 1, 1, 10, 10, 3), 64, 27),  # conv 3 -> 64, 3x3
+    ((1, 32, 2, 3, 3, 2, 2, 6, 6, 4), 64, 18),  # grouped, stride 2
+])
+def test_fused_select_and_rebuild_matches_select_then_build(geo, rows, rl):
+    """refresh_near (windowed select fused with the rebuild, one read of the weight) returns
+    the exact K-th magnitude and the two-pass build's structure bit for bit: on a window hit,
+    on a miss (the weights jump; histogram select), and when the staged entries outgrow their
+    regions (None: nothing selected)."""
+    from embedded.kernels import topk as T
+    from embedded.kernels.select_build import refresh_near
+    from embedded.kernels.sparse import SparseWeight
+
+    geo = np.array(geo, np.int64)
+    ncols = rl if geo[0] == 0 else int(geo[9] * geo[3] * geo[4])
+    sw = SparseWeight(rows, ncols, geo)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((rows, rl)).astype(np.float32)
+    k = w.size // 10
+    assert refresh_near(sw, w, k, 1.0, T.Window(0.01, 0.001), T.new_hist(),
+                        np.zeros(w.size, np.uint32), *_counts()) is None  # no plan yet
+    thr = T.kth_largest_abs(w, k)
+    sw.build(w, thr)
+    win = T.Window(0.05, 0.001)
+    seen = set()
+    for scale in (1.0, 1.001, 0.999, 0.2, 1.0, 5.0, 1.0):  # 0.2: a miss; 5.0 overflows
+        w = (w * scale + rng.standard_normal(w.shape).astype(np.float32) * 0.002)
+        w[0, :3] = 0.0
+        misses = win.misses
+        got = refresh_near(sw, w, k, thr, win, T.new_hist(), np.zeros(w.size, np.uint32),
+                           *_counts())
+        if got is None:  # the caller then selects and builds; the next regions are wider
+            seen.add("overflow")
+            slack = sw.slack_div
+            thr = T.kth_largest_abs(w, k)
+            sw.build(w, thr)
+            assert slack < 8 and sw._bounds[-1] > sw.nnz * (1 + 1 / 8)
+            continue
+        seen.add("miss" if win.misses > misses else "hit")
+        thr = got
+        assert thr == T.kth_largest_abs(w, k)
+        ref = SparseWeight(rows, ncols, geo)
+        nnz = ref.build(w, thr)
+        assert sw.nnz == nnz == int(((np.abs(w) >= thr) & (w != 0)).sum())
+        assert np.array_equal(sw.rowptr, ref.rowptr)
+        names = ["val", "code"] + (["col", "c_code", "c_row", "c_val"] if geo[0] else [])
+        for name in names:
+            assert np.array_equal(getattr(sw, name)[:nnz], getattr(ref, name)[:nnz]), name
+        if geo[0]:
+            assert np.array_equal(sw.colptr, ref.colptr)
+    assert {"hit", "miss", "overflow"} <= seen
+
+
+def _counts():
+    from embedded.kernels import topk as T
+
+    return np.zeros(T.NCHUNK, np.int64), np.zeros(T.NCHUNK, np.int64)

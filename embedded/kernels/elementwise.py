@@ -16,9 +16,10 @@ from __future__ import annotations
 import os
 import types
 
-import numba
 import numpy as np
 from numba import njit, prange
+
+from ..runtime import threads as _threads
 
 #: Work (elements touched x passes) above which a kernel runs its parallel variant (override
 #: with SPARSEFL_PAR_MIN_ELEM). With the OpenMP layer an idle thread is still spinning when the
@@ -47,7 +48,7 @@ def dual(fn):
 
 def pick(pair, work: int):
     """The parallel variant of a ``dual`` pair when ``work`` is large enough and threads > 1."""
-    if work >= PAR_MIN and numba.get_num_threads() > 1:
+    if work >= PAR_MIN and _threads() > 1:
         return pair[1]
     return pair[0]
 

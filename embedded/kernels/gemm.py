@@ -19,11 +19,11 @@ from __future__ import annotations
 import threading
 
 import llvmlite.binding as llvm
-import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import get_cython_function_address
 
+from ..runtime import threads as _threads
 from .sparse import dual
 
 # SciPy's sgemm, bound by symbol name (not by a ctypes pointer, which Numba cannot cache):
@@ -97,7 +97,7 @@ def gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, ta: bool = False,
             or (b.shape[1] if tb else b.shape[0]) != K):
         raise ValueError(f"gemm: shapes {a.shape}{'^T' if ta else ''} @ "
                          f"{b.shape}{'^T' if tb else ''} -> {c.shape} do not match")
-    nt = numba.get_num_threads()
+    nt = _threads()
     par = nt > 1 and _PINNED > 0 and M * N * K >= PAR_MIN_MACS and N >= 2 * _ALIGN
     nt = min(nt, N // _ALIGN) if par else 1
     bufs = getattr(_TLS, "bufs", None)

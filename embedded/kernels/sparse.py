@@ -24,9 +24,10 @@ from __future__ import annotations
 import os
 import types
 
-import numba
 import numpy as np
 from numba import njit, prange
+
+from ..runtime import threads as _threads
 
 _OPTS = {"cache": True, "nogil": True}
 
@@ -57,12 +58,12 @@ def dual(fn=None, *, fastmath: bool = False):
 
 def threads() -> int:
     """Numba's current thread count."""
-    return numba.get_num_threads()
+    return _threads()
 
 
 def pick(pair, work: int):
     """The parallel kernel of a ``dual`` pair if threads > 1 and ``work`` is large enough."""
-    if work >= PAR_MIN_WORK and numba.get_num_threads() > 1:  # noqa: SIM102
+    if work >= PAR_MIN_WORK and _threads() > 1:  # noqa: SIM102
         return pair[1]
     return pair[0]
 
@@ -370,6 +371,22 @@ def refresh_values(wflat, widx, val, c_widx, c_val, nnz, with_csc):
                 c_val[p] = wflat[c_widx[p]]
 
 
+@njit(cache=True, nogil=True)
+def _plan_regions(rowptr, rows, ends, last, use_staged, slack_div, bounds):
+    """Chunk regions of the next staged build: chunk t's kept count (``rowptr`` over its
+    static rows; or, when ``use_staged`` and larger, what it staged in the last build's
+    region, ``ends[t] - last[t]``) plus 1/``slack_div`` and 64 entries, laid end to end in
+    ``bounds``; returns the total."""
+    nb = bounds.size - 1
+    bounds[0] = 0
+    for t in range(nb):
+        size = rowptr[rows * (t + 1) // nb] - rowptr[rows * t // nb]
+        if use_staged:
+            size = max(size, ends[t] - last[t])
+        bounds[t + 1] = bounds[t] + size + size // slack_div + 64
+    return bounds[nb]
+
+
 class SparseWeight:
     """The compressed copy of one layer's weight (CSR + CSC), grown on demand."""
 
@@ -394,6 +411,8 @@ class SparseWeight:
         self._sval = np.zeros(1, np.float32)
         self._scode = np.zeros(1, np.int32)
         self._scol = np.zeros(1, np.int32)
+        self.scounts = np.zeros(rows, np.int64)  # per row: entries staged (select_build)
+        self.slack_div = 8  # chunk regions: count + count // slack_div + 64
         self.staged_builds = 0  # builds that read the weight once
 
     def _alloc(self, cap: int) -> None:
@@ -434,20 +453,20 @@ class SparseWeight:
             self._alloc(int(-nnz * 1.25) + 16)
         raise RuntimeError("sparse build: capacity did not grow")  # pragma: no cover
 
-    def _built(self, nnz: int, plan: bool) -> int:
+    def _built(self, nnz: int, plan: bool, staged: bool = False) -> int:
         """Record nnz; with ``plan``, size the next staged build's chunk regions: each
-        chunk's count now plus 1/8 and 64 entries of slack (the staging arrays grow here,
-        between builds; final arrays too small make the staged build fall back)."""
+        chunk's count now (or, with ``staged``, its entries in this build's staging region
+        when more) plus 1/``slack_div`` and 64
+        entries of slack (the staging arrays grow here, between builds; final arrays too
+        small make the staged build fall back)."""
         self.nnz = int(nnz)
         if not plan:
             self._bounds = None
             return self.nnz
-        nb = self._ends.size
-        size = np.diff(self.rowptr[(np.arange(nb + 1) * self.rows) // nb])
-        size += size // 8 + 64
-        bounds = np.zeros(nb + 1, np.int64)
-        np.cumsum(size, out=bounds[1:])
-        need = int(bounds[-1])
+        bounds = np.empty(self._ends.size + 1, np.int64)
+        need = _plan_regions(self.rowptr, self.rows, self._ends,
+                             self._ends if self._bounds is None else self._bounds, staged,
+                             self.slack_div, bounds)
         if self._sval.size < need:
             self._sval = np.zeros(need, np.float32)
             self._scode = np.zeros(need, np.int32)

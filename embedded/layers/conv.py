@@ -29,6 +29,7 @@ from ..kernels import conv_kernels as K
 from ..kernels import sparse as S
 from ..kernels import topk as T
 from ..kernels.gemm import gemm
+from ..kernels.select_build import refresh_near
 from .base import Layer, init_weighted_state
 
 _MODES = ("dense", "swat", "masked")
@@ -65,6 +66,22 @@ def weight_threshold(layer: Layer, w: np.ndarray, k: int) -> float:
         return T.kth_largest_abs(w, k, shared_hist(), cand)
     return T.kth_largest_abs_near(w, k, layer._thr, layer._win, shared_hist(), cand,
                                   *window_counts())
+
+
+def select_and_build(layer: Layer, sw: S.SparseWeight, w2: np.ndarray, k: int) -> float:
+    """The K-th largest |w| of a SWAT layer (exact) and ``sw`` rebuilt at it. After the first
+    refresh the select and the rebuild share one read of the weight
+    (:func:`~embedded.kernels.select_build.refresh_near`); the first refresh, or a staging
+    region outgrown, selects (:func:`weight_threshold`) and then builds."""
+    if layer._thr > 0:
+        cand = workspace("cand", w2.size).view(np.uint32)
+        thr = refresh_near(sw, w2, k, layer._thr, layer._win, shared_hist(), cand,
+                           *window_counts())
+        if thr is not None:
+            return thr
+    thr = weight_threshold(layer, w2, k)
+    sw.build(w2, thr)
+    return thr
 
 
 def window_counts() -> tuple[np.ndarray, np.ndarray]:
@@ -230,10 +247,11 @@ class Conv2d(Layer):
             ls = self.ls
             if self._thr < 0 or (training and self._steps % ls.topk_period == 0):
                 k = T.count_for_density(ls.weight_density, w.size)
-                self._thr = weight_threshold(self, w, k)
+                self._thr = select_and_build(self, self._sw, w2, k)
+            else:
+                self._sw.build(w2, self._thr)
             if training:
                 self._steps += 1
-            self._sw.build(w2, self._thr)
             self.measured_density = self._sw.nnz / w.size
             return self._sw
         if self._masked():

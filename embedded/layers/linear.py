@@ -22,7 +22,7 @@ from ..kernels import sparse as S
 from ..kernels import topk as T
 from ..kernels.gemm import gemm
 from .base import Layer, init_weighted_state
-from .conv import _MODES, _Timer, weight_threshold, workspace
+from .conv import _MODES, _Timer, select_and_build, workspace
 
 
 class Linear(Layer):
@@ -120,10 +120,11 @@ class Linear(Layer):
             ls = self.ls
             if self._thr < 0 or (training and self._steps % ls.topk_period == 0):
                 k = T.count_for_density(ls.weight_density, w.size)
-                self._thr = weight_threshold(self, w, k)
+                self._thr = select_and_build(self, self._sw, w, k)
+            else:
+                self._sw.build(w, self._thr)
             if training:
                 self._steps += 1
-            self._sw.build(w, self._thr)
         elif self._mask_built is not self.mask:
             self._sw.build(w, 0.0, self.mask)
             self._mask_built = self.mask
