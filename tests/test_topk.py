@@ -137,3 +137,18 @@ def test_swat_conv_activation_select_matches_numpy_over_batches():
         assert layer.measured_act_density == kept / x.size
         layer.backward(rng.standard_normal((4, 8, 6, 11)).astype(np.float32), True)
     assert layer._awin.misses >= 1 and layer._awin.hits >= 4
+
+
+def test_float_bits_round_trip_like_numpy():
+    """The struct-based bit casts of the select's Python side round like np.float32 (to
+    nearest; beyond float32's range to inf) and invert each other."""
+    from embedded.kernels.topk import bits_to_float, float_to_bits
+
+    rng = np.random.default_rng(1)
+    vals = list(rng.standard_normal(2000) * 10.0 ** rng.integers(-45, 39, 2000))
+    vals += [0.0, -0.0, 1e-46, 3.4028235e38, 3.5e38, -1e300, float("inf"), 0.1, 1.0 / 3.0]
+    for v in vals:
+        with np.errstate(over="ignore"):
+            want = int(np.float32(v).view(np.uint32))
+        assert float_to_bits(v) == want, v
+        assert bits_to_float(want) == float(np.uint32(want).view(np.float32))

@@ -16,6 +16,7 @@ than K entries are non-zero, all non-zero entries are kept).
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 from numba import njit, prange
@@ -187,8 +188,21 @@ def resolve(hist: np.ndarray, k: int, bits: np.ndarray, cand: np.ndarray):
     return b
 
 
+_F32 = struct.Struct("<f")
+_U32 = struct.Struct("<I")
+
+
 def bits_to_float(b: int) -> float:
-    return float(np.array([b], dtype=np.uint32).view(np.float32)[0])
+    """The float32 with bit pattern ``b``, as a Python float (struct: 0.08 us, numpy 0.7)."""
+    return _F32.unpack(_U32.pack(int(b)))[0]
+
+
+def float_to_bits(v: float) -> int:
+    """The bit pattern of ``v`` rounded to float32 (to nearest, as ``np.float32``)."""
+    try:
+        return _U32.unpack(_F32.pack(v))[0]
+    except OverflowError:  # rounds beyond float32's range: inf, as numpy has it
+        return 0xFF800000 if v < 0 else 0x7F800000
 
 
 def kth_largest_abs(a: np.ndarray, k: int, hist: np.ndarray | None = None,
@@ -266,9 +280,9 @@ class Window:
     def bounds(self, thr: float) -> tuple[np.uint32, np.uint32]:
         """(lo, hi) bit patterns of [thr (1 - w), thr (1 + w)] (lo >= the smallest positive
         float: exact zeros are never candidates)."""
-        lo = np.float32(thr * (1.0 - min(self.w, 1.0))).view(np.uint32)
-        hi = np.float32(thr * (1.0 + self.w)).view(np.uint32)
-        return np.uint32(max(int(lo), 1)), np.uint32(hi)
+        lo = float_to_bits(thr * (1.0 - min(self.w, 1.0)))
+        hi = float_to_bits(thr * (1.0 + self.w))
+        return np.uint32(max(lo, 1)), np.uint32(hi)
 
     def update(self, hit: bool, rel_change: float) -> None:
         """Record a hit or miss and the threshold's relative change |new/guess - 1|."""
