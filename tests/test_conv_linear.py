@@ -281,14 +281,7 @@ def test_staged_build_gives_the_two_pass_structure(geo, rows, rl):
         w = rng.standard_normal((rows, rl)).astype(np.float32)
         staged += sw._bounds is not None
         nnz = sw.build(w, thr)
-        ref = SparseWeight(rows, ncols, geo)
-        assert nnz == ref.build(w, thr) == int(((np.abs(w) >= thr) & (w != 0)).sum())
-        assert np.array_equal(sw.rowptr, ref.rowptr)
-        names = ["val", "code"] + (["col", "c_code", "c_row", "c_val"] if geo[0] else [])
-        for k in names:
-            assert np.array_equal(getattr(sw, k)[:nnz], getattr(ref, k)[:nnz]), k
-        if geo[0]:
-            assert np.array_equal(sw.colptr, ref.colptr)
+        assert nnz == _assert_same_structure(sw, w, thr, rows, ncols, geo)
     assert staged == 8  # every build after the first tried the one-read path
     assert 4 <= sw.staged_builds < 8  # and took it unless the kept count jumped
 
@@ -335,16 +328,25 @@ def test_fused_select_and_rebuild_matches_select_then_build(geo, rows, rl):
         seen.add("miss" if win.misses > misses else "hit")
         thr = got
         assert thr == T.kth_largest_abs(w, k)
-        ref = SparseWeight(rows, ncols, geo)
-        nnz = ref.build(w, thr)
-        assert sw.nnz == nnz == int(((np.abs(w) >= thr) & (w != 0)).sum())
-        assert np.array_equal(sw.rowptr, ref.rowptr)
-        names = ["val", "code"] + (["col", "c_code", "c_row", "c_val"] if geo[0] else [])
-        for name in names:
-            assert np.array_equal(getattr(sw, name)[:nnz], getattr(ref, name)[:nnz]), name
-        if geo[0]:
-            assert np.array_equal(sw.colptr, ref.colptr)
+        assert sw.nnz == _assert_same_structure(sw, w, thr, rows, ncols, geo)
     assert {"hit", "miss", "overflow"} <= seen
+
+
+def _assert_same_structure(sw, w, thr, rows, ncols, geo) -> int:
+    """``sw`` holds the two-pass build's CSR (and for conv CSC) of ``w`` at ``thr``, bit for
+    bit; returns that build's nnz (checked against numpy's count)."""
+    from embedded.kernels.sparse import SparseWeight
+
+    ref = SparseWeight(rows, ncols, geo)
+    nnz = ref.build(w, thr)
+    assert nnz == int(((np.abs(w) >= thr) & (w != 0)).sum())
+    assert np.array_equal(sw.rowptr, ref.rowptr)
+    names = ["val", "code"] + (["col", "c_code", "c_row", "c_val"] if geo[0] else [])
+    for name in names:
+        assert np.array_equal(getattr(sw, name)[:nnz], getattr(ref, name)[:nnz]), name
+    if geo[0]:
+        assert np.array_equal(sw.colptr, ref.colptr)
+    return nnz
 
 
 def _counts():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from .sparse import _NOIDX, _NOMASK, SparseWeight, _csc, _fill_row, _prefix, dual, pick
+from .sparse import _NOIDX, SparseWeight, _csc, _prefix, dual, pick, stage_chunk
 from .topk import NCHUNK, Window, _collect, bits_to_float, kth_largest_abs, select_window
 
 #: statuses of :func:`build_window` besides nnz >= 0
@@ -49,15 +49,7 @@ def build_window(w2, lof, lo, hi, k, geo, ctab, rowptr, counts, scounts, val, co
     mc[:] = 0
     above[:] = 0
     for t in prange(NB):
-        m = bounds[t]
-        for r in range(rows * t // NB, rows * (t + 1) // NB):
-            kk = _fill_row(w2, _NOMASK, False, lof, r, geo, ctab, _NOIDX, sval, scode, scol, m,
-                           bounds[t + 1] - m)
-            if kk < 0:
-                m = -1
-                break
-            scounts[r] = kk
-            m += kk
+        m = stage_chunk(w2, lof, t, NB, geo, ctab, sval, scode, scol, bounds, scounts)
         ends[t] = m
         c = t * step
         c0 = n * c // NCHUNK
@@ -127,8 +119,8 @@ def refresh_near(sw: SparseWeight, w2: np.ndarray, k: int, guess: float, win: Wi
     as by :func:`~embedded.kernels.topk.select_count_near`). On a window miss the threshold
     comes from the histogram select and ``sw`` is rebuilt at it; ``None`` when ``sw`` has no
     staging plan yet or a chunk outgrew its region (nothing selected: the caller selects and
-    builds the usual way, and the regions planned then get more slack). ``cand``: a uint32 scratch of ``w2.size``; ``mc``, ``above``:
-    NCHUNK-long int64 scratch."""
+    builds the usual way, and the regions planned then get more slack). ``cand``: a uint32
+    scratch of ``w2.size``; ``mc``, ``above``: NCHUNK-long int64 scratch."""
     if sw._bounds is None or NCHUNK % (sw._bounds.size - 1):
         return None
     lo, hi = win.bounds(guess)
@@ -137,8 +129,10 @@ def refresh_near(sw: SparseWeight, w2: np.ndarray, k: int, guess: float, win: Wi
         sw.val, sw.code, sw.col, sw.colptr, sw.c_code, sw.c_row, sw.c_val, sw.wcnt, sw._sval,
         sw._sval.view(np.uint32), sw._scode, sw._scol, sw._bounds, sw._ends, cand, mc, above,
         hist)
-    if status == STAGING_FULL:  # (more slack from the caller's rebuild on: the window's
-        sw.slack_div = max(1, sw.slack_div // 2)  # entries below the K-th need room too)
+    if status == STAGING_FULL:
+        # the window's entries below the K-th need room too: more slack from the caller's
+        # rebuild on
+        sw.slack_div = max(1, sw.slack_div // 2)
         return None
     if status == WINDOW_MISS:
         thr = kth_largest_abs(w2, k, hist, cand)

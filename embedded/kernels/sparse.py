@@ -305,6 +305,23 @@ def build(w2, m2, use_mask, thr, geo, ctab, rowptr, counts, widx, val, code, col
     return nnz
 
 
+@njit(cache=True, nogil=True, inline="always")
+def stage_chunk(w2, thr, t, NB, geo, ctab, sval, scode, scol, bounds, counts):
+    """Fill the rows of static chunk t of NB (their entries with ``|w| >= thr``, ``w != 0``)
+    one after the other into the chunk's staging region ``[bounds[t], bounds[t+1])``, each
+    row's count in ``counts[r]``; returns the region's end, or -1 once a row would pass it."""
+    rows = w2.shape[0]
+    m = bounds[t]
+    for r in range(rows * t // NB, rows * (t + 1) // NB):
+        k = _fill_row(w2, _NOMASK, False, thr, r, geo, ctab, _NOIDX, sval, scode, scol, m,
+                      bounds[t + 1] - m)
+        if k < 0:
+            return -1
+        counts[r] = k
+        m += k
+    return m
+
+
 @dual
 def build_staged(w2, thr, geo, ctab, rowptr, counts, val, code, col, colptr, c_code, c_row,
                  c_val, wcnt, sval, scode, scol, bounds, ends):
@@ -322,16 +339,7 @@ def build_staged(w2, thr, geo, ctab, rowptr, counts, val, code, col, colptr, c_c
     rows = w2.shape[0]
     NB = bounds.size - 1
     for t in prange(NB):
-        m = bounds[t]
-        for r in range(rows * t // NB, rows * (t + 1) // NB):
-            k = _fill_row(w2, _NOMASK, False, thr, r, geo, ctab, _NOIDX, sval, scode, scol, m,
-                          bounds[t + 1] - m)
-            if k < 0:
-                m = -1
-                break
-            counts[r] = k
-            m += k
-        ends[t] = m
+        ends[t] = stage_chunk(w2, thr, t, NB, geo, ctab, sval, scode, scol, bounds, counts)
     nnz = 0
     for t in range(NB):
         if ends[t] < 0:
@@ -456,9 +464,8 @@ class SparseWeight:
     def _built(self, nnz: int, plan: bool, staged: bool = False) -> int:
         """Record nnz; with ``plan``, size the next staged build's chunk regions: each
         chunk's count now (or, with ``staged``, its entries in this build's staging region
-        when more) plus 1/``slack_div`` and 64
-        entries of slack (the staging arrays grow here, between builds; final arrays too
-        small make the staged build fall back)."""
+        when more) plus 1/``slack_div`` and 64 entries of slack (the staging arrays grow here,
+        between builds; final arrays too small make the staged build fall back)."""
         self.nnz = int(nnz)
         if not plan:
             self._bounds = None
