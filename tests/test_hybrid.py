@@ -203,8 +203,16 @@ def _env(tmp_path) -> dict:
                 SPARSEFL_HOME=str(tmp_path / "home"))
 
 
-def _cli(tmp_path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fl_core.cli", "run", *args, "--no-progress"],
+#: ``python -m fl_core.cli`` that takes Ctrl-C as a run in a terminal's foreground does, also when
+#: this test process runs as a background job (a non-interactive shell starts those with SIGINT
+#: ignored, the child inherits that, and Python then installs no KeyboardInterrupt handler)
+_CLI_CTRL_C = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+               "runpy.run_module('fl_core.cli', run_name='__main__', alter_sys=True)")
+
+
+def _cli(tmp_path, *args: str, ctrl_c: bool = False) -> subprocess.Popen:
+    cli = ["-c", _CLI_CTRL_C] if ctrl_c else ["-m", "fl_core.cli"]
+    return subprocess.Popen([sys.executable, *cli, "run", *args, "--no-progress"],
                             cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
 
@@ -284,7 +292,7 @@ def test_ctrl_c_checkpoints_writes_a_partial_report_and_releases_the_boards(tmp_
     cfg = tmp_path / "h.toml"
     cfg.write_text(CONFIG.replace("rounds = 3", "rounds = 200"))
     out = tmp_path / "run"
-    p = _cli(tmp_path, str(cfg), "--out", str(out))
+    p = _cli(tmp_path, str(cfg), "--out", str(out), ctrl_c=True)
     _wait_for(out / "checkpoints" / "ckpt-000001.json", p)
     assert p.poll() is None
     p.send_signal(signal.SIGINT)
