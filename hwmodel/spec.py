@@ -324,10 +324,9 @@ class ModelSpec:
         a residual add whose output only the ReLU reads (that node writes max(y, 0) and masks
         its own backward by y > 0). The cost model counts no separate pass for them."""
         consumers = self.consumers()
-        op_of = {n.name: n.op for n in self.nodes}
         return [n.name for n in self.nodes
                 if n.op == "relu" and n.inputs[0] != INPUT
-                and op_of[n.inputs[0]] in ("batchnorm2d", "add")
+                and self[n.inputs[0]].op in ("batchnorm2d", "add")
                 and len(consumers[n.inputs[0]]) == 1]
 
     def consumers(self) -> dict[str, list[str]]:

@@ -27,7 +27,7 @@ import types
 import numpy as np
 from numba import njit, prange
 
-from ..runtime import threads as _threads
+from ..runtime import threads
 
 _OPTS = {"cache": True, "nogil": True}
 
@@ -56,14 +56,9 @@ def dual(fn=None, *, fastmath: bool = False):
     return make(fn) if fn is not None else make
 
 
-def threads() -> int:
-    """Numba's current thread count."""
-    return _threads()
-
-
 def pick(pair, work: int):
     """The parallel kernel of a ``dual`` pair if threads > 1 and ``work`` is large enough."""
-    if work >= PAR_MIN_WORK and _threads() > 1:  # noqa: SIM102
+    if work >= PAR_MIN_WORK and threads() > 1:  # noqa: SIM102
         return pair[1]
     return pair[0]
 

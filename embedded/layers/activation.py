@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from embedded.kernels.elementwise import RELU_BWD, RELU_FWD, pick
-from embedded.layers.base import BufferedLayer
+from embedded.layers.base import BufferedLayer, Layer
 
 
 class ReLU(BufferedLayer):
@@ -17,6 +17,13 @@ class ReLU(BufferedLayer):
 
     #: True when the producer of the input applies this ReLU (see the module docstring)
     fused = False
+
+    def setup(self, max_batch: int) -> None:
+        """The output and gradient buffers; a fused ReLU touches neither and holds none."""
+        if self.fused:
+            Layer.setup(self, max_batch)
+        else:
+            super().setup(max_batch)
 
     def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
         if self.fused:
