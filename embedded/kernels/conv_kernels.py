@@ -138,14 +138,15 @@ def pack_grad_out(gy, gyb, gyT, gbias, want_bias, want_T, rstride):
 
 
 @njit(cache=True, nogil=True)
-def _unpack_channel(gxq, gx, ci, sh, sw, ph, pw, Hq, Wq):
-    """gx[:, ci] (NCHW) from the packed planes of input channel ci (padding dropped).
+def _unpack_channel(gxq, gx, ci, cs, sh, sw, ph, pw, Hq, Wq):
+    """gx[:, ci] (NCHW) from the packed planes of channel slot ``cs`` of ``gxq`` (padding
+    dropped): ``cs == ci`` for a full packed buffer, 0 for a one-channel block.
     Each (row, phase) run is sliced first and indexed from 0 (no wrap-around checks)."""
     N, Ci, H, W = gx.shape
     rs = Wq * N
     gxf = gx.reshape(gx.size)
     if sh == 1 and sw == 1 and Hq >= H + ph and Wq >= W + pw:  # one block transpose
-        from_grid(gxq, ((ci * Hq + ph) * Wq + pw) * N, rs, N, W, N, H * W,
+        from_grid(gxq, ((cs * Hq + ph) * Wq + pw) * N, rs, N, W, N, H * W,
                   gxf, ci * H * W, Ci * H * W, np.float32(0.0))
         return
     for ih in range(H):
@@ -157,8 +158,8 @@ def _unpack_channel(gxq, gx, ci, sh, sw, ph, pw, Hq, Wq):
             # transpose (measured, 2 threads, whole layer: resnet18 layer2.0.shortcut.0
             # 2.08 -> 1.93 ms; narrower rows stay element by element, which was faster)
             pe = pw % 2  # the phase of the even columns
-            ae = ((ci * sh + phs) * sw + pe) * Hq + i
-            ao = ((ci * sh + phs) * sw + 1 - pe) * Hq + i
+            ae = ((cs * sh + phs) * sw + pe) * Hq + i
+            ao = ((cs * sh + phs) * sw + 1 - pe) * Hq + i
             from_pair(gxq, ae * rs + (pw // 2) * N, ao * rs + ((1 + pw) // 2) * N, N, W // 2,
                       gxf, (ci * H + ih) * W, Ci * H * W)
             continue
@@ -168,7 +169,7 @@ def _unpack_channel(gxq, gx, ci, sh, sw, ph, pw, Hq, Wq):
                 continue
             j0 = (iw0 + pw) // sw
             cnt = (W - iw0 + sw - 1) // sw
-            cq = (ci * sh + phs) * sw + pws
+            cq = (cs * sh + phs) * sw + pws
             base = (cq * Hq + i) * rs + j0 * N
             src = gxq[base:base + cnt * N]  # (cnt, N) batch-last run
             for n in range(N):
@@ -179,37 +180,41 @@ def _unpack_channel(gxq, gx, ci, sh, sw, ph, pw, Hq, Wq):
 
 # ----------------------------------------------------------------------------- compute
 @dual
-def fwd_csr(rowptr, code, val, xq, yb, y, bias, has_bias, OH, rs):
+def fwd_csr(rowptr, code, val, xq, yb, y, bias, has_bias, OH, rs, nch):
     """y[:, co] = bias + sum over kept (code, v) of row co: v * xq[code*N : code*N + RL].
 
     The whole output block of channel co is one contiguous run of RL = (OH-1)*rs + OW*N
-    elements of yb (row stride rs = Wq*N: the columns ow >= OW in between are computed and
+    elements (row stride rs = Wq*N: the columns ow >= OW in between are computed and
     ignored), so each kept tap is one long axpy (8, 4, then 1 taps per pass:
     :func:`~embedded.kernels.sparse.gather_axpy`). The block is then unpacked to NCHW ``y`` by
-    the same iteration.
+    the same iteration. Output channels go in ``nch`` static chunks, each computing its
+    channels one after another in its own block ``yb[c*OH*rs:]`` (cache-resident: the
+    step touches no batch-last copy of the whole output).
     """
     N, Co, _, OW = y.shape
     RL = (OH - 1) * rs + OW * N
     yf = y.reshape(y.size)
     blk = OH * rs
-    for co in prange(Co):
-        p = rowptr[co]
-        p1 = rowptr[co + 1]
-        out = yb[co * blk:co * blk + RL]
-        out[:] = 0.0
-        gather_axpy(out, xq, code, val, p, p1, N, 0)
-        b = bias[co] if has_bias else np.float32(0.0)
-        from_grid(out, 0, rs, N, OW, N, OH * OW, yf, co * OH * OW, Co * OH * OW, b)
+    for c in prange(nch):
+        out = yb[c * blk:c * blk + RL]
+        for co in range(Co * c // nch, Co * (c + 1) // nch):
+            out[:] = 0.0
+            gather_axpy(out, xq, code, val, rowptr[co], rowptr[co + 1], N, 0)
+            b = bias[co] if has_bias else np.float32(0.0)
+            from_grid(out, 0, rs, N, OW, N, OH * OW, yf, co * OH * OW, Co * OH * OW, b)
 
 
 @dual
-def bwd_input_csc(colptr, c_code, c_row, c_val, gyb, gxq, gx, sh, sw, ph, pw, Hq, Wq, OH, OW):
-    """Input gradient with the compressed weight: for input channel ci, its phase planes of
-    gxq += v * gyb[co block] at each kept tap's code offset (CSC columns are (ci, tap):
+def bwd_input_csc(colptr, c_code, c_row, c_val, gyb, gxq, gx, sh, sw, ph, pw, Hq, Wq, OH, OW,
+                  nch):
+    """Input gradient with the compressed weight: for input channel ci, its phase planes
+    += v * gyb[co block] at each kept tap's code offset (CSC columns are (ci, tap):
     4 entries of one column per pass into the same run), one contiguous run of
     RL = (OH-1)*rs + OW*N per tap (gyb's columns ow >= OW are zero, so the run may cross
-    them; it never leaves ci's planes). A scatter by ci: no race. Then unpacked (padding
-    dropped) into NCHW ``gx`` by the same iteration."""
+    them; it never leaves ci's planes). Input channels go in ``nch`` static chunks, each
+    accumulating its channels one after another in its own one-channel block
+    ``gxq[c*s2*plane:]`` (cache-resident), unpacked (padding dropped) into NCHW ``gx`` by the
+    same iteration. A scatter by ci: no race."""
     N, Ci, H, W = gx.shape
     s2 = sh * sw
     rs = Wq * N
@@ -217,16 +222,18 @@ def bwd_input_csc(colptr, c_code, c_row, c_val, gyb, gxq, gx, sh, sw, ph, pw, Hq
     RL = (OH - 1) * rs + OW * N
     blk = OH * rs
     KK = (colptr.size - 1) // Ci
-    for ci in prange(Ci):
-        gxq[ci * s2 * plane:(ci + 1) * s2 * plane] = 0.0
-        for tap in range(ci * KK, (ci + 1) * KK):
-            p = colptr[tap]
-            p1 = colptr[tap + 1]
-            if p == p1:
-                continue
-            a = c_code[p] * N  # one input offset per (ci, tap) column
-            gather_axpy(gxq[a:a + RL], gyb, c_row, c_val, p, p1, blk, 0)
-        _unpack_channel(gxq, gx, ci, sh, sw, ph, pw, Hq, Wq)
+    for c in prange(nch):
+        planes = gxq[c * s2 * plane:(c + 1) * s2 * plane]
+        for ci in range(Ci * c // nch, Ci * (c + 1) // nch):
+            planes[:] = 0.0
+            for tap in range(ci * KK, (ci + 1) * KK):
+                p = colptr[tap]
+                p1 = colptr[tap + 1]
+                if p == p1:
+                    continue
+                a = c_code[p] * N - ci * s2 * plane  # one input offset per (ci, tap) column
+                gather_axpy(planes[a:a + RL], gyb, c_row, c_val, p, p1, blk, 0)
+            _unpack_channel(planes, gx, ci, 0, sh, sw, ph, pw, Hq, Wq)
 
 
 @njit(cache=True, nogil=True)
@@ -431,4 +438,4 @@ def col2im(gcol, codes, gxq, gx, kk, sh, sw, ph, pw, Hq, Wq, OH, L):
                 src = gcol[r, oh * L:(oh + 1) * L]
                 for t in range(L):
                     dst[t] += src[t]
-        _unpack_channel(gxq, gx, ci, sh, sw, ph, pw, Hq, Wq)
+        _unpack_channel(gxq, gx, ci, ci, sh, sw, ph, pw, Hq, Wq)

@@ -47,6 +47,12 @@ def workspace(name: str, size: int) -> np.ndarray:
     return buf[:size]
 
 
+def _chunks(kern, pair, n: int) -> int:
+    """Static work chunks for ``kern`` (picked from the ``dual`` ``pair``) over ``n`` channels:
+    one per thread for the parallel kernel, one for the serial one."""
+    return 1 if kern is pair[0] else min(n, S.threads())
+
+
 def shared_hist() -> np.ndarray:
     """This thread's histogram scratch for the weight top-K (used within one call only)."""
     h = getattr(_WS, "hist", None)
@@ -304,7 +310,6 @@ class Conv2d(Layer):
         w = self.params["weight"]
         bias = self.params["bias"] if self.has_bias else self._nobias
         xq = self._xq[: self.cin * self.sh * self.sw * plane]
-        yb = workspace("yb", self.cout * self.oh * rs)  # batch-last scratch (shared)
         y = self._y[:n]
         flops = w.size * self.oh * L
         with _Timer(self, "forward"):
@@ -331,12 +336,15 @@ class Conv2d(Layer):
                 self.measured_act_density = int(kept) / x.size
             if self._direct("forward"):
                 sw = self._structure(training)
-                S.pick(K.fwd_csr, int(flops * self.measured_density))(
-                    sw.rowptr, sw.code, sw.val, xq, yb, y, bias, self.has_bias, self.oh, rs)
+                kern = S.pick(K.fwd_csr, int(flops * self.measured_density))
+                nch = _chunks(kern, K.fwd_csr, self.cout)
+                yb = workspace("yb", nch * self.oh * rs)  # one output block per worker
+                kern(sw.rowptr, sw.code, sw.val, xq, yb, y, bias, self.has_bias, self.oh, rs,
+                     nch)
             else:
                 col = self._col(n)
                 S.pick(K.im2col, col.size)(xq, self._codes, col, self.oh, L, rs, n)
-                yl = yb[: self.cout * self.oh * L]
+                yl = workspace("yb", self.cout * self.oh * L)  # batch-last output
                 gemm(w.reshape(self.cout, -1), col, yl.reshape(self.cout, -1))
                 S.pick(K.unpack_output, yl.size)(yl, y, bias, self.has_bias)
         return y
@@ -352,7 +360,6 @@ class Conv2d(Layer):
             gy = np.ascontiguousarray(gy)
         L, rs, plane = self._geom(n)
         xq = self._xq[: self.cin * self.sh * self.sw * plane]
-        gxq = workspace("gxq", xq.size)
         w = self.params["weight"]
         gw = self.grads["weight"]
         gb = self.grads["bias"] if self.has_bias else self._nobias
@@ -376,7 +383,7 @@ class Conv2d(Layer):
                 thr_f = self._thr_a
                 self._hist_ok = False
                 kern = S.pick(K.bwd_weight_scan, int(flops * self.ls.act_density))
-                nch = 1 if kern is K.bwd_weight_scan[0] else min(self.cin, S.threads())
+                nch = _chunks(kern, K.bwd_weight_scan, self.cin)
                 gwt = workspace("gWt", w.size)
                 kern(xq, thr_f, gyT, gwt, gw, self.cin, self._kbuf, self._kval, nch,
                      self.scan_block, self.sh, self.sw, self.hq, self.wq, n, self.kh, self.kw,
@@ -403,11 +410,14 @@ class Conv2d(Layer):
                 sw = self._sw if (swat or self._masked()) else self._full
                 if sw is self._full and not self._full_built:
                     self._structure(False)
-                S.pick(K.bwd_input_csc, int(flops * self.measured_density))(
-                    sw.colptr, sw.c_code, sw.c_row, sw.c_val, gyb, gxq, gx, self.sh, self.sw,
-                    self.ph, self.pw, self.hq, self.wq, self.oh, self.ow)
+                kern = S.pick(K.bwd_input_csc, int(flops * self.measured_density))
+                nch = _chunks(kern, K.bwd_input_csc, self.cin)
+                gxq = workspace("gxq", nch * self.sh * self.sw * plane)  # a block per worker
+                kern(sw.colptr, sw.c_code, sw.c_row, sw.c_val, gyb, gxq, gx, self.sh, self.sw,
+                     self.ph, self.pw, self.hq, self.wq, self.oh, self.ow, nch)
             else:
                 gcol = self._col(n)
+                gxq = workspace("gxq", xq.size)
                 gemm(w.reshape(self.cout, -1), gyb.reshape(self.cout, -1), gcol, ta=True)
                 S.pick(K.col2im, gcol.size)(gcol, self._codes, gxq, gx, self.kk, self.sh,
                                             self.sw, self.ph, self.pw, self.hq, self.wq,
