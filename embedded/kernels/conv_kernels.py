@@ -97,10 +97,12 @@ def pack_input(x, xbits, xq, sh, sw, ph, pw, Hq, Wq, KH, KW, hist, want_hist):
 
 
 @dual
-def pack_grad_out(gy, gyb, gyT, gbias, want_bias, want_T, rstride):
+def pack_grad_out(gy, gyb, gyT, gbias, want_bias, want_T, rstride, lpad, OWp):
     """NCHW gy -> batch-last gyb (Co, OH, rstride/N, N): row oh of channel co starts at
     ``(co*OH + oh)*rstride``; columns ow >= OW (when rstride > OW*N) are zeroed. Also
-    gbias[co] = sum of gy[:, co] and, if ``want_T``, the channels-last gyT (OH, N, OW, Co)."""
+    gbias[co] = sum of gy[:, co] and, if ``want_T``, the channels-last gyT (OH, N, OWp, Co):
+    column ``lpad + ow`` holds ow, the ``OWp - OW`` others are zero (the weight-gradient scan
+    reads every tap of a kernel row as one run, those landing outside the output on zeros)."""
     N, Co, OH, OW = gy.shape
     L = OW * N
     gyf = gy.reshape(gy.size)
@@ -134,7 +136,12 @@ def pack_grad_out(gy, gyb, gyT, gbias, want_bias, want_T, rstride):
         # transposed in 8 x 8 register blocks (64x32x32 maps: 1.12 ms column by column,
         # 0.23 ms 8 channels at a time, 0.13 ms in blocks)
         for n in prange(N):
-            to_grid(gyf, n * Co * P, P, Co, P, 1, gyT, n * OW * Co, N * OW * Co, Co, OW)
+            to_grid(gyf, n * Co * P, P, Co, P, 1, gyT, (n * OWp + lpad) * Co, N * OWp * Co, Co,
+                    OW)
+            for oh in range(OH):
+                r0 = (oh * N + n) * OWp * Co
+                gyT[r0:r0 + lpad * Co] = 0.0
+                gyT[r0 + (lpad + OW) * Co:r0 + OWp * Co] = 0.0
 
 
 @njit(cache=True, nogil=True)
@@ -259,25 +266,24 @@ def tap_slots(KH: int, KW: int, sw: int) -> np.ndarray:
 
 @dual
 def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq, Wq, N, KH, KW,
-                    OH, OW, slots):
+                    OH, OW, slots, lpad, OWp):
     """Dense weight gradient from the top-K input activations only (SWAT).
 
     Every kept activation a (``|a| >= thr``, ``a != 0``) at plane (ci, phs, pws), position
     (i, j), sample n adds, for each tap kh = phs + mh*sh, kw = pws + mw*sw (landing on output
-    (i - mh, j - mw)), ``a * gyT[oh, n, ow, group]`` to gWt's row of ci, kh at slot
-    ``toff(pws) + nw-1-mw`` (gyT is (OH, N, OW, Co); gWt stores the taps of each column phase
-    together, mw reversed). With groups == 1 (any stride) the taps of one kernel row in one
-    phase then form ONE contiguous axpy (nw*Co long) instead of nw
-    short ones. Input channels are split into ``nch`` static chunks (one per worker) walked
-    in blocks of ``cb`` channels per input row, so the gyT rows around row i stay in cache.
-    The kept (j, n) of each (ci, i) row are compacted (:func:`compact_kept`) into ``kbuf[worker]``
-    (interior columns first, whose taps all land inside the output: for one kernel row they
-    share ONE destination, so 8 (then 4) kept entries are accumulated per pass;
-    edge columns after). The per-channel accumulation order does not depend on ``nch`` or
-    ``cb``.
-    Blocks are then written to the torch layout ``gw`` (``slots[kh*KW + kw]``: the tap's slot,
-    :func:`tap_slots`; channel-major, so the writes are contiguous). ``Cin``: the input
-    channels.
+    (i - mh, j - mw)), ``a * gyT[oh, n, lpad + ow, group]`` to gWt's row of ci, kh at slot
+    ``toff(pws) + nw-1-mw`` (gyT is (OH, N, OWp, Co), zero outside columns [lpad, lpad + OW):
+    see :func:`pack_grad_out`; gWt stores the taps of each column phase together, mw
+    reversed). With groups == 1 (any stride) the taps of one kernel row in one phase then form
+    ONE contiguous axpy (nw*Co long) for every kept entry, taps landing left or right of the
+    output reading zeros, and all entries of a row share that destination: 8 (then 4) entries
+    are accumulated per pass. Input channels are split into ``nch`` static chunks (one per
+    worker) walked in blocks of ``cb`` channels per input row, so the gyT rows around row i
+    stay in cache. The kept (j, n) of each (ci, i) row are compacted (:func:`compact_kept`)
+    into ``kbuf[worker]``. The per-channel accumulation order does not depend on ``nch`` or
+    ``cb``. Blocks are then written to the torch layout ``gw`` (``slots[kh*KW + kw]``: the
+    tap's slot, :func:`tap_slots`; channel-major, so the writes are contiguous). ``Cin``: the
+    input channels.
     """
     Co, Cig, _, _ = gw.shape
     Cog = Co // (Cin // Cig)
@@ -289,7 +295,6 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
         ci1 = Cin * (c + 1) // nch
         gWt[ci0 * blk:ci1 * blk] = 0.0
         kb = kbuf[c, :Wq * N]
-        ke = kbuf[c, Wq * N:2 * Wq * N]
         kv = kval[c, :Wq * N]
         for cb0 in range(ci0, ci1, cb):
             cb1 = min(ci1, cb0 + cb)
@@ -298,27 +303,20 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
                 for pws in range(min(sw, KW)):
                     nw = (KW - pws + sw - 1) // sw
                     toff = _phase_tap_offset(KW, sw, pws)  # its taps' slot in a kernel row
-                    jhi = min(OW, Wq)  # interior columns: [jlo, jhi)
-                    jlo = min(nw - 1, jhi)
                     for i in range(Hq):
                         for ci in range(cb0, cb1):
                             cq = (ci * sh + phs) * sw + pws
                             xs = xq[(cq * Hq + i) * rs:(cq * Hq + i + 1) * rs]
-                            # kept (j, n) of this row, compacted without branches: columns
-                            # where every tap lands inside the output ("interior", one
-                            # shared destination per tap row) apart from the edge columns
-                            m = compact_kept(xs, jlo * N, jhi * N, thr, kb, 0)
-                            if fast:
-                                # value and gyT offset (n*OW + j - (nw-1))*Co of each entry
-                                for q in range(m):
-                                    e = kb[q]
-                                    j = e // N
-                                    kv[q] = xs[e]
-                                    kb[q] = (j - (nw - 1)) * Co + (e - j * N) * OW * Co
-                            me = compact_kept(xs, 0, jlo * N, thr, ke, 0)
-                            me = compact_kept(xs, jhi * N, Wq * N, thr, ke, me)
-                            if m + me == 0:
+                            # kept (j, n) of this row, compacted without branches
+                            m = compact_kept(xs, 0, Wq * N, thr, kb, 0)
+                            if m == 0:
                                 continue
+                            # value and gyT offset of each entry's first tap (mw = nw-1)
+                            for q in range(m):
+                                e = kb[q]
+                                j = e // N
+                                kv[q] = xs[e]
+                                kb[q] = (j - (nw - 1) + lpad) * Co + (e - j * N) * OWp * Co
                             co0 = (ci // Cig) * Cog
                             g = gWt[ci * blk:(ci + 1) * blk]
                             for mh in range(nh):
@@ -328,38 +326,16 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
                                 if oh >= OH:
                                     continue
                                 kh = phs + mh * sh
+                                ob = oh * N * OWp * Co
                                 if fast:
-                                    # interior: all taps of the kernel row form one contiguous
-                                    # axpy into the same destination (8, 4, 1 entries a pass)
-                                    ln = nw * Co
+                                    # the kernel row's taps: one contiguous axpy per entry
                                     d0 = (kh * KW + toff) * Co
-                                    dst = g[d0:d0 + ln]
-                                    ob = oh * N * OW * Co
-                                    gather_axpy(dst, gyT, kb, kv, 0, m, 1, ob)
-                                    q0 = 0  # then the edge entries (general taps)
-                                else:
-                                    q0 = -m  # every entry (interior then edge), general taps
-                                for qq in range(q0, me):
-                                    e = kb[qq + m] if qq < 0 else ke[qq]
-                                    j = e // N
-                                    n = e - j * N
-                                    a = xs[e]
-                                    mw0 = max(0, j - OW + 1)
-                                    mw1 = min(nw - 1, j)
-                                    if mw0 > mw1:
-                                        continue
-                                    rowb = (oh * N + n) * OW
-                                    if fast:
-                                        ln = (mw1 - mw0 + 1) * Co
-                                        s0 = (rowb + j - mw1) * Co
-                                        d0 = (kh * KW + toff + nw - 1 - mw1) * Co
-                                        src = gyT[s0:s0 + ln]
-                                        dst = g[d0:d0 + ln]
-                                        for t in range(ln):
-                                            dst[t] += a * src[t]
-                                        continue
-                                    for mw in range(mw0, mw1 + 1):
-                                        s0 = (rowb + j - mw) * Co + co0
+                                    gather_axpy(g[d0:d0 + nw * Co], gyT, kb, kv, 0, m, 1, ob)
+                                    continue
+                                for q in range(m):  # groups > 1: each tap's group slice
+                                    a = kv[q]
+                                    for mw in range(nw):
+                                        s0 = ob + kb[q] + (nw - 1 - mw) * Co + co0
                                         src = gyT[s0:s0 + Cog]
                                         d0 = (kh * KW + toff + nw - 1 - mw) * Cog
                                         dst = g[d0:d0 + Cog]

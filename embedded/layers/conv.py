@@ -170,6 +170,11 @@ class Conv2d(Layer):
         codes = (((cq * self.hq) + kh // self.sh) * self.wq + kw // self.sw).reshape(-1)
         self._codes = codes.astype(np.int32)
         self._slots = K.tap_slots(self.kh, self.kw, self.sw)  # weight-gradient scratch layout
+        # the scan's gyT columns: ``lpad`` zero columns left of the output's OW and enough on
+        # the right that every tap of a kept input column lands inside (on a zero if outside
+        # the output)
+        self._lpad = (self.kw + self.sw - 1) // self.sw - 1
+        self._owp = self._lpad + max(self.ow, (self.w - 1 + self.pw) // self.sw + 1)
         if self.dense_impl is None:
             impl = self._dense_choice()
             self.dense_impl = {"forward": impl, "backward_input": impl, "backward_weight": impl}
@@ -204,7 +209,7 @@ class Conv2d(Layer):
         self._y = np.zeros((n, self.cout, self.oh, self.ow), np.float32)
         self._gx = np.zeros((n, self.cin, self.h, self.w), np.float32)
         nwk = max(1, min(self.cin, numba.config.NUMBA_NUM_THREADS))
-        self._kbuf = np.zeros((nwk, 2 * self.wq * n), np.int32)  # per worker: kept (j, n)
+        self._kbuf = np.zeros((nwk, self.wq * n), np.int32)  # per worker: kept (j, n)
         self._kval = np.zeros((nwk, self.wq * n), np.float32)  # per worker: their values
 
     # ------------------------------------------------------------------ sparsity API
@@ -375,8 +380,9 @@ class Conv2d(Layer):
         rstride = L if (gemm_w or gemm_in) else rs
         gyb = workspace("gyb", self.cout * self.oh * rstride)
         with _Timer(self, "backward_weight"):
-            gyT = workspace("gyT", self.cout * self.oh * L if swat else 1)
-            S.pick(K.pack_grad_out, gyb.size)(gy, gyb, gyT, gb, self.has_bias, swat, rstride)
+            gyT = workspace("gyT", self.cout * self.oh * self._owp * n if swat else 1)
+            S.pick(K.pack_grad_out, gyb.size)(gy, gyb, gyT, gb, self.has_bias, swat, rstride,
+                                              self._lpad, self._owp)
             if swat:
                 if not self._hist_ok:
                     raise RuntimeError(f"conv {self.name!r}: backward without a training forward")
@@ -387,7 +393,7 @@ class Conv2d(Layer):
                 gwt = workspace("gWt", w.size)
                 kern(xq, thr_f, gyT, gwt, gw, self.cin, self._kbuf, self._kval, nch,
                      self.scan_block, self.sh, self.sw, self.hq, self.wq, n, self.kh, self.kw,
-                     self.oh, self.ow, self._slots)
+                     self.oh, self.ow, self._slots, self._lpad, self._owp)
             elif self._masked() and not self.want_dense_grad:
                 sw = self._sw
                 gw[...] = 0.0
