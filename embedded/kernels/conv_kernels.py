@@ -280,8 +280,8 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
     are accumulated per pass. Input channels are split into ``nch`` static chunks (one per
     worker) walked in blocks of ``cb`` channels per input row, so the gyT rows around row i
     stay in cache. The kept (j, n) of each (ci, i) row are compacted (:func:`compact_kept`)
-    into ``kbuf[worker]``. The per-channel accumulation order does not depend on ``nch`` or
-    ``cb``. Blocks are then written to the torch layout ``gw`` (``slots[kh*KW + kw]``: the
+    into ``kbuf[worker]`` (its second half: each row position's gyT offset). The per-channel
+    accumulation order does not depend on ``nch`` or ``cb``. Blocks are then written to the torch layout ``gw`` (``slots[kh*KW + kw]``: the
     tap's slot, :func:`tap_slots`; channel-major, so the writes are contiguous). ``Cin``: the
     input channels.
     """
@@ -296,6 +296,10 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
         gWt[ci0 * blk:ci1 * blk] = 0.0
         kb = kbuf[c, :Wq * N]
         kv = kval[c, :Wq * N]
+        eo = kbuf[c, Wq * N:2 * Wq * N]  # gyT offset of row position e = (j, n), column j
+        for e in range(Wq * N):
+            j = e // N
+            eo[e] = (j + lpad) * Co + (e - j * N) * OWp * Co
         for cb0 in range(ci0, ci1, cb):
             cb1 = min(ci1, cb0 + cb)
             for phs in range(min(sh, KH)):  # (other phases: no tap, not packed)
@@ -307,16 +311,11 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
                         for ci in range(cb0, cb1):
                             cq = (ci * sh + phs) * sw + pws
                             xs = xq[(cq * Hq + i) * rs:(cq * Hq + i + 1) * rs]
-                            # kept (j, n) of this row, compacted without branches
-                            m = compact_kept(xs, 0, Wq * N, thr, kb, 0)
+                            # kept (j, n) of this row, compacted without branches: value
+                            # and gyT offset of the entry's first tap (mw = nw-1)
+                            m = compact_kept(xs, thr, eo, -(nw - 1) * Co, kb, kv)
                             if m == 0:
                                 continue
-                            # value and gyT offset of each entry's first tap (mw = nw-1)
-                            for q in range(m):
-                                e = kb[q]
-                                j = e // N
-                                kv[q] = xs[e]
-                                kb[q] = (j - (nw - 1) + lpad) * Co + (e - j * N) * OWp * Co
                             co0 = (ci // Cig) * Cog
                             g = gWt[ci * blk:(ci + 1) * blk]
                             for mh in range(nh):

@@ -80,20 +80,24 @@ def low_bit(mask):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def compact_kept(xs, e0, e1, thr, out, m):
-    """Append to ``out[m:]`` the indices e in [e0, e1) with ``xs[e] != 0`` and
-    ``|xs[e]| >= thr`` (in order), 64 at a time through a keep-bitmask; returns the new m."""
-    for b0 in range(e0, e1, 64):
-        ln = min(64, e1 - b0)
+def compact_kept(xs, thr, offs, add, out, vals):
+    """The entries e of ``xs`` with ``xs[e] != 0`` and ``|xs[e]| >= thr``, in order:
+    ``out[q] = offs[e] + add`` (a precomputed per-position offset: no division per entry) and
+    ``vals[q] = xs[e]``, 64 at a time through a keep-bitmask; returns how many."""
+    m = 0
+    for b0 in range(0, xs.size, 64):
+        ln = min(64, xs.size - b0)
         blk = xs[b0:b0 + ln]
         keep = np.uint64(0)
         for i in range(ln):
             a = blk[i]
             keep |= np.uint64((a != 0.0) & (abs(a) >= thr)) << np.uint64(i)
+        ob = offs[b0:b0 + ln]
         while keep:
             i, low = low_bit(keep)
             keep ^= low
-            out[m] = b0 + i
+            out[m] = ob[i] + add
+            vals[m] = blk[i]
             m += 1
     return m
 

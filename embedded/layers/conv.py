@@ -209,7 +209,7 @@ class Conv2d(Layer):
         self._y = np.zeros((n, self.cout, self.oh, self.ow), np.float32)
         self._gx = np.zeros((n, self.cin, self.h, self.w), np.float32)
         nwk = max(1, min(self.cin, numba.config.NUMBA_NUM_THREADS))
-        self._kbuf = np.zeros((nwk, self.wq * n), np.int32)  # per worker: kept (j, n)
+        self._kbuf = np.zeros((nwk, 2 * self.wq * n), np.int32)  # per worker: kept (j, n)
         self._kval = np.zeros((nwk, self.wq * n), np.float32)  # per worker: their values
 
     # ------------------------------------------------------------------ sparsity API
