@@ -121,9 +121,11 @@ class Conv2d(Layer):
     #: kept) or "gemm" (im2col + BLAS); groups > 1 always use "direct". ``None``: chosen per
     #: shape by :meth:`_dense_choice` (an instance may set its own dict).
     dense_impl = None
-    #: input channels a worker of the sparse weight-gradient scan walks together per
-    #: spatial position (a cache-blocking factor; results do not depend on it)
-    scan_block = 4
+    #: input channels a worker of the sparse weight-gradient scan walks together per input
+    #: row (a cache-blocking factor; results do not depend on it): gy's rows around that row
+    #: are read once per block. Measured, 2 threads, 0.95, 8 layers, block 64 vs 4: 2-11 %
+    #: faster after a cache eviction, 1-9 % hot (none slower beyond noise)
+    scan_block = 64
 
     def __init__(self, node, in_shapes, out_shape):
         in_shape = tuple(in_shapes[0])
