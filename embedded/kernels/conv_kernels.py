@@ -281,9 +281,9 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
     worker) walked in blocks of ``cb`` channels per input row, so the gyT rows around row i
     stay in cache. The kept (j, n) of each (ci, i) row are compacted (:func:`compact_kept`)
     into ``kbuf[worker]`` (its second half: each row position's gyT offset). The per-channel
-    accumulation order does not depend on ``nch`` or ``cb``. Blocks are then written to the torch layout ``gw`` (``slots[kh*KW + kw]``: the
-    tap's slot, :func:`tap_slots`; channel-major, so the writes are contiguous). ``Cin``: the
-    input channels.
+    accumulation order does not depend on ``nch`` or ``cb``. Blocks are then written to the
+    torch layout ``gw`` (``slots[kh*KW + kw]``: the tap's slot, :func:`tap_slots`;
+    channel-major, so the writes are contiguous). ``Cin``: the input channels.
     """
     Co, Cig, _, _ = gw.shape
     Cog = Co // (Cin // Cig)
