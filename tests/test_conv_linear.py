@@ -26,6 +26,7 @@ CONV_CASES = [
     (6, 12, 9, 9, (3, 3), (2, 2), (1, 1), 6, False, 2),   # depthwise x2 multiplier, stride 2
     (7, 9, 6, 5, (5, 5), (1, 1), (2, 2), 1, True, 3),     # odd channels, 5x5 'same'
     (6, 4, 10, 10, (1, 1), (2, 2), (0, 0), 1, False, 2),  # 1x1 stride 2 (shortcut)
+    (19, 20, 6, 6, (1, 1), (2, 2), (0, 0), 1, False, 2),  # 1x1, 8x8 transpose blocks + rest
 ]
 
 
