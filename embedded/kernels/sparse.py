@@ -63,6 +63,12 @@ def pick(pair, work: int):
     return pair[0]
 
 
+def chunks(kern, pair, n: int) -> int:
+    """Static work chunks for ``kern`` (picked from the ``dual`` ``pair``) over ``n`` rows or
+    channels: one per thread for the parallel kernel (at most ``n``), one for the serial one."""
+    return 1 if kern is pair[0] else min(n, threads())
+
+
 _DEBRUIJN = np.array([0, 1, 48, 2, 57, 49, 28, 3, 61, 58, 50, 42, 38, 29, 17, 4, 62, 55, 59, 36,
                       53, 51, 43, 22, 45, 39, 33, 30, 24, 18, 12, 5, 63, 47, 56, 27, 60, 41, 37,
                       16, 54, 35, 52, 21, 44, 32, 23, 11, 46, 26, 40, 15, 34, 20, 31, 10, 25, 14,

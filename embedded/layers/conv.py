@@ -47,12 +47,6 @@ def workspace(name: str, size: int) -> np.ndarray:
     return buf[:size]
 
 
-def _chunks(kern, pair, n: int) -> int:
-    """Static work chunks for ``kern`` (picked from the ``dual`` ``pair``) over ``n`` channels:
-    one per thread for the parallel kernel, one for the serial one."""
-    return 1 if kern is pair[0] else min(n, S.threads())
-
-
 def shared_hist() -> np.ndarray:
     """This thread's histogram scratch for the weight top-K (used within one call only)."""
     h = getattr(_WS, "hist", None)
@@ -344,7 +338,7 @@ class Conv2d(Layer):
             if self._direct("forward"):
                 sw = self._structure(training)
                 kern = S.pick(K.fwd_csr, int(flops * self.measured_density))
-                nch = _chunks(kern, K.fwd_csr, self.cout)
+                nch = S.chunks(kern, K.fwd_csr, self.cout)
                 yb = workspace("yb", nch * self.oh * rs)  # one output block per worker
                 kern(sw.rowptr, sw.code, sw.val, xq, yb, y, bias, self.has_bias, self.oh, rs,
                      nch)
@@ -391,7 +385,7 @@ class Conv2d(Layer):
                 thr_f = self._thr_a
                 self._hist_ok = False
                 kern = S.pick(K.bwd_weight_scan, int(flops * self.ls.act_density))
-                nch = _chunks(kern, K.bwd_weight_scan, self.cin)
+                nch = S.chunks(kern, K.bwd_weight_scan, self.cin)
                 gwt = workspace("gWt", w.size)
                 kern(xq, thr_f, gyT, gwt, gw, self.cin, self._kbuf, self._kval, nch,
                      self.scan_block, self.sh, self.sw, self.hq, self.wq, n, self.kh, self.kw,
@@ -419,7 +413,7 @@ class Conv2d(Layer):
                 if sw is self._full and not self._full_built:
                     self._structure(False)
                 kern = S.pick(K.bwd_input_csc, int(flops * self.measured_density))
-                nch = _chunks(kern, K.bwd_input_csc, self.cin)
+                nch = S.chunks(kern, K.bwd_input_csc, self.cin)
                 gxq = workspace("gxq", nch * self.sh * self.sw * plane)  # a block per worker
                 kern(sw.colptr, sw.c_code, sw.c_row, sw.c_val, gyb, gxq, gx, self.sh, self.sw,
                      self.ph, self.pw, self.hq, self.wq, self.oh, self.ow, nch)

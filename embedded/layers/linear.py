@@ -225,7 +225,7 @@ class Linear(Layer):
         with _Timer(self, "backward_input"):
             if sparse:
                 kern = S.pick(K.bwd_input_rows, sw.nnz * n)
-                nw = 1 if kern is K.bwd_input_rows[0] else S.threads()
+                nw = S.chunks(kern, K.bwd_input_rows, self.fout)
                 priv = workspace("priv", nw * self.fin * n).reshape(nw, self.fin, n)
                 kern(sw.rowptr, sw.code, sw.val, gyT, priv, gx)
             else:
