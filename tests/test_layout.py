@@ -26,7 +26,7 @@ def _grid_index(d0, rs, cs, W, R, P):
 
 
 @pytest.mark.parametrize("R", [1, 7, 8, 9, 16, 17])
-@pytest.mark.parametrize("W", [1, 4, 5, 7, 8, 14])
+@pytest.mark.parametrize("W", [1, 4, 5, 7, 8, 12, 14])
 @pytest.mark.parametrize("step", [1, 2])
 def test_to_grid_and_back_match_numpy(R, W, step):
     rng = np.random.default_rng(R * 100 + W * 10 + step)
@@ -58,7 +58,7 @@ def _pair(src, a0, b0, N, cnt, dst, d, ds):
 
 
 @pytest.mark.parametrize("N", [1, 8, 9, 16, 17])
-@pytest.mark.parametrize("cnt", [1, 7, 8, 9, 16])
+@pytest.mark.parametrize("cnt", [1, 4, 5, 7, 8, 9, 12, 13, 16])
 def test_from_pair_interleaves_two_phase_runs(N, cnt):
     """A stride-2 row from its even- and odd-column batch-last runs."""
     rng = np.random.default_rng(N * 31 + cnt)

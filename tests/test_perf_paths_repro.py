@@ -88,11 +88,14 @@ def _run_at_1_and_2_threads(layer, x, gy):
 
 
 # (cin, cout, h, w, kernel, stride, padding, batch): many output channels (the channels-last
-# gradient transpose's other branch), 3x3 stride 2 (every phase plane packed), 5x5
+# gradient transpose's other branch), 3x3 stride 2 (every phase plane packed), 5x5, and
+# stride 2 on 8-wide maps with 9 samples (the 8 x 4 phase-row blocks, then one sample alone)
 @pytest.mark.parametrize("case", [
     (6, 40, 9, 8, (3, 3), (1, 1), (1, 1), 3),
     (5, 8, 11, 10, (3, 3), (2, 2), (1, 1), 2),
     (3, 34, 7, 7, (5, 5), (1, 1), (2, 2), 2),
+    (5, 8, 8, 8, (3, 3), (2, 2), (1, 1), 9),
+    (6, 9, 8, 8, (1, 1), (2, 2), (0, 0), 9),
 ])
 def test_conv_swat_matches_torch_and_threads(case, monkeypatch):
     cin, cout, h, w, k, s, p, n = case

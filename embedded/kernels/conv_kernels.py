@@ -160,10 +160,12 @@ def _unpack_channel(gxq, gx, ci, cs, sh, sw, ph, pw, Hq, Wq):
         tt = ih + ph
         phs = tt % sh
         i = tt // sh
-        if sw == 2 and W % 2 == 0 and W >= 16:
-            # both column phases hold W/2 (>= 8) columns: the row is one interleaving
+        if sw == 2 and W % 2 == 0 and W >= 8:
+            # both column phases hold W/2 (>= 4) columns: the row is one interleaving
             # transpose (measured, 2 threads, whole layer: resnet18 layer2.0.shortcut.0
-            # 2.08 -> 1.93 ms; narrower rows stay element by element, which was faster)
+            # 2.08 -> 1.93 ms; the 4-pair block for 8-wide rows: resnet18
+            # layer4.0.shortcut.0's input-gradient kernel 209 -> 142 us; narrower rows stay
+            # element by element)
             pe = pw % 2  # the phase of the even columns
             ae = ((cs * sh + phs) * sw + pe) * Hq + i
             ao = ((cs * sh + phs) * sw + 1 - pe) * Hq + i

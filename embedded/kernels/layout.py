@@ -94,6 +94,33 @@ def _ints(context, builder, sig, args, idx):
     return [context.cast(builder, args[i], sig.args[i], types.int64) for i in idx]
 
 
+def _make_to_grid4(step: int):
+    """Intrinsic ``f(src, s0, ss, dst, d0, rs, cs, W, r0, c0)``: as :func:`_make_to_grid` for
+    4 positions (every ``step``-th float of 8 contiguous ones from ``s0 + i*ss``, rows i <
+    8): a stride-2 row of 4 columns (an 8-wide map's phase) in one block."""
+
+    def f(typingctx, src, s0, ss, dst, d0, rs, cs, W, r0, c0):
+        if not (isinstance(src, types.Array) and isinstance(dst, types.Array)):
+            return None
+        sig = types.void(src, s0, ss, dst, d0, rs, cs, W, r0, c0)
+
+        def codegen(context, builder, signature, args):
+            s0v, ssv, d0v, rsv, csv, wv, r0v, c0v = _ints(context, builder, signature, args,
+                                                          (1, 2, 4, 5, 6, 7, 8, 9))
+            sp = context.make_array(signature.args[0])(context, builder, args[0]).data
+            dp = context.make_array(signature.args[3])(context, builder, args[3]).data
+            rows = [_load_row(builder, sp, off, 0) for off in _line(builder, s0v, ssv)]
+            out = _transpose_regs(builder, rows)
+            offs = _grid_offsets(builder, d0v, rsv, csv, wv, r0v, c0v)
+            for k in range(4):
+                builder.store(out[k * step], _vec_ptr(builder, dp, offs[k]), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(f)
+
+
 def _make_to_grid(mode: int):
     """Intrinsic ``f(src, s0, ss, dst, d0, rs, cs, W, r0, c0)``: eight source rows i (at
     ``s0 + i*ss``, 8 positions each: contiguous, or every other float for modes 1/2, see
@@ -148,38 +175,52 @@ def _f_from_grid(typingctx, src, s0, rs, cs, W, r0, c0, dst, d0, ds, b):
     return sig, codegen
 
 
-def _f_from_pair(typingctx, src, a0, b0, cs, dst, d0, ds):
-    """Intrinsic: two phase runs of a stride-2 row, 8 positions each (position k of run A at
-    ``a0 + k*cs``, of run B at ``b0 + k*cs``, 8 samples side by side), transposed and
-    interleaved: sample i's 16 columns A0 B0 A1 B1 .. A7 B7 stored contiguously at
-    ``d0 + i*ds``."""
-    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)):
-        return None
-    sig = types.void(src, a0, b0, cs, dst, d0, ds)
+def _make_from_pair(npos: int):
+    """Intrinsic ``f(src, a0, b0, cs, dst, d0, ds)``: two phase runs of a stride-2 row,
+    ``npos`` (8 or 4) positions each (position k of run A at ``a0 + k*cs``, of run B at
+    ``b0 + k*cs``, 8 samples side by side), transposed and interleaved: sample i's 2*npos
+    columns A0 B0 A1 B1 .. stored contiguously at ``d0 + i*ds``."""
 
-    def codegen(context, builder, signature, args):
-        a0v, b0v, csv, d0v, dsv = _ints(context, builder, signature, args, (1, 2, 3, 5, 6))
-        sp = context.make_array(signature.args[0])(context, builder, args[0]).data
-        dp = context.make_array(signature.args[4])(context, builder, args[4]).data
-        ta, tb = (_transpose_regs(builder, [builder.load(_vec_ptr(builder, sp, off), align=4)
-                                            for off in _line(builder, base, csv)])
-                  for base in (a0v, b0v))
-        for i, off in enumerate(_line(builder, d0v, dsv)):
-            lo = builder.shuffle_vector(ta[i], tb[i], _mask([0, 8, 1, 9, 2, 10, 3, 11]))
-            hi = builder.shuffle_vector(ta[i], tb[i], _mask([4, 12, 5, 13, 6, 14, 7, 15]))
-            builder.store(lo, _vec_ptr(builder, dp, off), align=4)
-            off8 = builder.add(off, ir.Constant(_I64, 8))
-            builder.store(hi, _vec_ptr(builder, dp, off8), align=4)
-        return context.get_dummy_value()
+    def f(typingctx, src, a0, b0, cs, dst, d0, ds):
+        if not (isinstance(src, types.Array) and isinstance(dst, types.Array)):
+            return None
+        sig = types.void(src, a0, b0, cs, dst, d0, ds)
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            a0v, b0v, csv, d0v, dsv = _ints(context, builder, signature, args, (1, 2, 3, 5, 6))
+            sp = context.make_array(signature.args[0])(context, builder, args[0]).data
+            dp = context.make_array(signature.args[4])(context, builder, args[4]).data
+            rows = [_line(builder, base, csv)[:npos] for base in (a0v, b0v)]
+            if npos == 4:  # one transpose of A0 B0 .. A3 B3: each sample's row, 8 floats
+                vecs = [builder.load(_vec_ptr(builder, sp, rows[k % 2][k // 2]), align=4)
+                        for k in range(8)]
+                out = _transpose_regs(builder, vecs)
+                for i, off in enumerate(_line(builder, d0v, dsv)):
+                    builder.store(out[i], _vec_ptr(builder, dp, off), align=4)
+                return context.get_dummy_value()
+            ta, tb = (_transpose_regs(builder, [builder.load(_vec_ptr(builder, sp, off), align=4)
+                                                for off in r]) for r in rows)
+            for i, off in enumerate(_line(builder, d0v, dsv)):
+                lo = builder.shuffle_vector(ta[i], tb[i], _mask([0, 8, 1, 9, 2, 10, 3, 11]))
+                hi = builder.shuffle_vector(ta[i], tb[i], _mask([4, 12, 5, 13, 6, 14, 7, 15]))
+                builder.store(lo, _vec_ptr(builder, dp, off), align=4)
+                off8 = builder.add(off, ir.Constant(_I64, 8))
+                builder.store(hi, _vec_ptr(builder, dp, off8), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(f)
 
 
 block_to_grid = _make_to_grid(0)
 block_to_grid_even2 = _make_to_grid(1)
 block_to_grid_odd2 = _make_to_grid(2)
+block_to_grid4_1 = _make_to_grid4(1)
+block_to_grid4_2 = _make_to_grid4(2)
 block_from_grid = intrinsic(_f_from_grid)
-block_from_pair = intrinsic(_f_from_pair)
+block_from_pair = _make_from_pair(8)
+block_from_pair4 = _make_from_pair(4)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -198,7 +239,8 @@ def to_grid(src, s, ss, R, P, step, dst, d0, rs, cs, W):
     positions p < P: R source rows (NCHW samples, or channels) into a map of W-wide rows whose
     positions hold the R values side by side (batch-last or channels-last). 8 x 8 register
     blocks where they fit (step 1, or 2 while the 16-float loads stay inside ``src``; the
-    lanes read past a row's end are dropped), element by element for the rest."""
+    lanes read past a row's end are dropped), then one 8 x 4 block (8 floats a row) where 4
+    or more positions are left, element by element for the rest."""
     i = 0
     while i + 8 <= R:
         p = 0
@@ -216,6 +258,14 @@ def to_grid(src, s, ss, R, P, step, dst, d0, rs, cs, W):
                 break
             p += 8
             r, c = _advance(r, c, 8, W)
+        a = s + p * step
+        if step <= 2 and p + 4 <= P and a + 7 * ss + 8 <= src.size:  # 8 floats a row
+            if step == 1:
+                block_to_grid4_1(src, a, ss, dst, d0 + i, rs, cs, W, r, c)
+            else:
+                block_to_grid4_2(src, a, ss, dst, d0 + i, rs, cs, W, r, c)
+            p += 4
+            r, c = _advance(r, c, 4, W)
         if p < P:
             for k in range(8):
                 row = src[s + k * ss:s + k * ss + P * step]
@@ -273,13 +323,17 @@ def from_grid(src, s0, rs, cs, W, R, P, dst, d, ds, b):
 def from_pair(src, a0, b0, N, cnt, dst, d, ds):
     """``dst[d + i*ds + 2q] = src[a0 + q*N + i]`` and ``dst[d + i*ds + 2q + 1] =
     src[b0 + q*N + i]`` for q < cnt, i < N: a stride-2 row put back together from its two
-    batch-last phase runs (both ``cnt`` long), 8 samples x 8 column pairs per block."""
+    batch-last phase runs (both ``cnt`` long), 8 samples x 8 column pairs per block, then
+    8 samples x 4 pairs (an 8-wide row in one block)."""
     i = 0
     while i + 8 <= N:
         q = 0
         while q + 8 <= cnt:
             block_from_pair(src, a0 + q * N + i, b0 + q * N + i, N, dst, d + 2 * q, ds)
             q += 8
+        if q + 4 <= cnt:
+            block_from_pair4(src, a0 + q * N + i, b0 + q * N + i, N, dst, d + 2 * q, ds)
+            q += 4
         if q < cnt:
             for k in range(8):
                 row = dst[d + k * ds:d + k * ds + 2 * cnt]
