@@ -295,7 +295,6 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
     for c in prange(nch):
         ci0 = Cin * c // nch
         ci1 = Cin * (c + 1) // nch
-        gWt[ci0 * blk:ci1 * blk] = 0.0
         kb = kbuf[c, :Wq * N]
         kv = kval[c, :Wq * N]
         eo = kbuf[c, Wq * N:2 * Wq * N]  # gyT offset of row position e = (j, n), column j
@@ -304,6 +303,7 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
             eo[e] = (j + lpad) * Co + (e - j * N) * OWp * Co
         for cb0 in range(ci0, ci1, cb):
             cb1 = min(ci1, cb0 + cb)
+            gWt[cb0 * blk:cb1 * blk] = 0.0
             for phs in range(min(sh, KH)):  # (other phases: no tap, not packed)
                 nh = (KH - phs + sh - 1) // sh  # taps kh = phs + mh*sh land on oh = i - mh
                 for pws in range(min(sw, KW)):
@@ -342,24 +342,41 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
                                         dst = g[d0:d0 + Cog]
                                         for t in range(Cog):
                                             dst[t] += a * src[t]
-        if KH * KW == 1 and fast:
-            # 1x1 kernel: gw (Co, Cin) is the transpose of the chunk's (Cin, Co) rows, in 8 x 8
-            # register blocks (element by element, each write a cache line of its own:
-            # resnet18 layer4.0.shortcut.0's 131k-entry write-out took ~150 us)
-            to_grid(gWt, ci0 * Co, Co, ci1 - ci0, Co, 1, gw.reshape(gw.size), ci0, 0, Cin, Co)
-            continue
-        for ci in range(ci0, ci1):
-            co0 = (ci // Cig) * Cog
-            cig = ci - (ci // Cig) * Cig
-            g = gWt[ci * blk:(ci + 1) * blk]
-            for cl in range(Cog):  # gw[co, cig] is contiguous: write it tap after tap
-                for kh in range(KH):
-                    if sw == 1:  # slot kh*KW + KW-1-kw: no table load
-                        for kw in range(KW):
-                            gw[co0 + cl, cig, kh, kw] = g[(kh * KW + KW - 1 - kw) * Cog + cl]
-                    else:
-                        for kw in range(KW):
-                            gw[co0 + cl, cig, kh, kw] = g[slots[kh * KW + kw] * Cog + cl]
+            _write_out(gWt, gw, cb0, cb1, Cin, sw, slots)
+
+
+@njit(cache=True, nogil=True)
+def _write_out(gWt, gw, ci0, ci1, Cin, sw, slots):
+    """Channels ci0..ci1 of the weight-gradient scratch (see :func:`bwd_weight_scan`) written
+    to the torch layout ``gw`` right after their block is done (still in cache)."""
+    Co, Cig, KH, KW = gw.shape
+    Cog = Co // (Cin // Cig)
+    blk = KH * KW * Cog
+    if KH * KW == 1 and Cog == Co:
+        # 1x1 kernel: gw (Co, Cin) is the transpose of the block's (Cin, Co) rows, in 8 x 8
+        # register blocks (element by element, each write a cache line of its own:
+        # resnet18 layer4.0.shortcut.0's 131k-entry write-out took ~150 us)
+        to_grid(gWt, ci0 * Co, Co, ci1 - ci0, Co, 1, gw.reshape(gw.size), ci0, 0, Cin, Co)
+        return
+    if sw == 1 and Cog == Co:
+        # stride 1: the scratch's rows (ci, kh, kw) are an affine grid, kernel row kh at
+        # +KW*Co, tap kw at -Co from slot KW-1: gw[co] (row stride Cin*KH*KW) is its
+        # transpose, 8 output channels x 8 taps per register block
+        from_grid(gWt, ci0 * blk + (KW - 1) * Co, KW * Co, -Co, KW, Co, (ci1 - ci0) * KH * KW,
+                  gw.reshape(gw.size), ci0 * KH * KW, Cin * KH * KW, np.float32(0.0))
+        return
+    for ci in range(ci0, ci1):
+        co0 = (ci // Cig) * Cog
+        cig = ci - (ci // Cig) * Cig
+        g = gWt[ci * blk:(ci + 1) * blk]
+        for cl in range(Cog):  # gw[co, cig] is contiguous: write it tap after tap
+            for kh in range(KH):
+                if sw == 1:  # slot kh*KW + KW-1-kw: no table load
+                    for kw in range(KW):
+                        gw[co0 + cl, cig, kh, kw] = g[(kh * KW + KW - 1 - kw) * Cog + cl]
+                else:
+                    for kw in range(KW):
+                        gw[co0 + cl, cig, kh, kw] = g[slots[kh * KW + kw] * Cog + cl]
 
 
 @dual(fastmath=True)
