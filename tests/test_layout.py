@@ -72,3 +72,31 @@ def test_from_pair_interleaves_two_phase_runs(N, cnt):
     want[d + i * ds + 2 * q] = src[a0 + q * N + i]
     want[d + i * ds + 2 * q + 1] = src[b0 + q * N + i]
     np.testing.assert_array_equal(dst, want)
+
+
+@njit(cache=True)
+def _from_cols(src, s0, rs, cs, W, R, P, dst, d, ds, b, cols):
+    from_grid(src, s0, rs, cs, W, R, P, dst, d, ds, b, cols)
+
+
+@pytest.mark.parametrize("R", [3, 8, 17])
+@pytest.mark.parametrize("W", [1, 3, 5])
+def test_from_grid_with_a_column_table(R, W):
+    """Rows whose columns are stored permuted (the weight-gradient scratch's taps): column c
+    of each grid row read at cols[c]*cs."""
+    rng = np.random.default_rng(R * 10 + W)
+    cols = rng.permutation(W).astype(np.int64)
+    for H in (1, 2, 7):
+        P = H * W
+        cs = R + 3
+        rs = W * cs + 2
+        s0 = 5
+        src = rng.standard_normal(s0 + H * rs + 4).astype(np.float32)
+        ds, d = P + 3, 2
+        out = np.full(d + R * ds + 3, 5.0, np.float32)
+        _from_cols(src, s0, rs, cs, W, R, P, out, d, ds, np.float32(0.5), cols)
+        p = np.arange(P)
+        idx = s0 + (p // W)[None, :] * rs + cols[p % W][None, :] * cs + np.arange(R)[:, None]
+        want = np.full_like(out, 5.0)
+        want[d + np.arange(R)[:, None] * ds + p[None, :]] = src[idx] + np.float32(0.5)
+        np.testing.assert_array_equal(out, want)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 _I64 = ir.IntType(64)
 _V8 = ir.VectorType(ir.FloatType(), 8)
@@ -73,9 +73,10 @@ def _transpose_regs(builder, v):
     return out
 
 
-def _grid_offsets(builder, d0, rs, cs, W, r0, c0):
+def _grid_offsets(builder, d0, rs, cs, W, r0, c0, cols=None):
     """Offsets ``d0 + r*rs + c*cs`` of 8 consecutive grid positions from (r0, c0), c wrapping
-    to 0 (and r + 1) at W: a position p of a (rows, W) map kept with row stride rs."""
+    to 0 (and r + 1) at W: a position p of a (rows, W) map kept with row stride rs. With
+    ``cols`` (a pointer to W int64s), column c is at ``cols[c]*cs`` instead."""
     out = []
     r, c = r0, c0
     one = ir.Constant(_I64, 1)
@@ -86,7 +87,8 @@ def _grid_offsets(builder, d0, rs, cs, W, r0, c0):
             wrap = builder.icmp_signed("==", c, W)
             c = builder.select(wrap, zero, c)
             r = builder.add(r, builder.zext(wrap, _I64))
-        out.append(builder.add(d0, builder.add(builder.mul(r, rs), builder.mul(c, cs))))
+        col = c if cols is None else builder.load(builder.gep(cols, [c]))
+        out.append(builder.add(d0, builder.add(builder.mul(r, rs), builder.mul(col, cs))))
     return out
 
 
@@ -148,23 +150,29 @@ def _make_to_grid(mode: int):
     return intrinsic(f)
 
 
-def _f_from_grid(typingctx, src, s0, rs, cs, W, r0, c0, dst, d0, ds, b):
+def _f_from_grid(typingctx, src, s0, rs, cs, cols, W, r0, c0, dst, d0, ds, b):
     """Intrinsic: the inverse block: 8 values (rows 0..7) of each of 8 grid positions loaded
-    from their grid offsets, transposed, row i stored as 8 contiguous floats at
+    from their grid offsets (``cols``: an int64 array of column numbers, or an integer for
+    none, see :func:`_grid_offsets`), transposed, row i stored as 8 contiguous floats at
     ``d0 + i*ds``, plus ``b``."""
     if not (isinstance(src, types.Array) and isinstance(dst, types.Array)):
         return None
-    sig = types.void(src, s0, rs, cs, W, r0, c0, dst, d0, ds, b)
+    table = isinstance(cols, types.Array)
+    if table and (cols.dtype != types.int64 or cols.layout != "C"):
+        return None  # read through its data pointer: contiguous int64 only
+    sig = types.void(src, s0, rs, cs, cols, W, r0, c0, dst, d0, ds, b)
 
     def codegen(context, builder, signature, args):
         s0v, rsv, csv, wv, r0v, c0v, d0v, dsv = _ints(context, builder, signature, args,
-                                                      (1, 2, 3, 4, 5, 6, 8, 9))
+                                                      (1, 2, 3, 5, 6, 7, 9, 10))
         sp = context.make_array(signature.args[0])(context, builder, args[0]).data
-        dp = context.make_array(signature.args[7])(context, builder, args[7]).data
+        dp = context.make_array(signature.args[8])(context, builder, args[8]).data
+        cp = (context.make_array(signature.args[4])(context, builder, args[4]).data
+              if table else None)
         vecs = [builder.load(_vec_ptr(builder, sp, off), align=4)
-                for off in _grid_offsets(builder, s0v, rsv, csv, wv, r0v, c0v)]
+                for off in _grid_offsets(builder, s0v, rsv, csv, wv, r0v, c0v, cp)]
         out = _transpose_regs(builder, vecs)
-        bv = context.cast(builder, args[10], signature.args[10], types.float32)
+        bv = context.cast(builder, args[11], signature.args[11], types.float32)
         splat = builder.insert_element(ir.Constant(_V8, ir.Undefined), bv,
                                        ir.Constant(ir.IntType(32), 0))
         splat = builder.shuffle_vector(splat, splat, _mask([0] * 8))
@@ -286,17 +294,29 @@ def to_grid(src, s, ss, R, P, step, dst, d0, rs, cs, W):
         s += ss
 
 
+def _col(cols, c):
+    """Column c's number: ``cols[c]`` for a table, c itself otherwise (see from_grid)."""
+
+
+@overload(_col, inline="always")
+def _col_impl(cols, c):
+    if isinstance(cols, types.Array):
+        return lambda cols, c: cols[c]
+    return lambda cols, c: c
+
+
 @njit(cache=True, nogil=True, inline="always")
-def from_grid(src, s0, rs, cs, W, R, P, dst, d, ds, b):
-    """``dst[d + i*ds + p] = src[s0 + (p//W)*rs + (p%W)*cs + i] + b`` for i < R, p < P: the
-    inverse of :func:`to_grid` (step 1), plus a constant (the bias)."""
+def from_grid(src, s0, rs, cs, W, R, P, dst, d, ds, b, cols=0):
+    """``dst[d + i*ds + p] = src[s0 + (p//W)*rs + col(p%W)*cs + i] + b`` for i < R, p < P:
+    the inverse of :func:`to_grid` (step 1), plus a constant (the bias). ``col(c)`` is c, or
+    ``cols[c]`` when ``cols`` is an int64 table of W column numbers (a permuted row)."""
     i = 0
     while i + 8 <= R:
         p = 0
         r = 0
         c = 0
         while p + 8 <= P:
-            block_from_grid(src, s0 + i, rs, cs, W, r, c, dst, d + p, ds, b)
+            block_from_grid(src, s0 + i, rs, cs, cols, W, r, c, dst, d + p, ds, b)
             p += 8
             r, c = _advance(r, c, 8, W)
         if p < P:
@@ -304,7 +324,7 @@ def from_grid(src, s0, rs, cs, W, R, P, dst, d, ds, b):
                 row = dst[d + k * ds:d + k * ds + P]
                 rr, cc = r, c
                 for q in range(p, P):
-                    row[q] = src[s0 + rr * rs + cc * cs + i + k] + b
+                    row[q] = src[s0 + rr * rs + _col(cols, cc) * cs + i + k] + b
                     rr, cc = _advance(rr, cc, 1, W)
         i += 8
         d += 8 * ds
@@ -313,7 +333,7 @@ def from_grid(src, s0, rs, cs, W, R, P, dst, d, ds, b):
         r = 0
         c = 0
         for q in range(P):
-            row[q] = src[s0 + r * rs + c * cs + i] + b
+            row[q] = src[s0 + r * rs + _col(cols, c) * cs + i] + b
             r, c = _advance(r, c, 1, W)
         i += 1
         d += ds
