@@ -254,7 +254,7 @@ def test_sparse_weight_nbytes_counts_each_array_once_and_follows_growth():
     base = sw.nbytes()
     staging = (sw._ends, sw._sval, sw._scode, sw._scol, sw.scounts)
     assert base == sum(a.nbytes for a in (sw.rowptr, sw.colptr, sw.counts, sw.wcnt, sw.ctab,
-                                          sw.geo, sw.widx, sw.val, sw.code, sw.col, sw.c_code,
+                                          sw.geo, sw.widx, sw.val, sw.code, sw.col, sw.col_code,
                                           sw.c_row, sw.c_widx, sw.c_val, *staging))
     sw.build(np.ones((4, 9), np.float32), 0.5)  # 36 kept: the value arrays grow
     assert sw.nnz == 36
@@ -342,7 +342,7 @@ def _assert_same_structure(sw, w, thr, rows, ncols, geo) -> int:
     nnz = ref.build(w, thr)
     assert nnz == int(((np.abs(w) >= thr) & (w != 0)).sum())
     assert np.array_equal(sw.rowptr, ref.rowptr)
-    names = ["val", "code"] + (["col", "c_code", "c_row", "c_val"] if geo[0] else [])
+    names = ["val", "code"] + (["col", "c_row", "c_val"] if geo[0] else [])
     for name in names:
         assert np.array_equal(getattr(sw, name)[:nnz], getattr(ref, name)[:nnz]), name
     if geo[0]:

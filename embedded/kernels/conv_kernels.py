@@ -214,8 +214,8 @@ def fwd_csr(rowptr, code, val, xq, yb, y, bias, has_bias, OH, rs, nch):
 
 
 @dual
-def bwd_input_csc(colptr, c_code, c_row, c_val, gyb, gxq, gx, sh, sw, ph, pw, Hq, Wq, OH, OW,
-                  nch):
+def bwd_input_csc(colptr, col_code, c_row, c_val, gyb, gxq, gx, sh, sw, ph, pw, Hq, Wq, OH,
+                  OW, nch):
     """Input gradient with the compressed weight: for input channel ci, its phase planes
     += v * gyb[co block] at each kept tap's code offset (CSC columns are (ci, tap):
     4 entries of one column per pass into the same run), one contiguous run of
@@ -240,7 +240,7 @@ def bwd_input_csc(colptr, c_code, c_row, c_val, gyb, gxq, gx, sh, sw, ph, pw, Hq
                 p1 = colptr[tap + 1]
                 if p == p1:
                     continue
-                a = c_code[p] * N - ci * s2 * plane  # one input offset per (ci, tap) column
+                a = col_code[tap] * N - ci * s2 * plane  # the (ci, tap) column's offset
                 gather_axpy(planes[a:a + RL], gyb, c_row, c_val, p, p1, blk, 0)
             _unpack_channel(planes, gx, ci, 0, sh, sw, ph, pw, Hq, Wq)
 

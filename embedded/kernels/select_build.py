@@ -27,8 +27,8 @@ FINAL_FULL = -3     # selected (the bit pattern is valid) but the final arrays a
 
 @dual
 def build_window(w2, lof, lo, hi, k, geo, ctab, rowptr, counts, scounts, val, code, col,
-                 colptr, c_code, c_row, c_val, wcnt, sval, sbits, scode, scol, bounds, ends,
-                 cand, mc, above, hist):
+                 colptr, c_row, c_val, wcnt, sval, sbits, scode, scol, bounds, ends, cand,
+                 mc, above, hist):
     """Stage, select, filter: returns (status, bit pattern of the K-th largest |w|).
 
     Static row chunk t stages its rows' entries with ``|w| >= lof`` (the float of the window's
@@ -106,8 +106,8 @@ def build_window(w2, lof, lo, hi, k, geo, ctab, rowptr, counts, scounts, val, co
                 dc[d] = sc[p]
                 d += (sb[p] & mask) >= b
     if conv:
-        _csc(rowptr, rows, geo[9] * geo[3] * geo[4], code, col, val, _NOIDX, False, colptr,
-             c_code, c_row, _NOIDX, c_val, wcnt)
+        _csc(rowptr, rows, geo[9] * geo[3] * geo[4], col, val, _NOIDX, False, colptr, c_row,
+             _NOIDX, c_val, wcnt)
     return nnz, b
 
 
@@ -126,7 +126,7 @@ def refresh_near(sw: SparseWeight, w2: np.ndarray, k: int, guess: float, win: Wi
     lo, hi = win.bounds(guess)
     status, b = pick(build_window, w2.size)(
         w2, lo.view(np.float32), lo, hi, k, sw.geo, sw.ctab, sw.rowptr, sw.counts, sw.scounts,
-        sw.val, sw.code, sw.col, sw.colptr, sw.c_code, sw.c_row, sw.c_val, sw.wcnt, sw._sval,
+        sw.val, sw.code, sw.col, sw.colptr, sw.c_row, sw.c_val, sw.wcnt, sw._sval,
         sw._sval.view(np.uint32), sw._scode, sw._scol, sw._bounds, sw._ends, cand, mc, above,
         hist)
     if status == STAGING_FULL:

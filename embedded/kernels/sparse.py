@@ -5,9 +5,10 @@ A weight is viewed as a 2-D array ``(rows, row_len)`` (conv: ``(C_out, C_in/g * 
 linear: ``(out, in)``). Kept entries form a CSR structure: ``rowptr`` (rows + 1), ``widx``
 (flat index of each kept entry in the weight), ``val`` (its value), ``code`` (what the
 compute kernel needs to find the matching input: a tap code for conv, the column for linear)
-and a column-grouped copy (CSC: ``colptr``, ``c_code``, ``c_row``, ``c_widx``, ``c_val``) for
+and a column-grouped copy (CSC: ``colptr``, ``c_row``, ``c_widx``, ``c_val``) for
 the backward-input kernels; for conv its columns are (input channel, tap) pairs
-(``colptr`` has Cin*KH*KW + 1 entries), so all entries of one column share one input offset. Rows are filled in index order, so the structure is
+(``colptr`` has Cin*KH*KW + 1 entries), so all entries of one column share one input offset,
+the column's code (``col_code``, fixed by the geometry). Rows are filled in index order, so the structure is
 deterministic. One fused kernel builds it all (one dispatch: a parallel count, a serial
 prefix sum, a parallel fill, and for conv a serial counting sort by column).
 
@@ -234,8 +235,7 @@ def _fill_row(w2, m2, use_mask, thr, r, geo, ctab, widx, val, code, col, p0, roo
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _csc(rowptr, rows, ncols, code, col, val, widx, use_mask, colptr, c_code, c_row, c_widx,
-         c_val, wcnt):
+def _csc(rowptr, rows, ncols, col, val, widx, use_mask, colptr, c_row, c_widx, c_val, wcnt):
     """The column-grouped copy of a filled conv CSR (columns: (input channel, tap)) by a
     parallel two-pass counting sort over NT = ``wcnt.shape[0]`` static row chunks: per-chunk
     column counts, offsets column-major then chunk (each column keeps row order: the result
@@ -263,7 +263,6 @@ def _csc(rowptr, rows, ncols, code, col, val, widx, use_mask, colptr, c_code, c_
                 k = col[p]
                 q = wc[k]
                 wc[k] = q + 1
-                c_code[q] = code[p]
                 c_row[q] = r
                 c_val[q] = val[p]
                 if use_mask:
@@ -272,7 +271,7 @@ def _csc(rowptr, rows, ncols, code, col, val, widx, use_mask, colptr, c_code, c_
 
 @dual
 def build(w2, m2, use_mask, thr, geo, ctab, rowptr, counts, widx, val, code, col,
-          colptr, c_code, c_row, c_widx, c_val, wcnt):
+          colptr, c_row, c_widx, c_val, wcnt):
     """Fused CSR + CSC build of the kept entries of ``w2`` (rows, row_len): a parallel count
     per row, a prefix sum, a parallel fill over 4 static row chunks (:func:`_fill_row`), and
     for conv the CSC copy (:func:`_csc`).
@@ -305,8 +304,8 @@ def build(w2, m2, use_mask, thr, geo, ctab, rowptr, counts, widx, val, code, col
         for r in range(rows * t // NB, rows * (t + 1) // NB):
             _fill_row(w2, m2, use_mask, thr, r, geo, ctab, widx, val, code, col, rowptr[r], -1)
     if geo[0] == 1:
-        _csc(rowptr, rows, geo[9] * geo[3] * geo[4], code, col, val, widx, use_mask, colptr,
-             c_code, c_row, c_widx, c_val, wcnt)
+        _csc(rowptr, rows, geo[9] * geo[3] * geo[4], col, val, widx, use_mask, colptr, c_row,
+             c_widx, c_val, wcnt)
     return nnz
 
 
@@ -328,8 +327,8 @@ def stage_chunk(w2, thr, t, NB, geo, ctab, sval, scode, scol, bounds, counts):
 
 
 @dual
-def build_staged(w2, thr, geo, ctab, rowptr, counts, val, code, col, colptr, c_code, c_row,
-                 c_val, wcnt, sval, scode, scol, bounds, ends):
+def build_staged(w2, thr, geo, ctab, rowptr, counts, val, code, col, colptr, c_row, c_val,
+                 wcnt, sval, scode, scol, bounds, ends):
     """:func:`build` (threshold mode) reading the weight ONCE: static row chunk t fills its
     rows into its own region ``[bounds[t], bounds[t+1])`` of the staging arrays (regions sized
     from the last build's chunk counts, with slack), then each chunk copies its entries to
@@ -365,8 +364,8 @@ def build_staged(w2, thr, geo, ctab, rowptr, counts, val, code, col, colptr, c_c
             col[d:d + n] = scol[b:b + n]
     _prefix(counts[:rows], rowptr)
     if conv:
-        _csc(rowptr, rows, geo[9] * geo[3] * geo[4], code, col, val, _NOIDX, False, colptr,
-             c_code, c_row, _NOIDX, c_val, wcnt)
+        _csc(rowptr, rows, geo[9] * geo[3] * geo[4], col, val, _NOIDX, False, colptr, c_row,
+             _NOIDX, c_val, wcnt)
     return nnz
 
 
@@ -415,6 +414,9 @@ class SparseWeight:
         # the compute code of each column of a weight row
         rl = int(self.geo[2] * self.geo[3] * self.geo[4]) if self.geo[0] == 1 else ncols
         self.ctab = _code_table(self.geo, rl)
+        # the compute code of each CSC column (conv: input channel and tap, any group)
+        self.col_code = (_column_codes(self.geo, self.ctab) if self.geo[0] == 1
+                         else np.zeros(1, np.int32))
         self._alloc(1)
         self.nnz = 0
         self.cached_mask = None  # the mask object the structure was built from
@@ -435,7 +437,6 @@ class SparseWeight:
         self.code = np.zeros(cap, np.int32)
         self.col = np.zeros(cap, np.int32)
         ccap = cap if self.geo[0] == 1 else 1  # the CSC copy exists for conv only
-        self.c_code = np.zeros(ccap, np.int32)
         self.c_row = np.zeros(ccap, np.int32)
         self.c_widx = np.zeros(ccap, np.int32)
         self.c_val = np.zeros(ccap, np.float32)
@@ -451,7 +452,7 @@ class SparseWeight:
         if not use_mask and self._bounds is not None:
             nnz = pick(build_staged, w2.size)(
                 w2, np.float32(thr), self.geo, self.ctab, self.rowptr, self.counts, self.val,
-                self.code, self.col, self.colptr, self.c_code, self.c_row, self.c_val,
+                self.code, self.col, self.colptr, self.c_row, self.c_val,
                 self.wcnt, self._sval, self._scode, self._scol, self._bounds, self._ends)
             if nnz >= 0:
                 self.staged_builds += 1
@@ -460,7 +461,7 @@ class SparseWeight:
         for _ in range(2):
             nnz = k(w2, m2, use_mask, np.float32(thr), self.geo, self.ctab, self.rowptr,
                     self.counts, self.widx, self.val, self.code, self.col, self.colptr,
-                    self.c_code, self.c_row, self.c_widx, self.c_val, self.wcnt)
+                    self.c_row, self.c_widx, self.c_val, self.wcnt)
             if nnz >= 0:
                 return self._built(nnz, not use_mask)
             self._alloc(int(-nnz * 1.25) + 16)
@@ -505,3 +506,12 @@ def _code_table(geo: np.ndarray, rl: int) -> np.ndarray:
     ci, kh, kw = np.meshgrid(np.arange(cig_n), np.arange(KH), np.arange(KW), indexing="ij")
     cq = (ci * sh + kh % sh) * sw + kw % sw
     return (((cq * Hq) + kh // sh) * Wq + kw // sw).reshape(-1).astype(np.int32)
+
+
+def _column_codes(geo: np.ndarray, ctab: np.ndarray) -> np.ndarray:
+    """Compute code of each conv CSC column (input channel ci, tap): group g = ci // Cig
+    shifts group 0's code (``ctab``) by g * Cig whole input channels of packed planes."""
+    _, _, cig_n, KH, KW, sh, sw, Hq, Wq, cin = (int(v) for v in geo)
+    jg = np.arange(cin * KH * KW)
+    g = jg // (cig_n * KH * KW)
+    return (ctab[jg - g * cig_n * KH * KW] + g * cig_n * sh * sw * Hq * Wq).astype(np.int32)

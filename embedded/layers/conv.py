@@ -415,7 +415,7 @@ class Conv2d(Layer):
                 kern = S.pick(K.bwd_input_csc, int(flops * self.measured_density))
                 nch = S.chunks(kern, K.bwd_input_csc, self.cin)
                 gxq = workspace("gxq", nch * self.sh * self.sw * plane)  # a block per worker
-                kern(sw.colptr, sw.c_code, sw.c_row, sw.c_val, gyb, gxq, gx, self.sh, self.sw,
+                kern(sw.colptr, sw.col_code, sw.c_row, sw.c_val, gyb, gxq, gx, self.sh, self.sw,
                      self.ph, self.pw, self.hq, self.wq, self.oh, self.ow, nch)
             else:
                 gcol = self._col(n)
