@@ -113,9 +113,9 @@ def compact_kept(xs, thr, offs, add, out, vals):
 def gather_axpy(dst, src, offs, vals, p, p1, scale, base):
     """``dst += vals[i] * src[base + offs[i]*scale :][:dst.size]`` for i in [p, p1): the
     register-blocked inner loop of every sparse kernel (conv forward, input gradient and
-    weight-gradient scan, linear forward and weight gradient). 8, then 4, then 1 entries per
-    pass (one load and one store of dst per pass); the summation order is fixed by the entries'
-    order. Each source run is a slice indexed from 0, which is what vectorises in Numba."""
+    weight-gradient scan, linear forward and weight gradient). 8, then 4 entries per pass,
+    then the last 3, 2 or 1 in one pass (one load and one store of dst per pass: a row of 7
+    kept entries is 2 passes, not 4); the summation order is fixed by the entries' order. Each source run is a slice indexed from 0, which is what vectorises in Numba."""
     ln = dst.size
     while p + 8 <= p1:
         o0 = base + offs[p] * scale
@@ -162,13 +162,33 @@ def gather_axpy(dst, src, offs, vals, p, p1, scale, base):
         for t in range(ln):
             dst[t] += v0 * s0[t] + v1 * s1[t] + v2 * s2[t] + v3 * s3[t]
         p += 4
-    while p < p1:
+    if p + 3 == p1:
+        o0 = base + offs[p] * scale
+        o1 = base + offs[p + 1] * scale
+        o2 = base + offs[p + 2] * scale
+        v0 = vals[p]
+        v1 = vals[p + 1]
+        v2 = vals[p + 2]
+        s0 = src[o0:o0 + ln]
+        s1 = src[o1:o1 + ln]
+        s2 = src[o2:o2 + ln]
+        for t in range(ln):
+            dst[t] += v0 * s0[t] + v1 * s1[t] + v2 * s2[t]
+    elif p + 2 == p1:
+        o0 = base + offs[p] * scale
+        o1 = base + offs[p + 1] * scale
+        v0 = vals[p]
+        v1 = vals[p + 1]
+        s0 = src[o0:o0 + ln]
+        s1 = src[o1:o1 + ln]
+        for t in range(ln):
+            dst[t] += v0 * s0[t] + v1 * s1[t]
+    elif p + 1 == p1:
         o0 = base + offs[p] * scale
         v0 = vals[p]
         s0 = src[o0:o0 + ln]
         for t in range(ln):
             dst[t] += v0 * s0[t]
-        p += 1
 
 
 _NOMASK = np.zeros((1, 1), np.uint8)
