@@ -146,10 +146,13 @@ def gather_axpy(dst, src, offs, vals, p, p1, scale, base):
         elif q + 1 == p1:
             for t0 in range(0, nb, 16):
                 block_axpy1(dst, t0, src, offs, vals, q, scale, base)
-        if nb < ln:
-            _axpy_loops(dst[nb:], src, offs, vals, p, p1, scale, base + nb)
-        return
-    _axpy_loops(dst, src, offs, vals, p, p1, scale, base)
+        if nb == ln:
+            return
+    else:
+        nb = 0
+    # one inlined copy of the loops (the whole run, or a short run's tail): each copy costs
+    # compile time in every kernel
+    _axpy_loops(dst[nb:], src, offs, vals, p, p1, scale, base + nb)
 
 
 @njit(cache=True, nogil=True, inline="always")
