@@ -96,38 +96,13 @@ def _ints(context, builder, sig, args, idx):
     return [context.cast(builder, args[i], sig.args[i], types.int64) for i in idx]
 
 
-def _make_to_grid4(step: int):
-    """Intrinsic ``f(src, s0, ss, dst, d0, rs, cs, W, r0, c0)``: as :func:`_make_to_grid` for
-    4 positions (every ``step``-th float of 8 contiguous ones from ``s0 + i*ss``, rows i <
-    8): a stride-2 row of 4 columns (an 8-wide map's phase) in one block."""
-
-    def f(typingctx, src, s0, ss, dst, d0, rs, cs, W, r0, c0):
-        if not (isinstance(src, types.Array) and isinstance(dst, types.Array)):
-            return None
-        sig = types.void(src, s0, ss, dst, d0, rs, cs, W, r0, c0)
-
-        def codegen(context, builder, signature, args):
-            s0v, ssv, d0v, rsv, csv, wv, r0v, c0v = _ints(context, builder, signature, args,
-                                                          (1, 2, 4, 5, 6, 7, 8, 9))
-            sp = context.make_array(signature.args[0])(context, builder, args[0]).data
-            dp = context.make_array(signature.args[3])(context, builder, args[3]).data
-            rows = [_load_row(builder, sp, off, 0) for off in _line(builder, s0v, ssv)]
-            out = _transpose_regs(builder, rows)
-            offs = _grid_offsets(builder, d0v, rsv, csv, wv, r0v, c0v)
-            for k in range(4):
-                builder.store(out[k * step], _vec_ptr(builder, dp, offs[k]), align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return intrinsic(f)
-
-
-def _make_to_grid(mode: int):
+def _make_to_grid(mode: int, lanes: tuple[int, ...] = tuple(range(8))):
     """Intrinsic ``f(src, s0, ss, dst, d0, rs, cs, W, r0, c0)``: eight source rows i (at
     ``s0 + i*ss``, 8 positions each: contiguous, or every other float for modes 1/2, see
-    :func:`_load_row`) transposed; position k's 8 values (rows 0..7) stored contiguously at
-    the grid offset of position k (:func:`_grid_offsets`)."""
+    :func:`_load_row`) transposed; position k's 8 values (rows 0..7, from lane ``lanes[k]``
+    of the rows) stored contiguously at the grid offset of position k (:func:`_grid_offsets`).
+    Fewer lanes store fewer positions: (0, 2, 4, 6) is a stride-2 row of 4 columns (an
+    8-wide map's phase) from 8 contiguous floats."""
 
     def f(typingctx, src, s0, ss, dst, d0, rs, cs, W, r0, c0):
         if not (isinstance(src, types.Array) and isinstance(dst, types.Array)):
@@ -141,8 +116,9 @@ def _make_to_grid(mode: int):
             dp = context.make_array(signature.args[3])(context, builder, args[3]).data
             rows = [_load_row(builder, sp, off, mode) for off in _line(builder, s0v, ssv)]
             out = _transpose_regs(builder, rows)
-            for k, off in enumerate(_grid_offsets(builder, d0v, rsv, csv, wv, r0v, c0v)):
-                builder.store(out[k], _vec_ptr(builder, dp, off), align=4)
+            offs = _grid_offsets(builder, d0v, rsv, csv, wv, r0v, c0v)
+            for k, lane in enumerate(lanes):
+                builder.store(out[lane], _vec_ptr(builder, dp, offs[k]), align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -224,8 +200,8 @@ def _make_from_pair(npos: int):
 block_to_grid = _make_to_grid(0)
 block_to_grid_even2 = _make_to_grid(1)
 block_to_grid_odd2 = _make_to_grid(2)
-block_to_grid4_1 = _make_to_grid4(1)
-block_to_grid4_2 = _make_to_grid4(2)
+block_to_grid4_1 = _make_to_grid(0, (0, 1, 2, 3))
+block_to_grid4_2 = _make_to_grid(0, (0, 2, 4, 6))
 block_from_grid = intrinsic(_f_from_grid)
 block_from_pair = _make_from_pair(8)
 block_from_pair4 = _make_from_pair(4)
