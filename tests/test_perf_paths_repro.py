@@ -122,6 +122,28 @@ def test_conv_swat_matches_torch_and_threads(case, monkeypatch):
     assert layer.measured_act_density == pytest.approx(mx.mean())
 
 
+def test_conv_swat_saved_activations_grow_when_a_region_overflows(monkeypatch):
+    """The forward's compacted activations (compact_acts): with regions too small for the
+    kept entries the arrays grow and the forward retries; the weight gradient still matches
+    torch's on the exact top-K input."""
+    monkeypatch.setattr(sparse, "PAR_MIN_WORK", 0)
+    layer, x, gy = _conv(6, 8, 9, 9, (3, 3), (1, 1), (1, 1), 3)
+    layer.set_sparsity("swat", LayerSparsity(0.3, 0.5, 1))
+    layer.forward(x, training=True)
+    rs = layer.wq * x.shape[0]
+    nb = layer._abounds.size
+    layer._abounds = np.arange(nb, dtype=np.int64) * rs  # one row's room per chunk
+    layer._aoff = np.zeros(rs * (nb - 1), np.int32)
+    layer._aval = np.zeros(rs * (nb - 1), np.float32)
+    layer.forward(x, training=True)
+    assert layer._aoff.size > rs * (nb - 1)  # grown
+    layer.backward(gy)
+    xs = torch.from_numpy(x * _mask(x, 0.5))
+    wd = torch.from_numpy(layer.params["weight"].copy()).requires_grad_(True)
+    F.conv2d(xs, wd, None, 1, 1).backward(torch.from_numpy(gy))
+    np.testing.assert_allclose(layer.grads["weight"], wd.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("fin,fout,n", [(70, 37, 5), (33, 16, 1)])
 def test_linear_swat_weight_grad_by_feature(fin, fout, n, monkeypatch):
     monkeypatch.setattr(sparse, "PAR_MIN_WORK", 0)

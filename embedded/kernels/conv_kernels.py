@@ -267,8 +267,52 @@ def tap_slots(KH: int, KW: int, sw: int) -> np.ndarray:
 
 
 @dual
-def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq, Wq, N, KH, KW,
-                    OH, OW, slots, lpad, OWp):
+def compact_acts(xq, thr, Cin, sh, sw, KH, KW, Hq, Wq, N, Co, lpad, OWp, eo, arow, acnt, aoff,
+                 aval, bounds, full, nch):
+    """SWAT's saved activation, taken in the forward while the packed input is in cache: the
+    kept entries (``|a| >= thr``, ``a != 0``) of every packed row r = ((ci*sh + phs)*sw +
+    pws)*Hq + i, in order, as ``aoff`` (the gyT offset of the entry's row position (j, n):
+    column ``lpad + j`` of sample n, see :func:`pack_grad_out`) and ``aval``, row r's
+    ``acnt[r]`` entries from ``arow[r]`` (rows of phases no tap reads hold none). Channel
+    chunk c fills its rows one after the other into its region ``[bounds[c], bounds[c+1])``.
+    Returns False, with nothing valid, when a region could overflow (the caller grows the
+    arrays). ``eo``: an int32 scratch of Wq*N; ``full``: an int64 scratch of ``nch``. The backward's scan (:func:`bwd_weight_scan`)
+    then reads these lists, never the dense input."""
+    rs = Wq * N
+    for e in range(rs):
+        j = e // N
+        eo[e] = (j + lpad) * Co + (e - j * N) * OWp * Co
+    PH = min(sh, KH)
+    PW = min(sw, KW)
+    for c in prange(nch):
+        full[c] = 0
+        m = bounds[c]
+        lim = bounds[c + 1]
+        for ci in range(Cin * c // nch, Cin * (c + 1) // nch):
+            for phs in range(sh):
+                for pws in range(sw):
+                    r0 = ((ci * sh + phs) * sw + pws) * Hq
+                    for i in range(Hq):
+                        r = r0 + i
+                        arow[r] = m
+                        k = 0
+                        if phs < PH and pws < PW:
+                            if m + rs > lim:
+                                full[c] = 1
+                            else:
+                                k = compact_kept(xq[r * rs:(r + 1) * rs], thr, eo, 0,
+                                                 aoff[m:m + rs], aval[m:m + rs])
+                        acnt[r] = k
+                        m += k
+    for c in range(nch):
+        if full[c]:
+            return False
+    return True
+
+
+@dual
+def bwd_weight_scan(arow, acnt, aoff, aval, gyT, gWt, gw, Cin, nch, cb, sh, sw, Hq, Wq, N, KH,
+                    KW, OH, OW, slots, lpad, OWp):
     """Dense weight gradient from the top-K input activations only (SWAT).
 
     Every kept activation a (``|a| >= thr``, ``a != 0``) at plane (ci, phs, pws), position
@@ -281,8 +325,8 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
     output reading zeros, and all entries of a row share that destination: 8 (then 4) entries
     are accumulated per pass. Input channels are split into ``nch`` static chunks (one per
     worker) walked in blocks of ``cb`` channels per input row, so the gyT rows around row i
-    stay in cache. The kept (j, n) of each (ci, i) row are compacted (:func:`compact_kept`)
-    into ``kbuf[worker]`` (its second half: each row position's gyT offset). The per-channel
+    stay in cache. The kept entries of each packed row come from the forward
+    (:func:`compact_acts`: ``arow``, ``acnt``, ``aoff``, ``aval``). The per-channel
     accumulation order does not depend on ``nch`` or ``cb``. Blocks are then written to the
     torch layout ``gw`` (``slots[kh*KW + kw]``: the tap's slot, :func:`tap_slots`;
     channel-major, so the writes are contiguous). ``Cin``: the input channels.
@@ -290,17 +334,10 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
     Co, Cig, _, _ = gw.shape
     Cog = Co // (Cin // Cig)
     blk = KH * KW * Cog
-    rs = Wq * N
     fast = Cog == Co
     for c in prange(nch):
         ci0 = Cin * c // nch
         ci1 = Cin * (c + 1) // nch
-        kb = kbuf[c, :Wq * N]
-        kv = kval[c, :Wq * N]
-        eo = kbuf[c, Wq * N:2 * Wq * N]  # gyT offset of row position e = (j, n), column j
-        for e in range(Wq * N):
-            j = e // N
-            eo[e] = (j + lpad) * Co + (e - j * N) * OWp * Co
         for cb0 in range(ci0, ci1, cb):
             cb1 = min(ci1, cb0 + cb)
             gWt[cb0 * blk:cb1 * blk] = 0.0
@@ -311,13 +348,15 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
                     toff = _phase_tap_offset(KW, sw, pws)  # its taps' slot in a kernel row
                     for i in range(Hq):
                         for ci in range(cb0, cb1):
-                            cq = (ci * sh + phs) * sw + pws
-                            xs = xq[(cq * Hq + i) * rs:(cq * Hq + i + 1) * rs]
-                            # kept (j, n) of this row, compacted without branches: value
-                            # and gyT offset of the entry's first tap (mw = nw-1)
-                            m = compact_kept(xs, thr, eo, -(nw - 1) * Co, kb, kv)
+                            r = ((ci * sh + phs) * sw + pws) * Hq + i
+                            m = acnt[r]
                             if m == 0:
                                 continue
+                            # the row's kept (j, n): gyT offset of column j (the first tap,
+                            # mw = nw-1, reads nw-1 columns left of it) and value
+                            p0 = arow[r]
+                            kb = aoff[p0:p0 + m]
+                            kv = aval[p0:p0 + m]
                             co0 = (ci // Cig) * Cog
                             g = gWt[ci * blk:(ci + 1) * blk]
                             for mh in range(nh):
@@ -331,12 +370,13 @@ def bwd_weight_scan(xq, thr, gyT, gWt, gw, Cin, kbuf, kval, nch, cb, sh, sw, Hq,
                                 if fast:
                                     # the kernel row's taps: one contiguous axpy per entry
                                     d0 = (kh * KW + toff) * Co
-                                    gather_axpy(g[d0:d0 + nw * Co], gyT, kb, kv, 0, m, 1, ob)
+                                    gather_axpy(g[d0:d0 + nw * Co], gyT, kb, kv, 0, m, 1,
+                                                ob - (nw - 1) * Co)
                                     continue
                                 for q in range(m):  # groups > 1: each tap's group slice
                                     a = kv[q]
                                     for mw in range(nw):
-                                        s0 = ob + kb[q] + (nw - 1 - mw) * Co + co0
+                                        s0 = ob + kb[q] - mw * Co + co0
                                         src = gyT[s0:s0 + Cog]
                                         d0 = (kh * KW + toff + nw - 1 - mw) * Cog
                                         dst = g[d0:d0 + Cog]

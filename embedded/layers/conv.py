@@ -22,7 +22,6 @@ import math
 import threading
 import time
 
-import numba
 import numpy as np
 
 from ..kernels import conv_kernels as K
@@ -204,9 +203,15 @@ class Conv2d(Layer):
         self._xq = np.zeros(cq * self.hq * self.wq * n, np.float32)
         self._y = np.zeros((n, self.cout, self.oh, self.ow), np.float32)
         self._gx = np.zeros((n, self.cin, self.h, self.w), np.float32)
-        nwk = max(1, min(self.cin, numba.config.NUMBA_NUM_THREADS))
-        self._kbuf = np.zeros((nwk, 2 * self.wq * n), np.int32)  # per worker: kept (j, n)
-        self._kval = np.zeros((nwk, self.wq * n), np.float32)  # per worker: their values
+        # SWAT's saved activation (compact_acts): each packed row's kept entries
+        rows = cq * self.hq
+        self._arow = np.zeros(rows, np.int64)
+        self._acnt = np.zeros(rows, np.int64)
+        self._aoff = np.zeros(1, np.int32)  # sized by the first training forward
+        self._aval = np.zeros(1, np.float32)
+        self._abounds = np.zeros(1, np.int64)
+        self._afull = np.zeros(max(1, self.cin), np.int64)
+        self._eo = np.zeros(self.wq * n, np.int32)
 
     # ------------------------------------------------------------------ sparsity API
     def set_sparsity(self, mode: str, ls=None) -> None:
@@ -310,7 +315,9 @@ class Conv2d(Layer):
         L, rs, plane = self._geom(n)
         w = self.params["weight"]
         bias = self.params["bias"] if self.has_bias else self._nobias
-        xq = self._xq[: self.cin * self.sh * self.sw * plane]
+        nq = self.cin * self.sh * self.sw * plane
+        # SWAT's backward reads the compacted activations, not xq: one shared packing buffer
+        xq = workspace("xq", nq) if self.mode == "swat" else self._xq[:nq]
         y = self._y[:n]
         flops = w.size * self.oh * L
         with _Timer(self, "forward"):
@@ -335,6 +342,7 @@ class Conv2d(Layer):
                 self._thr_a = np.uint32(tb).view(np.float32)
                 self._thr_a_guess = float(self._thr_a) if tb > 1 else 0.0  # 1: keep-all
                 self.measured_act_density = int(kept) / x.size
+                self._save_acts(xq, n, int(kept))
             if self._direct("forward"):
                 sw = self._structure(training)
                 kern = S.pick(K.fwd_csr, int(flops * self.measured_density))
@@ -349,6 +357,30 @@ class Conv2d(Layer):
                 gemm(w.reshape(self.cout, -1), col, yl.reshape(self.cout, -1))
                 S.pick(K.unpack_output, yl.size)(yl, y, bias, self.has_bias)
         return y
+
+    def _save_acts(self, xq: np.ndarray, n: int, kept: int) -> None:
+        """SWAT: the kept input activations for the weight gradient, compacted per packed row
+        while ``xq`` is in cache (:func:`~embedded.kernels.conv_kernels.compact_acts`). Each
+        channel chunk gets an equal region with a row's worth of slack per packed row
+        block; the arrays grow (rarely: the kept count is fixed by the density) when a
+        region could overflow."""
+        kern = S.pick(K.compact_acts, xq.size)
+        nch = S.chunks(kern, K.compact_acts, self.cin)
+        rs = self.wq * n
+        while True:
+            if self._abounds.size != nch + 1 or self._aoff.size < self._abounds[-1]:
+                cap = max(self._aoff.size, 2 * kept + 2 * nch * rs)
+                self._abounds = (np.arange(nch + 1, dtype=np.int64) * cap) // nch
+                if self._aoff.size < cap:
+                    self._aoff = np.zeros(cap, np.int32)
+                    self._aval = np.zeros(cap, np.float32)
+            if kern(xq, self._thr_a, self.cin, self.sh, self.sw, self.kh, self.kw, self.hq,
+                    self.wq, n, self.cout, self._lpad, self._owp, self._eo[:rs], self._arow,
+                    self._acnt, self._aoff, self._aval, self._abounds, self._afull, nch):
+                return
+            self._abounds = np.zeros(1, np.int64)
+            self._aoff = np.zeros(2 * self._aoff.size, np.int32)
+            self._aval = np.zeros(2 * self._aval.size, np.float32)
 
     # ------------------------------------------------------------------ backward
     def backward(self, gy: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
@@ -382,14 +414,13 @@ class Conv2d(Layer):
             if swat:
                 if not self._hist_ok:
                     raise RuntimeError(f"conv {self.name!r}: backward without a training forward")
-                thr_f = self._thr_a
                 self._hist_ok = False
                 kern = S.pick(K.bwd_weight_scan, int(flops * self.ls.act_density))
                 nch = S.chunks(kern, K.bwd_weight_scan, self.cin)
                 gwt = workspace("gWt", w.size)
-                kern(xq, thr_f, gyT, gwt, gw, self.cin, self._kbuf, self._kval, nch,
-                     self.scan_block, self.sh, self.sw, self.hq, self.wq, n, self.kh, self.kw,
-                     self.oh, self.ow, self._slots, self._lpad, self._owp)
+                kern(self._arow, self._acnt, self._aoff, self._aval, gyT, gwt, gw, self.cin,
+                     nch, self.scan_block, self.sh, self.sw, self.hq, self.wq, n, self.kh,
+                     self.kw, self.oh, self.ow, self._slots, self._lpad, self._owp)
             elif self._masked() and not self.want_dense_grad:
                 sw = self._sw
                 gw[...] = 0.0
