@@ -360,9 +360,9 @@ class Conv2d(Layer):
 
     def _save_acts(self, xq: np.ndarray, n: int, kept: int) -> None:
         """SWAT: the kept input activations for the weight gradient, compacted per packed row
-        while ``xq`` is in cache (:func:`~embedded.kernels.conv_kernels.compact_acts`). Each
-        channel chunk gets an equal region with a row's worth of slack per packed row
-        block; the arrays grow (rarely: the kept count is fixed by the density) when a
+        while ``xq`` is in cache (:func:`~embedded.kernels.conv_kernels.compact_acts`). The
+        channel chunks share room for twice the kept count plus two rows each, in equal
+        regions; the arrays double (rarely: the kept count is fixed by the density) when a
         region could overflow."""
         kern = S.pick(K.compact_acts, xq.size)
         nch = S.chunks(kern, K.compact_acts, self.cin)
