@@ -276,8 +276,9 @@ def compact_acts(xq, thr, Cin, sh, sw, KH, KW, Hq, Wq, N, Co, lpad, OWp, eo, aro
     ``acnt[r]`` entries from ``arow[r]`` (rows of phases no tap reads hold none). Channel
     chunk c fills its rows one after the other into its region ``[bounds[c], bounds[c+1])``.
     Returns False, with nothing valid, when a region could overflow (the caller grows the
-    arrays). ``eo``: an int32 scratch of Wq*N; ``full``: an int64 scratch of ``nch``. The backward's scan (:func:`bwd_weight_scan`)
-    then reads these lists, never the dense input."""
+    arrays). ``eo``: an int32 scratch of Wq*N; ``full``: an int64 scratch of ``nch``. The
+    backward's scan (:func:`bwd_weight_scan`) then reads these lists, never the dense
+    input."""
     rs = Wq * N
     for e in range(rs):
         j = e // N

@@ -8,8 +8,8 @@ compute kernel needs to find the matching input: a tap code for conv, the column
 and a column-grouped copy (CSC: ``colptr``, ``c_row``, ``c_widx``, ``c_val``) for
 the backward-input kernels; for conv its columns are (input channel, tap) pairs
 (``colptr`` has Cin*KH*KW + 1 entries), so all entries of one column share one input offset,
-the column's code (``col_code``, fixed by the geometry). Rows are filled in index order, so the structure is
-deterministic. One fused kernel builds it all (one dispatch: a parallel count, a serial
+the column's code (``col_code``, fixed by the geometry). Rows are filled in index order, so
+the structure is deterministic. One fused kernel builds it all (one dispatch: a parallel count, a serial
 prefix sum, a parallel fill, and for conv a serial counting sort by column).
 
 Kept set: ``|w| >= thr`` and ``w != 0`` (swat), or ``mask != 0`` (masked).

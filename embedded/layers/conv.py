@@ -367,20 +367,20 @@ class Conv2d(Layer):
         kern = S.pick(K.compact_acts, xq.size)
         nch = S.chunks(kern, K.compact_acts, self.cin)
         rs = self.wq * n
-        while True:
-            if self._abounds.size != nch + 1 or self._aoff.size < self._abounds[-1]:
-                cap = max(self._aoff.size, 2 * kept + 2 * nch * rs)
-                self._abounds = (np.arange(nch + 1, dtype=np.int64) * cap) // nch
-                if self._aoff.size < cap:
-                    self._aoff = np.zeros(cap, np.int32)
-                    self._aval = np.zeros(cap, np.float32)
-            if kern(xq, self._thr_a, self.cin, self.sh, self.sw, self.kh, self.kw, self.hq,
-                    self.wq, n, self.cout, self._lpad, self._owp, self._eo[:rs], self._arow,
-                    self._acnt, self._aoff, self._aval, self._abounds, self._afull, nch):
-                return
-            self._abounds = np.zeros(1, np.int64)
-            self._aoff = np.zeros(2 * self._aoff.size, np.int32)
-            self._aval = np.zeros(2 * self._aval.size, np.float32)
+        if self._abounds.size != nch + 1:
+            self._size_acts(max(self._aoff.size, 2 * kept + 2 * nch * rs), nch)
+        while not kern(xq, self._thr_a, self.cin, self.sh, self.sw, self.kh, self.kw, self.hq,
+                       self.wq, n, self.cout, self._lpad, self._owp, self._eo[:rs], self._arow,
+                       self._acnt, self._aoff, self._aval, self._abounds, self._afull, nch):
+            self._size_acts(2 * self._aoff.size, nch)
+
+    def _size_acts(self, cap: int, nch: int) -> None:
+        """Room for ``cap`` saved activations in ``nch`` equal regions (arrays grown if
+        needed)."""
+        self._abounds = (np.arange(nch + 1, dtype=np.int64) * cap) // nch
+        if self._aoff.size < cap:
+            self._aoff = np.zeros(cap, np.int32)
+            self._aval = np.zeros(cap, np.float32)
 
     # ------------------------------------------------------------------ backward
     def backward(self, gy: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
