@@ -85,6 +85,37 @@ def test_windowed_select_is_exact_hit_or_miss():
     assert hits > 20 and misses > 20  # both paths were taken
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_window_select_small_and_large_candidate_sets(ties):
+    """select_window's two ways to finish (a quickselect up to SMALL_SELECT candidates, radix
+    levels beyond) give numpy's K-th magnitude and the count of entries at or above it."""
+    from embedded.kernels import topk as T
+
+    rng = np.random.default_rng(11)
+    n = 60_000
+    a = np.maximum(rng.standard_normal(n), 0).astype(np.float32)
+    if ties:
+        a = np.round(a * 8) / 8  # thousands of entries equal to the K-th
+    mags = np.sort(np.abs(a))[::-1]
+    sizes = set()
+    for k in (1, 57, 3000, 9000):
+        t = float(mags[k - 1])
+        if t == 0:
+            continue
+        for w in (0.001, 0.3):
+            win = T.Window(w, w)
+            lo, hi = win.bounds(t)
+            cand = np.zeros(n, np.uint32)
+            mc = np.zeros(T.NCHUNK, np.int64)
+            above = np.zeros(T.NCHUNK, np.int64)
+            T.window_pass[0](a.view(np.uint32), lo, hi, cand, mc, above)
+            b, kept = T.select_window(cand, n, mc, above, k, T.new_hist())
+            assert np.uint32(b).view(np.float32) == mags[k - 1]
+            assert kept == int((np.abs(a) >= mags[k - 1]).sum())
+            sizes.add(int(mc.sum()) > T.SMALL_SELECT)
+    assert sizes == {False, True}  # both ways were taken
+
+
 def test_swat_layer_refreshes_match_numpy_topk_over_training_steps():
     """A SWAT linear layer refreshing its weight threshold every step (the windowed select
     after the first) keeps exactly numpy's top-K of its current weights at every step."""
