@@ -354,3 +354,27 @@ def _counts():
     from embedded.kernels import topk as T
 
     return np.zeros(T.NCHUNK, np.int64), np.zeros(T.NCHUNK, np.int64)
+
+
+def test_step_buffers_follow_a_replaced_shared_scratch():
+    """A conv's step views (worked out once per batch size) move to the shared scratch when a
+    larger layer replaces it, and its results stay the same; a new batch size or mode gets
+    its own views."""
+    from embedded.layers import conv as C
+
+    small, x, gy = _conv((8, 16, 12, 12, (3, 3), (1, 1), (1, 1), 1, True, 4))
+    big, xb, gyb = _conv((16, 24, 20, 20, (3, 3), (1, 1), (1, 1), 1, False, 4))
+    for layer in (small, big):
+        layer.set_sparsity("swat", LayerSparsity(0.2, 0.3, 1))
+    first = _run(small, x, gy)
+    before = small._bufs
+    _run(big, xb, gyb)  # grows the shared "xq", "gyb", ... buffers
+    again = _run(small, x, gy)  # (the top-K now from the windows around the first's)
+    for u, v in zip(first, again, strict=True):
+        assert np.array_equal(u, v)
+    now = small._bufs
+    assert now is not before
+    for name, view in (("xq", now.xq), ("gyb", now.gyb), ("gyT", now.gyT), ("gxq", now.gxq)):
+        assert np.shares_memory(view, C.workspace(name, 1)), name
+    _run(small, x[:2], gy[:2])
+    assert small._bufs.key[0] == 2 and small._bufs.y.shape[0] == 2
