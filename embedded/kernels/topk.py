@@ -298,7 +298,8 @@ def _kth_smallest(a, r):
 def select_window(cand, n, mc, above, k, hist):
     """The K-th largest among all n entries from a window pass: (bit pattern, number of
     entries >= it), or (0, -1) if the K-th lies outside the window. Chunk c's candidates
-    are ``cand[n*c//NCHUNK:][:mc[c]]``; ``hist`` a (>= 1, 2048) int32 scratch."""
+    are ``cand[n*c//NCHUNK:][:mc[c]]``; ``hist`` a (>= 1, 2048) int32 scratch (its first
+    SMALL_SELECT entries hold the quickselect's copy)."""
     n_above = 0
     m = 0
     for c in range(mc.size):
@@ -306,9 +307,11 @@ def select_window(cand, n, mc, above, k, hist):
         m += mc[c]
     if n_above >= k or n_above + m < k:
         return np.uint32(0), -1
-    if m > SMALL_SELECT:
+    if m > SMALL_SELECT or m > hist.size:
         return _radix_levels(cand, n, mc, k - n_above, n_above, np.uint32(0), 0, hist)
-    tmp = np.empty(m, np.uint32)  # few candidates: a quickselect on their copy
+    # few candidates: a quickselect on their copy, in the histogram scratch (patterns with
+    # the sign bit dropped fit its int32 entries)
+    tmp = hist.reshape(hist.size)[:m].view(np.uint32)
     q = 0
     for c in range(mc.size):
         c0 = n * c // NCHUNK
