@@ -358,8 +358,8 @@ def _counts():
 
 def test_step_buffers_follow_a_replaced_shared_scratch():
     """A conv's step views (worked out once per batch size) move to the shared scratch when a
-    larger layer replaces it, and its results stay the same; a new batch size or mode gets
-    its own views."""
+    larger layer replaces it, and its results stay the same; a new batch size gets its own
+    views."""
     from embedded.layers import conv as C
 
     small, x, gy = _conv((8, 16, 12, 12, (3, 3), (1, 1), (1, 1), 1, True, 4))
