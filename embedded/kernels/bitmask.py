@@ -17,14 +17,18 @@ through these blocks; the float test 0.081 vs 0.050 (1 M floats), 0.099 vs 0.058
 cache). Same bits, same counts.
 
 Portable: generic LLVM IR, no target intrinsics. No bounds check (a raw pointer): callers pass
-``start + 64 <= size``.
+``start + 64 <= size``; :func:`kept_bits` and :func:`window_bits` take any block of up to 64
+entries (a shorter last block through the same tests as a loop).
 """
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.extending import intrinsic
+
+from .vecblock import splat
 
 _I16 = ir.IntType(16)
 _I32 = ir.IntType(32)
@@ -36,11 +40,6 @@ _MAGNITUDE = ir.Constant(_VI, [0x7FFFFFFF] * 16)
 
 def _contiguous(a, dtype) -> bool:
     return isinstance(a, types.Array) and a.dtype == dtype and a.ndim == 1 and a.layout == "C"
-
-
-def _splat(builder, v, vtype):
-    t = builder.insert_element(ir.Constant(vtype, ir.Undefined), v, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(t, t, ir.Constant(_VI, [0] * 16))
 
 
 def _blocks(context, builder, signature, args, vtype):
@@ -68,8 +67,8 @@ def window_mask64(typingctx, bits, start, lo, hi):
     sig = types.UniTuple(types.uint64, 2)(bits, start, lo, hi)
 
     def codegen(context, builder, signature, args):
-        lov, hiv = (_splat(builder, context.cast(builder, args[i], signature.args[i],
-                                                 types.uint32), _VI) for i in (2, 3))
+        lov, hiv = (splat(builder, context.cast(builder, args[i], signature.args[i],
+                                                types.uint32), _VI) for i in (2, 3))
         ctpop = builder.module.declare_intrinsic("llvm.ctpop", [_I16])
         keep = ir.Constant(_I64, 0)
         above = ir.Constant(_I64, 0)
@@ -92,8 +91,8 @@ def kept_mask64(typingctx, a, start, thr):
     sig = types.uint64(a, start, thr)
 
     def codegen(context, builder, signature, args):
-        tv = _splat(builder, context.cast(builder, args[2], signature.args[2], types.float32),
-                    _VF)
+        tv = splat(builder, context.cast(builder, args[2], signature.args[2], types.float32),
+                   _VF)
         zero = ir.Constant(_VF, [0.0] * 16)
         keep = ir.Constant(_I64, 0)
         for k, v in enumerate(_blocks(context, builder, signature, args, _VF)):
@@ -103,3 +102,32 @@ def kept_mask64(typingctx, a, start, thr):
         return keep
 
     return sig, codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def kept_bits(a, start, ln, thr):
+    """:func:`kept_mask64` of the ``ln <= 64`` floats from ``start`` (a short block by a loop
+    with the same test)."""
+    if ln == 64:
+        return kept_mask64(a, start, thr)
+    keep = np.uint64(0)
+    for i in range(ln):
+        v = a[start + i]
+        keep |= np.uint64((v != 0.0) & (abs(v) >= thr)) << np.uint64(i)
+    return keep
+
+
+@njit(cache=True, nogil=True, inline="always")
+def window_bits(bits, start, ln, lo, hi):
+    """:func:`window_mask64` of the ``ln <= 64`` patterns from ``start`` (a short block by a
+    loop with the same tests), the count above as an int64."""
+    if ln == 64:
+        keep, above = window_mask64(bits, start, lo, hi)
+        return keep, np.int64(above)
+    keep = np.uint64(0)
+    n_above = 0
+    for i in range(ln):
+        b = bits[start + i] & np.uint32(0x7FFFFFFF)
+        n_above += b > hi
+        keep |= np.uint64((b >= lo) & (b <= hi)) << np.uint64(i)
+    return keep, n_above

@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..runtime import threads
-from .bitmask import kept_mask64
+from .bitmask import kept_bits
 from .vecblock import block_axpy1, block_axpy2, block_axpy3, block_axpy4, block_axpy8
 
 _OPTS = {"cache": True, "nogil": True}
@@ -97,13 +97,7 @@ def compact_kept(xs, thr, offs, add, out, vals):
     for b0 in range(0, xs.size, 64):
         ln = min(64, xs.size - b0)
         blk = xs[b0:b0 + ln]
-        if ln == 64:
-            keep = kept_mask64(xs, b0, thr)
-        else:
-            keep = np.uint64(0)
-            for i in range(ln):
-                a = blk[i]
-                keep |= np.uint64((a != 0.0) & (abs(a) >= thr)) << np.uint64(i)
+        keep = kept_bits(xs, b0, ln, thr)
         ob = offs[b0:b0 + ln]
         while keep:
             i, low = low_bit(keep)
@@ -275,17 +269,12 @@ def _fill_row(w2, m2, use_mask, thr, r, geo, ctab, widx, val, code, col, p0, roo
         ln = min(64, rl - j0)
         if room >= 0 and m + ln > room:
             return -1
-        bits = np.uint64(0)
         if use_mask:
+            bits = np.uint64(0)
             for j in range(ln):
                 bits |= np.uint64(mr[j0 + j] != 0) << np.uint64(j)
-        elif ln == 64:
-            bits = kept_mask64(wr, j0, thr)
         else:
-            blk = wr[j0:j0 + ln]
-            for j in range(ln):
-                a = abs(blk[j])
-                bits |= np.uint64((a >= thr) & (a > 0.0)) << np.uint64(j)
+            bits = kept_bits(wr, j0, ln, thr)
         while bits:
             jj, low = low_bit(bits)
             bits ^= low

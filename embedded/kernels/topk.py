@@ -21,7 +21,7 @@ import struct
 import numpy as np
 from numba import njit, prange
 
-from .bitmask import window_mask64
+from .bitmask import window_bits
 from .sparse import dual, low_bit, pick
 
 NCHUNK = 8  # static partition of the histogram pass (independent of the thread count)
@@ -75,27 +75,19 @@ def hist_top_bits(bits, hist):
 @njit(cache=True, nogil=True, inline="always")
 def _collect(src, lo, hi, dst, want_above):
     """Compact the |a| bit patterns of ``src`` with lo <= b <= hi into ``dst`` (in order, 64
-    at a time through a keep-bitmask, :func:`~embedded.kernels.bitmask.window_mask64`, then
+    at a time through a keep-bitmask, :func:`~embedded.kernels.bitmask.window_bits`, then
     only its set bits, see :func:`~embedded.kernels.sparse.low_bit`); returns (how many, how
     many above hi if ``want_above`` else 0)."""
     m = 0
     a = 0
-    nb = src.size // 64
-    for blk in range(nb):
-        keep, ab = window_mask64(src, blk * 64, lo, hi)
+    for i0 in range(0, src.size, 64):
+        keep, ab = window_bits(src, i0, min(64, src.size - i0), lo, hi)
         if want_above:  # a literal at each call site: compiled away where False
             a += ab
         while keep:
             i, low = low_bit(keep)
             keep ^= low
-            dst[m] = src[blk * 64 + i] & np.uint32(0x7FFFFFFF)
-            m += 1
-    for i in range(nb * 64, src.size):  # the last < 64
-        b = src[i] & np.uint32(0x7FFFFFFF)
-        if want_above:
-            a += b > hi
-        if (b >= lo) & (b <= hi):
-            dst[m] = b
+            dst[m] = src[i0 + i] & np.uint32(0x7FFFFFFF)
             m += 1
     return m, a
 

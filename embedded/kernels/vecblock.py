@@ -27,6 +27,13 @@ _I64 = ir.IntType(64)
 _V = ir.VectorType(ir.FloatType(), W)
 
 
+def splat(builder, v, vtype):
+    """The scalar ``v`` in every lane of a ``vtype`` vector (insert, then a zero shuffle)."""
+    n = vtype.count
+    t = builder.insert_element(ir.Constant(vtype, ir.Undefined), v, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(t, t, ir.Constant(ir.VectorType(ir.IntType(32), n), [0] * n))
+
+
 def _sum_tree(builder, t):
     """gather_axpy's association: 8 entries pairwise, fewer left to right."""
     if len(t) == 8:
@@ -67,11 +74,7 @@ def _make(m: int):
                 s = builder.load(builder.bitcast(builder.gep(sp, [a]), _V.as_pointer()),
                                  align=4)
                 v = builder.load(builder.gep(vp, [idx]))
-                vv = builder.insert_element(ir.Constant(_V, ir.Undefined), v,
-                                            ir.Constant(ir.IntType(32), 0))
-                vv = builder.shuffle_vector(vv, vv, ir.Constant(ir.VectorType(ir.IntType(32), W),
-                                                                [0] * W))
-                terms.append(builder.fmul(vv, s))
+                terms.append(builder.fmul(splat(builder, v, _V), s))
             dptr = builder.bitcast(builder.gep(dp, [dv]), _V.as_pointer())
             out = builder.fadd(builder.load(dptr, align=4), _sum_tree(builder, terms))
             builder.store(out, dptr, align=4)

@@ -278,7 +278,6 @@ class Conv2d(Layer):
         self._steps = 0
         self._thr = -1.0
         self._mask_built = None
-        self._bufs = None
         self.measured_density = 1.0
         self.measured_act_density = 1.0
         self._thr_a_guess = 0.0
@@ -361,16 +360,20 @@ class Conv2d(Layer):
         return workspace("col", self.cin * self.kk * self.oh * L).reshape(
             self.cin * self.kk, self.oh * L)
 
+    def _step_key(self, n: int) -> tuple:
+        """What :meth:`_bind`'s result depends on besides the layer's own buffers (replaced
+        only by :meth:`setup`) and its mask (:meth:`set_mask`)."""
+        impl = self.dense_impl
+        return (n, self.mode, self.mask is not None, self.ls, threads(), workspace_gen(),
+                impl["forward"], impl["backward_input"], impl["backward_weight"])
+
     def _step_buffers(self, n: int) -> _StepBuffers:
         """This step's :class:`_StepBuffers` (worked out again only when the batch, the mode,
         the dense implementation, the thread count or a shared scratch buffer changed)."""
-        impl = self.dense_impl
-        key = (n, self.mode, self.mask is not None, self.ls, threads(), workspace_gen(),
-               impl["forward"], impl["backward_input"], impl["backward_weight"])
         b = self._bufs
-        if b is None or b.key != key:
+        if b is None or b.key != self._step_key(n):
             b = self._bufs = self._bind(n)
-            b.key = key[:5] + (workspace_gen(),) + key[6:]  # binding may grow the scratch
+            b.key = self._step_key(n)  # after binding: it may have grown the shared scratch
         return b
 
     def _bind(self, n: int) -> _StepBuffers:
