@@ -116,6 +116,28 @@ def test_window_select_small_and_large_candidate_sets(ties):
     assert sizes == {False, True}  # both ways were taken
 
 
+def test_window_bounds_and_update_follow_their_rule():
+    """The window's bounds are float32 bit patterns of thr (1 -/+ w) (width capped at 1 below,
+    lo at least 1, inf past float32's range) and its width follows max(w_min, 0.7 w, 3 change)
+    capped at w_max."""
+    from embedded.kernels import topk as T
+
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        w = float(rng.choice([1e-3, 0.05, 0.5, 1.0, 3.0]))
+        thr = float(rng.choice([1e-44, 1e-3, 0.37, 2.5e38])) * float(rng.uniform(0.5, 1.5))
+        win = T.Window(w, 1e-3, 2.0)
+        lo, hi = win.bounds(thr)
+        with np.errstate(over="ignore"):
+            want_lo = np.float32(thr * (1.0 - min(w, 1.0))).view(np.uint32)
+            want_hi = np.float32(thr * (1.0 + w)).view(np.uint32)
+        assert (lo, hi) == (max(want_lo, np.uint32(1)), want_hi), (w, thr)
+        assert lo.dtype == hi.dtype == np.uint32
+        change = float(rng.choice([0.0, 1e-4, 0.02, 0.4, 2.0]))
+        win.update(bool(rng.integers(2)), change)
+        assert win.w == min(2.0, max(1e-3, 0.7 * w, 3.0 * change))
+
+
 def test_swat_layer_refreshes_match_numpy_topk_over_training_steps():
     """A SWAT linear layer refreshing its weight threshold every step (the windowed select
     after the first) keeps exactly numpy's top-K of its current weights at every step."""

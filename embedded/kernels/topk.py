@@ -190,6 +190,8 @@ def resolve(hist: np.ndarray, k: int, bits: np.ndarray, cand: np.ndarray):
 
 _F32 = struct.Struct("<f")
 _U32 = struct.Struct("<I")
+_F32X2 = struct.Struct("<2f")
+_U32X2 = struct.Struct("<2I")
 
 
 def bits_to_float(b: int) -> float:
@@ -330,27 +332,39 @@ class Window:
 
     def bounds(self, thr: float) -> tuple[np.uint32, np.uint32]:
         """(lo, hi) bit patterns of [thr (1 - w), thr (1 + w)] (lo >= the smallest positive
-        float: exact zeros are never candidates)."""
-        lo = float_to_bits(thr * (1.0 - min(self.w, 1.0)))
-        hi = float_to_bits(thr * (1.0 + self.w))
-        return np.uint32(max(lo, 1)), np.uint32(hi)
+        float: exact zeros are never candidates). Both converted in one struct round trip:
+        run once or twice a layer step, mostly with the caches cold."""
+        w = self.w
+        a, b = thr * (1.0 - (w if w < 1.0 else 1.0)), thr * (1.0 + w)
+        try:
+            lo, hi = _U32X2.unpack(_F32X2.pack(a, b))
+        except OverflowError:  # beyond float32's range: as float_to_bits has it
+            lo, hi = float_to_bits(a), float_to_bits(b)
+        return np.uint32(lo if lo > 1 else 1), np.uint32(hi)
 
     def update(self, hit: bool, rel_change: float) -> None:
-        """Record a hit or miss and the threshold's relative change |new/guess - 1|."""
+        """Record a hit or miss and the threshold's relative change |new/guess - 1|
+        (comparisons, not min/max calls: cheaper with the caches cold)."""
         if hit:
             self.hits += 1
         else:
             self.misses += 1
-        self.w = min(self.w_max, max(self.w_min, 0.7 * self.w, 3.0 * rel_change))
+        w = 0.7 * self.w
+        if w < self.w_min:
+            w = self.w_min
+        if 3.0 * rel_change > w:
+            w = 3.0 * rel_change
+        self.w = w if w < self.w_max else self.w_max
 
 
 def select_count_near(bits: np.ndarray, k: int, guess: float, win: Window, hist: np.ndarray,
-                      cand: np.ndarray, mc: np.ndarray, above: np.ndarray):
+                      cand: np.ndarray, mc: np.ndarray, above: np.ndarray, kern=None):
     """:func:`resolve_count`'s answer (bit pattern of the K-th largest |a|, entries >= it) for
     the float32 bit patterns ``bits`` in one pass when the K-th lies in ``win``'s window
-    around ``guess`` (> 0), else by the histogram select; ``win`` adapts."""
+    around ``guess`` (> 0), else by the histogram select; ``win`` adapts. ``kern``: the
+    :func:`window_pass` kernel picked for ``bits.size`` (picked here when None)."""
     lo, hi = win.bounds(guess)
-    pick(window_pass, bits.size)(bits, lo, hi, cand, mc, above)
+    (kern or pick(window_pass, bits.size))(bits, lo, hi, cand, mc, above)
     b, kept = select_window(cand, bits.size, mc, above, k, hist)
     hit = kept >= 0
     if not hit:

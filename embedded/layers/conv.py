@@ -65,31 +65,38 @@ def shared_hist() -> np.ndarray:
     return h
 
 
-def weight_threshold(layer: Layer, w: np.ndarray, k: int) -> float:
+def weight_scratch(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's scratch for a weight top-K over ``size`` entries: (histogram, uint32
+    candidates, per-chunk candidate counts, per-chunk counts above the window)."""
+    return (shared_hist(), workspace("cand", size).view(np.uint32), *window_counts())
+
+
+def weight_threshold(layer: Layer, w: np.ndarray, k: int, scratch=None) -> float:
     """The K-th largest |w| of a SWAT layer (exact). After the first refresh the last threshold
     is the guess of a one-pass windowed select (weights move little per step; a miss falls
     back to the histogram select, :func:`~embedded.kernels.topk.kth_largest_abs_near`):
-    femnist fc1's 6.4 M weights, 2 threads: 3.1 -> 1.0 ms a refresh."""
-    cand = workspace("cand", w.size).view(np.uint32)
+    femnist fc1's 6.4 M weights, 2 threads: 3.1 -> 1.0 ms a refresh. ``scratch``:
+    :func:`weight_scratch` of ``w.size`` (looked up when None)."""
+    hist, cand, mc, above = scratch or weight_scratch(w.size)
     if layer._thr <= 0:
         layer._win = T.Window(0.01, 0.001)
-        return T.kth_largest_abs(w, k, shared_hist(), cand)
-    return T.kth_largest_abs_near(w, k, layer._thr, layer._win, shared_hist(), cand,
-                                  *window_counts())
+        return T.kth_largest_abs(w, k, hist, cand)
+    return T.kth_largest_abs_near(w, k, layer._thr, layer._win, hist, cand, mc, above)
 
 
-def select_and_build(layer: Layer, sw: S.SparseWeight, w2: np.ndarray, k: int) -> float:
+def select_and_build(layer: Layer, sw: S.SparseWeight, w2: np.ndarray, k: int,
+                     scratch=None) -> float:
     """The K-th largest |w| of a SWAT layer (exact) and ``sw`` rebuilt at it. After the first
     refresh the select and the rebuild share one read of the weight
     (:func:`~embedded.kernels.select_build.refresh_near`); the first refresh, or a staging
-    region outgrown, selects (:func:`weight_threshold`) and then builds."""
+    region outgrown, selects (:func:`weight_threshold`) and then builds. ``scratch``: as for
+    :func:`weight_threshold`."""
+    scratch = scratch or weight_scratch(w2.size)
     if layer._thr > 0:
-        cand = workspace("cand", w2.size).view(np.uint32)
-        thr = refresh_near(sw, w2, k, layer._thr, layer._win, shared_hist(), cand,
-                           *window_counts())
+        thr = refresh_near(sw, w2, k, layer._thr, layer._win, *scratch)
         if thr is not None:
             return thr
-    thr = weight_threshold(layer, w2, k)
+    thr = weight_threshold(layer, w2, k, scratch)
     sw.build(w2, thr)
     return thr
 
@@ -104,18 +111,6 @@ def workspace_bytes() -> int:
     """Bytes held by this thread's shared conv/linear scratch."""
     d = getattr(_WS, "bufs", {})
     return sum(b.nbytes for b in d.values())
-
-
-class _Timer:
-    def __init__(self, layer: Layer, phase: str):
-        self.layer, self.phase = layer, phase
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        if self.layer.timing:
-            self.layer.phase_times[self.phase] = time.perf_counter() - self.t0
 
 
 @dataclass
@@ -139,6 +134,9 @@ class _StepBuffers:
     yb: np.ndarray | None = None
     col: np.ndarray | None = None
     k_act: int = 0               # SWAT: K of the activation top-K, its scratch and kernels
+    k_w: int = 0                 # SWAT: K of the weight top-K and its scratch (weight_scratch)
+    wscratch: tuple | None = None
+    act_window: object = None    # the activation's window pass
     cand: np.ndarray | None = None
     mc: np.ndarray | None = None
     above: np.ndarray | None = None
@@ -281,6 +279,7 @@ class Conv2d(Layer):
         self.measured_density = 1.0
         self.measured_act_density = 1.0
         self._thr_a_guess = 0.0
+        self._bufs = None
 
     def set_mask(self, mask: np.ndarray | None) -> None:
         """Store the mask (weight-shaped, bool/uint8) and zero the weights outside it."""
@@ -305,15 +304,16 @@ class Conv2d(Layer):
         return self.mode == "masked" and self.mask is not None
 
     # ------------------------------------------------------------------ compression
-    def _structure(self, training: bool) -> S.SparseWeight:
-        """The compressed weight this step's forward and backward-input use."""
+    def _structure(self, training: bool, b: _StepBuffers | None = None) -> S.SparseWeight:
+        """The compressed weight this step's forward and backward-input use (``b``: this
+        step's buffers, their weight top-K scratch)."""
         w = self.params["weight"]
         w2 = w.reshape(self.cout, -1)
         if self.mode == "swat":
-            ls = self.ls
-            if self._thr < 0 or (training and self._steps % ls.topk_period == 0):
-                k = T.count_for_density(ls.weight_density, w.size)
-                self._thr = select_and_build(self, self._sw, w2, k)
+            if self._thr < 0 or (training and self._steps % self.ls.topk_period == 0):
+                if b is None or b.wscratch is None:
+                    b = self._step_buffers(max(1, self._n))
+                self._thr = select_and_build(self, self._sw, w2, b.k_w, b.wscratch)
             else:
                 self._sw.build(w2, self._thr)
             if training:
@@ -394,8 +394,11 @@ class Conv2d(Layer):
         if swat:
             xsize = n * self.cin * self.h * self.w
             b.k_act = T.count_for_density(self.ls.act_density, xsize)
+            b.k_w = T.count_for_density(self.ls.weight_density, self.params["weight"].size)
+            b.wscratch = weight_scratch(self.params["weight"].size)
             b.cand = workspace("cand", xsize).view(np.uint32)
             b.mc, b.above = window_counts()
+            b.act_window = S.pick(T.window_pass, xsize)
             b.compact = S.pick(K.compact_acts, nq)
             b.compact_nch = S.chunks(b.compact, K.compact_acts, self.cin)
             b.scan = S.pick(K.bwd_weight_scan, int(flops * self.ls.act_density))
@@ -434,43 +437,45 @@ class Conv2d(Layer):
             x = np.ascontiguousarray(x)
         self._n = n
         b = self._step_buffers(n)
+        t0 = time.perf_counter()
         xq, y = b.xq, b.y
-        with _Timer(self, "forward"):
-            want_sel = self.mode == "swat" and training
-            # the activation top-K: after the first step, a windowed select around the last
-            # threshold (one pass over x); else pass 1 of the histogram select in the packing
-            near = want_sel and self._thr_a_guess > 0
-            b.pack(x, x.view(np.uint32), xq, self.sh, self.sw, self.ph, self.pw, self.hq,
-                   self.wq, self.kh, self.kw, self._hist, want_sel and not near)
-            self._hist_ok = want_sel
-            if want_sel:
-                self._select_acts(x, b, near)
-            bias = self.params["bias"] if self.has_bias else self._nobias
-            if b.fwd is not None:
-                sw = self._structure(training)
-                b.fwd(sw.rowptr, sw.code, sw.val, xq, b.yb, y, bias, self.has_bias, self.oh,
-                      b.rs, b.fwd_nch)
-            else:
-                S.pick(K.im2col, b.col.size)(xq, self._codes, b.col, self.oh, b.L, b.rs, n)
-                gemm(self.params["weight"].reshape(self.cout, -1), b.col,
-                     b.yb.reshape(self.cout, -1))
-                S.pick(K.unpack_output, b.yb.size)(b.yb, y, bias, self.has_bias)
+        xu = x.view(np.uint32)
+        want_sel = training and self.mode == "swat"
+        # the activation top-K: after the first step, a windowed select around the last
+        # threshold (one pass over x); else pass 1 of the histogram select in the packing
+        near = want_sel and self._thr_a_guess > 0
+        b.pack(x, xu, xq, self.sh, self.sw, self.ph, self.pw, self.hq, self.wq, self.kh,
+               self.kw, self._hist, want_sel and not near)
+        self._hist_ok = want_sel
+        if want_sel:
+            self._select_acts(xu.reshape(-1), b, near)
+        bias = self.params["bias"] if self.has_bias else self._nobias
+        if b.fwd is not None:
+            sw = self._structure(training, b)
+            b.fwd(sw.rowptr, sw.code, sw.val, xq, b.yb, y, bias, self.has_bias, self.oh, b.rs,
+                  b.fwd_nch)
+        else:
+            S.pick(K.im2col, b.col.size)(xq, self._codes, b.col, self.oh, b.L, b.rs, n)
+            gemm(self.params["weight"].reshape(self.cout, -1), b.col,
+                 b.yb.reshape(self.cout, -1))
+            S.pick(K.unpack_output, b.yb.size)(b.yb, y, bias, self.has_bias)
+        if self.timing:
+            self.phase_times["forward"] = time.perf_counter() - t0
         return y
 
-    def _select_acts(self, x: np.ndarray, b: _StepBuffers, near: bool) -> None:
-        """SWAT: the activation top-K finished on x itself (exact, ties counted), the kept
-        activations saved (:meth:`_save_acts`)."""
-        xb = x.reshape(-1).view(np.uint32)
+    def _select_acts(self, xb: np.ndarray, b: _StepBuffers, near: bool) -> None:
+        """SWAT: the activation top-K finished on x itself (``xb``: its flat bit patterns;
+        exact, ties counted), the kept activations saved (:meth:`_save_acts`)."""
         if near:
             tb, kept = T.select_count_near(xb, b.k_act, self._thr_a_guess, self._awin,
-                                           self._hist, b.cand, b.mc, b.above)
+                                           self._hist, b.cand, b.mc, b.above, b.act_window)
         else:
             tb, kept = T.resolve_count(self._hist, b.k_act, xb, b.cand)
             self._awin = T.Window(0.1, 0.01)
         self._thr_a = np.uint32(tb).view(np.float32)
         self._thr_a_guess = float(self._thr_a) if tb > 1 else 0.0  # 1: keep-all
-        self.measured_act_density = int(kept) / x.size
-        self._save_acts(b, x.shape[0], int(kept))
+        self.measured_act_density = int(kept) / xb.size
+        self._save_acts(b, self._n, int(kept))
 
     def _save_acts(self, b: _StepBuffers, n: int, kept: int) -> None:
         """SWAT: the kept input activations for the weight gradient, compacted per packed row
@@ -504,55 +509,59 @@ class Conv2d(Layer):
                              f"{(n, self.cout, self.oh, self.ow)}, got {gy.dtype} {gy.shape}")
         if not gy.flags.c_contiguous:
             gy = np.ascontiguousarray(gy)
-        b = self._step_buffers(n)
+        b = self._bufs  # bound by this step's forward (set_sparsity / set_mask unbind)
+        if b is None or b.key[0] != n:
+            b = self._step_buffers(n)
         swat = self.mode == "swat"
-        if b.gemm_w != b.gemm_in and need_input_grad and not (swat or self._masked()):
+        masked = not swat and self._masked()
+        if b.gemm_w != b.gemm_in and need_input_grad and not (swat or masked):
             raise ValueError("dense_impl: backward_weight and backward_input must both be "
                              "'gemm' or both 'direct'")
         gw = self.grads["weight"]
         gb = self.grads["bias"] if self.has_bias else self._nobias
-        with _Timer(self, "backward_weight"):
-            b.pack_gy(gy, b.gyb, b.gyT, gb, self.has_bias, swat, b.rstride, self._lpad,
-                      self._owp)
-            if swat:
-                if not self._hist_ok:
-                    raise RuntimeError(f"conv {self.name!r}: backward without a training forward")
-                self._hist_ok = False
-                b.scan(self._arow, self._acnt, self._aoff, self._aval, b.gyT, b.gwt, gw,
-                       self.cin, b.scan_nch, self.scan_block, self.sh, self.sw, self.hq,
-                       self.wq, n, self.kh, self.kw, self.oh, self.ow, self._slots, self._lpad,
-                       self._owp)
-            elif self._masked() and not self.want_dense_grad:
-                sw = self._sw
-                gw[...] = 0.0
-                S.pick(K.bwd_weight_sddmm, int(gw.size * self.oh * b.L * self.measured_density))(
-                    sw.rowptr, sw.code, sw.widx, b.gyb, b.xq, gw.reshape(-1), self.oh, self.ow,
-                    b.rs, n)
-            else:
-                out = self._dense_grad_buf() if self._masked() else gw
-                self._dense_wgrad(b, out, n)
-                if self._masked():
-                    np.multiply(out, self.mask, out=gw)
-                elif self.want_dense_grad:
-                    self._dense_grad_buf()[...] = gw
+        t0 = time.perf_counter()
+        b.pack_gy(gy, b.gyb, b.gyT, gb, self.has_bias, swat, b.rstride, self._lpad, self._owp)
+        if swat:
+            if not self._hist_ok:
+                raise RuntimeError(f"conv {self.name!r}: backward without a training forward")
+            self._hist_ok = False
+            b.scan(self._arow, self._acnt, self._aoff, self._aval, b.gyT, b.gwt, gw, self.cin,
+                   b.scan_nch, self.scan_block, self.sh, self.sw, self.hq, self.wq, n, self.kh,
+                   self.kw, self.oh, self.ow, self._slots, self._lpad, self._owp)
+        elif masked and not self.want_dense_grad:
+            sw = self._sw
+            gw[...] = 0.0
+            S.pick(K.bwd_weight_sddmm, int(gw.size * self.oh * b.L * self.measured_density))(
+                sw.rowptr, sw.code, sw.widx, b.gyb, b.xq, gw.reshape(-1), self.oh, self.ow,
+                b.rs, n)
+        else:
+            out = self._dense_grad_buf() if masked else gw
+            self._dense_wgrad(b, out, n)
+            if masked:
+                np.multiply(out, self.mask, out=gw)
+            elif self.want_dense_grad:
+                self._dense_grad_buf()[...] = gw
+        t1 = time.perf_counter()
+        if self.timing:
+            self.phase_times["backward_weight"] = t1 - t0
         if not need_input_grad:
             self.phase_times.pop("backward_input", None)
             return None
         gx = b.gx
-        with _Timer(self, "backward_input"):
-            if not b.gemm_in:
-                sw = self._sw if (swat or self._masked()) else self._full
-                if sw is self._full and not self._full_built:
-                    self._structure(False)
-                b.bwd_in(sw.colptr, sw.col_code, sw.c_row, sw.c_val, b.gyb, b.gxq, gx, self.sh,
-                         self.sw, self.ph, self.pw, self.hq, self.wq, self.oh, self.ow,
-                         b.bwd_in_nch)
-            else:
-                gemm(self.params["weight"].reshape(self.cout, -1),
-                     b.gyb.reshape(self.cout, -1), b.col, ta=True)
-                S.pick(K.col2im, b.col.size)(b.col, self._codes, b.gxq, gx, self.kk, self.sh,
-                                             self.sw, self.ph, self.pw, self.hq, self.wq,
-                                             self.oh, b.L)
+        if not b.gemm_in:
+            sw = self._sw if (swat or masked) else self._full
+            if sw is self._full and not self._full_built:
+                self._structure(False)
+            b.bwd_in(sw.colptr, sw.col_code, sw.c_row, sw.c_val, b.gyb, b.gxq, gx, self.sh,
+                     self.sw, self.ph, self.pw, self.hq, self.wq, self.oh, self.ow, b.bwd_in_nch)
+        else:
+            gemm(self.params["weight"].reshape(self.cout, -1), b.gyb.reshape(self.cout, -1),
+                 b.col, ta=True)
+            S.pick(K.col2im, b.col.size)(b.col, self._codes, b.gxq, gx, self.kk, self.sh,
+                                         self.sw, self.ph, self.pw, self.hq, self.wq, self.oh,
+                                         b.L)
+        if self.timing:
+            self.phase_times["backward_input"] = time.perf_counter() - t1
         return gx
 
     def _dense_wgrad(self, b: _StepBuffers, out: np.ndarray, n: int) -> None:

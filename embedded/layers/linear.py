@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numba
 import numpy as np
@@ -22,7 +23,7 @@ from ..kernels import sparse as S
 from ..kernels import topk as T
 from ..kernels.gemm import gemm
 from .base import Layer, init_weighted_state
-from .conv import _MODES, _Timer, select_and_build, workspace
+from .conv import _MODES, select_and_build, workspace
 
 
 class Linear(Layer):
@@ -147,15 +148,15 @@ class Linear(Layer):
         self._n = n
         w = self.params["weight"]
         y = self._y[:n]
-        with _Timer(self, "forward"):
-            if not self._sparse():
-                xs = self._x[:n]
-                xs[...] = x
-                gemm(xs, w, y, tb=True)
-                if self.has_bias:
-                    y += self.params["bias"]
-                self.measured_density = 1.0
-                return y
+        t0 = time.perf_counter()
+        if not self._sparse():
+            xs = self._x[:n]
+            xs[...] = x
+            gemm(xs, w, y, tb=True)
+            if self.has_bias:
+                y += self.params["bias"]
+            self.measured_density = 1.0
+        else:
             xT = self._xT[: self.fin * n].reshape(self.fin, n)
             want_hist = self.mode == "swat" and training
             S.pick(K.pack_x, x.size)(x, x.view(np.uint32), xT, self._hist, want_hist)
@@ -165,6 +166,8 @@ class Linear(Layer):
             bias = self.params["bias"] if self.has_bias else self._nobias
             S.pick(K.fwd_csr, sw.nnz * n)(sw.rowptr, sw.code, sw.val, xT, yT, y, bias,
                                           self.has_bias)
+        if self.timing:
+            self.phase_times["forward"] = time.perf_counter() - t0
         return y
 
     # ------------------------------------------------------------------ backward
@@ -182,54 +185,58 @@ class Linear(Layer):
         sw = self._sw
         xT = self._xT[: self.fin * n].reshape(self.fin, n)
         gyT = workspace("yT", self.fout * n).reshape(self.fout, n)
-        with _Timer(self, "backward_weight"):
-            if not sparse:
-                if self.has_bias:
-                    np.sum(gy, axis=0, out=self.grads["bias"])
-                gemm(gy, self._x[:n], gw, ta=True)
-                if self.want_dense_grad:
-                    if self.dense_grad is None or self.dense_grad.shape != w.shape:
-                        self.dense_grad = np.zeros_like(w)
-                    self.dense_grad[...] = gw
+        t0 = time.perf_counter()
+        if not sparse:
+            if self.has_bias:
+                np.sum(gy, axis=0, out=self.grads["bias"])
+            gemm(gy, self._x[:n], gw, ta=True)
+            if self.want_dense_grad:
+                if self.dense_grad is None or self.dense_grad.shape != w.shape:
+                    self.dense_grad = np.zeros_like(w)
+                self.dense_grad[...] = gw
+        else:
+            gb = self.grads["bias"] if self.has_bias else self._nobias
+            S.pick(K.pack_gy, gy.size)(gy, gyT, gb, self.has_bias)
+            if self.mode == "swat":
+                if not self._hist_ok:
+                    raise RuntimeError(f"linear {self.name!r}: backward without a "
+                                       "training forward")
+                k = T.count_for_density(self.ls.act_density, n * self.fin)
+                cand = workspace("cand", xT.size).view(np.uint32)
+                thr = np.uint32(T.resolve(self._hist, k, xT.reshape(-1).view(np.uint32),
+                                          cand)).view(np.float32)
+                self._hist_ok = False
+                fptr = self._aptr
+                nnz = K.sparse_acts_by_feature[0](xT, thr, fptr, self._apos, self._aval)
+                self.measured_act_density = nnz / (n * self.fin)
+                k2 = S.pick(K.bwd_weight_fblocks, nnz * self.fout)
+                tile = self._tile if k2 is K.bwd_weight_fblocks[1] else self._tile[:1]
+                k2(fptr, self._apos, self._aval, gy, gw, tile)
+            elif not self.want_dense_grad:
+                gw[...] = 0.0
+                S.pick(K.bwd_weight_sddmm, sw.nnz * n)(sw.rowptr, sw.code, sw.widx, gyT,
+                                                       xT, gw.reshape(-1))
             else:
-                gb = self.grads["bias"] if self.has_bias else self._nobias
-                S.pick(K.pack_gy, gy.size)(gy, gyT, gb, self.has_bias)
-                if self.mode == "swat":
-                    if not self._hist_ok:
-                        raise RuntimeError(f"linear {self.name!r}: backward without a "
-                                           "training forward")
-                    k = T.count_for_density(self.ls.act_density, n * self.fin)
-                    cand = workspace("cand", xT.size).view(np.uint32)
-                    thr = np.uint32(T.resolve(self._hist, k, xT.reshape(-1).view(np.uint32),
-                                              cand)).view(np.float32)
-                    self._hist_ok = False
-                    fptr = self._aptr
-                    nnz = K.sparse_acts_by_feature[0](xT, thr, fptr, self._apos, self._aval)
-                    self.measured_act_density = nnz / (n * self.fin)
-                    k2 = S.pick(K.bwd_weight_fblocks, nnz * self.fout)
-                    tile = self._tile if k2 is K.bwd_weight_fblocks[1] else self._tile[:1]
-                    k2(fptr, self._apos, self._aval, gy, gw, tile)
-                elif not self.want_dense_grad:
-                    gw[...] = 0.0
-                    S.pick(K.bwd_weight_sddmm, sw.nnz * n)(sw.rowptr, sw.code, sw.widx, gyT,
-                                                           xT, gw.reshape(-1))
-                else:
-                    if self.dense_grad is None or self.dense_grad.shape != w.shape:
-                        self.dense_grad = np.zeros_like(w)
-                    gemm(gyT, xT, self.dense_grad, tb=True)
-                    np.multiply(self.dense_grad, self.mask, out=gw)
+                if self.dense_grad is None or self.dense_grad.shape != w.shape:
+                    self.dense_grad = np.zeros_like(w)
+                gemm(gyT, xT, self.dense_grad, tb=True)
+                np.multiply(self.dense_grad, self.mask, out=gw)
+        t1 = time.perf_counter()
+        if self.timing:
+            self.phase_times["backward_weight"] = t1 - t0
         if not need_input_grad:
             self.phase_times.pop("backward_input", None)
             return None
         gx = self._gx[:n]
-        with _Timer(self, "backward_input"):
-            if sparse:
-                kern = S.pick(K.bwd_input_rows, sw.nnz * n)
-                nw = S.chunks(kern, K.bwd_input_rows, self.fout)
-                priv = workspace("priv", nw * self.fin * n).reshape(nw, self.fin, n)
-                kern(sw.rowptr, sw.code, sw.val, gyT, priv, gx)
-            else:
-                gemm(gy, w, gx)
+        if sparse:
+            kern = S.pick(K.bwd_input_rows, sw.nnz * n)
+            nw = S.chunks(kern, K.bwd_input_rows, self.fout)
+            priv = workspace("priv", nw * self.fin * n).reshape(nw, self.fin, n)
+            kern(sw.rowptr, sw.code, sw.val, gyT, priv, gx)
+        else:
+            gemm(gy, w, gx)
+        if self.timing:
+            self.phase_times["backward_input"] = time.perf_counter() - t1
         return gx
 
     def memory_bytes(self) -> int:
