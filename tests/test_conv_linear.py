@@ -87,6 +87,10 @@ def torch_ref(layer, x, gy, w_fwd, x_for_wgrad):
 
 
 def _check(layer, x, gy, w_fwd, x_wgrad):
+    # the output buffers are reused between steps: every entry must be written each step
+    # (zeros included: a 1x1 stride-2 conv's input gradient is 3/4 zeros)
+    layer._y.fill(np.nan)
+    layer._gx.fill(np.nan)
     y = layer.forward(x, training=True).copy()
     gx = layer.backward(gy).copy()
     ry, rgx, rgw, rgb = torch_ref(layer, x, gy, w_fwd, x_wgrad)

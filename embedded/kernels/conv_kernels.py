@@ -145,10 +145,13 @@ def pack_grad_out(gy, gyb, gyT, gbias, want_bias, want_T, rstride, lpad, OWp):
 
 
 @njit(cache=True, nogil=True)
-def _unpack_channel(gxq, gx, ci, cs, sh, sw, ph, pw, Hq, Wq):
+def _unpack_channel(gxq, gx, ci, cs, sh, sw, ph, pw, Hq, Wq, PH, PW, zoff):
     """gx[:, ci] (NCHW) from the packed planes of channel slot ``cs`` of ``gxq`` (padding
     dropped): ``cs == ci`` for a full packed buffer, 0 for a one-channel block.
-    Each (row, phase) run is sliced first and indexed from 0 (no wrap-around checks)."""
+    Each (row, phase) run is sliced first and indexed from 0 (no wrap-around checks).
+    Only the phases (phs < PH, pws < PW) hold taps; the others (a 1x1 stride-2 conv: 3 of 4)
+    are zeros written straight to gx, never read (``zoff``: a zero run of ``Wq*N`` floats in
+    ``gxq``, the pair transpose's other source)."""
     N, Ci, H, W = gx.shape
     rs = Wq * N
     gxf = gx.reshape(gx.size)
@@ -160,6 +163,10 @@ def _unpack_channel(gxq, gx, ci, cs, sh, sw, ph, pw, Hq, Wq):
         tt = ih + ph
         phs = tt % sh
         i = tt // sh
+        if phs >= PH:  # a row no tap reaches
+            for n in range(N):
+                gx[n, ci, ih, :] = 0.0
+            continue
         if sw == 2 and W % 2 == 0 and W >= 8:
             # both column phases hold W/2 (>= 4) columns: the row is one interleaving
             # transpose (measured, 2 threads, whole layer: resnet18 layer2.0.shortcut.0
@@ -167,9 +174,9 @@ def _unpack_channel(gxq, gx, ci, cs, sh, sw, ph, pw, Hq, Wq):
             # layer4.0.shortcut.0's input-gradient kernel 209 -> 142 us; narrower rows stay
             # element by element)
             pe = pw % 2  # the phase of the even columns
-            ae = ((cs * sh + phs) * sw + pe) * Hq + i
-            ao = ((cs * sh + phs) * sw + 1 - pe) * Hq + i
-            from_pair(gxq, ae * rs + (pw // 2) * N, ao * rs + ((1 + pw) // 2) * N, N, W // 2,
+            ae = (((cs * sh + phs) * sw + pe) * Hq + i) * rs + (pw // 2) * N
+            ao = (((cs * sh + phs) * sw + 1 - pe) * Hq + i) * rs + ((1 + pw) // 2) * N
+            from_pair(gxq, ae if pe < PW else zoff, ao if 1 - pe < PW else zoff, N, W // 2,
                       gxf, (ci * H + ih) * W, Ci * H * W)
             continue
         for pws in range(sw):
@@ -178,6 +185,12 @@ def _unpack_channel(gxq, gx, ci, cs, sh, sw, ph, pw, Hq, Wq):
                 continue
             j0 = (iw0 + pw) // sw
             cnt = (W - iw0 + sw - 1) // sw
+            if pws >= PW:
+                for n in range(N):
+                    dst = gx[n, ci, ih, iw0:]
+                    for q in range(cnt):
+                        dst[q * sw] = 0.0
+                continue
             cq = (cs * sh + phs) * sw + pws
             base = (cq * Hq + i) * rs + j0 * N
             src = gxq[base:base + cnt * N]  # (cnt, N) batch-last run
@@ -215,26 +228,35 @@ def fwd_csr(rowptr, code, val, xq, yb, y, bias, has_bias, OH, rs, nch):
 
 @dual
 def bwd_input_csc(colptr, col_code, c_row, c_val, gyb, gxq, gx, sh, sw, ph, pw, Hq, Wq, OH,
-                  OW, nch):
+                  OW, KH, KW, nch):
     """Input gradient with the compressed weight: for input channel ci, its phase planes
     += v * gyb[co block] at each kept tap's code offset (CSC columns are (ci, tap):
     4 entries of one column per pass into the same run), one contiguous run of
     RL = (OH-1)*rs + OW*N per tap (gyb's columns ow >= OW are zero, so the run may cross
     them; it never leaves ci's planes). Input channels go in ``nch`` static chunks, each
     accumulating its channels one after another in its own one-channel block
-    ``gxq[c*s2*plane:]`` (cache-resident), unpacked (padding dropped) into NCHW ``gx`` by the
-    same iteration. A scatter by ci: no race."""
+    ``gxq[c*(s2*plane + rs):]`` (cache-resident; its last ``rs`` floats a zero run), unpacked
+    (padding dropped) into NCHW ``gx`` by the same iteration. Planes of a phase no tap
+    reaches (a 1x1 stride-2 conv: 3 of 4) are neither zeroed nor read: their zeros go
+    straight to gx. A scatter by ci: no race."""
     N, Ci, H, W = gx.shape
     s2 = sh * sw
     rs = Wq * N
     plane = Hq * rs
     RL = (OH - 1) * rs + OW * N
     blk = OH * rs
-    KK = (colptr.size - 1) // Ci
+    KK = KH * KW
+    PH = min(sh, KH)
+    PW = min(sw, KW)
+    step = s2 * plane + rs
     for c in prange(nch):
-        planes = gxq[c * s2 * plane:(c + 1) * s2 * plane]
+        planes = gxq[c * step:(c + 1) * step]
+        planes[s2 * plane:] = 0.0
         for ci in range(Ci * c // nch, Ci * (c + 1) // nch):
-            planes[:] = 0.0
+            for phs in range(PH):
+                for pws in range(PW):
+                    q0 = (phs * sw + pws) * plane
+                    planes[q0:q0 + plane] = 0.0
             for tap in range(ci * KK, (ci + 1) * KK):
                 p = colptr[tap]
                 p1 = colptr[tap + 1]
@@ -242,7 +264,7 @@ def bwd_input_csc(colptr, col_code, c_row, c_val, gyb, gxq, gx, sh, sw, ph, pw, 
                     continue
                 a = col_code[tap] * N - ci * s2 * plane  # the (ci, tap) column's offset
                 gather_axpy(planes[a:a + RL], gyb, c_row, c_val, p, p1, blk, 0)
-            _unpack_channel(planes, gx, ci, 0, sh, sw, ph, pw, Hq, Wq)
+            _unpack_channel(planes, gx, ci, 0, sh, sw, ph, pw, Hq, Wq, PH, PW, s2 * plane)
 
 
 @njit(cache=True, nogil=True)
@@ -478,4 +500,4 @@ def col2im(gcol, codes, gxq, gx, kk, sh, sw, ph, pw, Hq, Wq, OH, L):
                 src = gcol[r, oh * L:(oh + 1) * L]
                 for t in range(L):
                     dst[t] += src[t]
-        _unpack_channel(gxq, gx, ci, ci, sh, sw, ph, pw, Hq, Wq)
+        _unpack_channel(gxq, gx, ci, ci, sh, sw, ph, pw, Hq, Wq, sh, sw, 0)

@@ -424,7 +424,8 @@ class Conv2d(Layer):
         else:
             b.bwd_in = S.pick(K.bwd_input_csc, int(flops * dens))
             b.bwd_in_nch = S.chunks(b.bwd_in, K.bwd_input_csc, self.cin)
-            b.gxq = workspace("gxq", b.bwd_in_nch * self.sh * self.sw * plane)  # per worker
+            # per worker: one channel's planes and a zero run (bwd_input_csc)
+            b.gxq = workspace("gxq", b.bwd_in_nch * (self.sh * self.sw * plane + rs))
         if b.fwd is None or b.gemm_w or b.gemm_in or (
                 not swat and b.rstride == L and self.groups == 1):  # see _dense_wgrad
             b.col = self._col(n)
@@ -553,7 +554,8 @@ class Conv2d(Layer):
             if sw is self._full and not self._full_built:
                 self._structure(False)
             b.bwd_in(sw.colptr, sw.col_code, sw.c_row, sw.c_val, b.gyb, b.gxq, gx, self.sh,
-                     self.sw, self.ph, self.pw, self.hq, self.wq, self.oh, self.ow, b.bwd_in_nch)
+                     self.sw, self.ph, self.pw, self.hq, self.wq, self.oh, self.ow, self.kh,
+                     self.kw, b.bwd_in_nch)
         else:
             gemm(self.params["weight"].reshape(self.cout, -1), b.gyb.reshape(self.cout, -1),
                  b.col, ta=True)
