@@ -429,6 +429,26 @@ def bench_memory_jit(models, batch: int, s: float, period: int, threads: int,
 
 
 # ----------------------------------------------------------------------------- main
+def _reference_period_lines(lay: list[dict]) -> list[str]:
+    """Per-layer medians at ALGORITHMS.md's reference top-K periods: convs at the benchmark's
+    period > 1 (reference 10-20), linear layers every step."""
+    out = []
+    for t, b, s in sorted({(r["threads"], r["batch"], r["sparsity"]) for r in lay
+                           if r["sparsity"]}):
+        sel = [r for r in lay if (r["threads"], r["batch"], r["sparsity"]) == (t, b, s)
+               and r["sparse"]]
+        periods = sorted({r.get("topk_period") or 1 for r in sel})
+        if len(periods) < 2:
+            continue
+        ref = [r for r in sel if (r.get("topk_period") or 1) == (
+            periods[-1] if r["op"] == "conv2d" else 1)]
+        sp = [r["speedup"] for r in ref]
+        out.append(f"  threads={t} batch={b} sparsity={s} at the reference periods (convs "
+                   f"{periods[-1]}, linear 1): median x{statistics.median(sp):.2f} "
+                   f"min x{min(sp):.2f} over {len(sp)} layers")
+    return out
+
+
 def summarise(records: list[dict]) -> list[str]:
     """Print (and return as lines) the per-layer medians and the whole-step speed-ups."""
     lines = ["Per-layer median speedup over the SWAT plan's sparse layers (torch_ms / ours_ms; "
@@ -453,6 +473,7 @@ def summarise(records: list[dict]) -> list[str]:
             f"({worst['model']} {worst['layer']}) max x{max(sp):.2f} over {len(sp)} layers"
             + (f"; own x{statistics.median(own):.2f}" if own else "")
             + (f"; pred x{statistics.median(pr):.2f}" if pr else ""))
+    lines += _reference_period_lines(lay)
     for r in records:
         if r.get("op") == "step":
             lines.append(
