@@ -316,9 +316,8 @@ class Conv2d(Layer):
         w2 = w.reshape(self.cout, -1)
         if self.mode == "swat":
             if self._thr < 0 or (training and self._steps % self.ls.topk_period == 0):
-                if b is None or b.wscratch is None:
-                    b = self._step_buffers(max(1, self._n))
-                self._thr = select_and_build(self, self._sw, w2, b.k_w, b.wscratch)
+                k = b.k_w if b else T.count_for_density(self.ls.weight_density, w.size)
+                self._thr = select_and_build(self, self._sw, w2, k, b.wscratch if b else None)
             else:
                 self._sw.build(w2, self._thr)
             if training:
@@ -421,7 +420,7 @@ class Conv2d(Layer):
         b.rstride = L if b.gemm_w else rs
         # stride-1 input gradient with few kept entries per (ci, tap) column (<= 8: a pass per
         # column reads and writes ci's plane for 1-3 of them at 95 % sparsity): all of a
-        # channel's taps in one pass, gy's channels with KH-1 zero rows between them
+        # channel's taps in one pass, gy's channels with zero rows between them
         # (bwd_input_taps); else a pass per column, channels back to back. Measured, 0.95,
         # 2 threads, whole layer A/B: resnet8's stride-1 convs 1.00-1.06x, femnist conv2
         # 1.04x, resnet18 layer1/2 1.02-1.05x; layer4.0.conv2 (26 a column) 0.96-1.00x
