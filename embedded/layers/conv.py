@@ -309,15 +309,14 @@ class Conv2d(Layer):
         return self.mode == "masked" and self.mask is not None
 
     # ------------------------------------------------------------------ compression
-    def _structure(self, training: bool, b: _StepBuffers | None = None) -> S.SparseWeight:
+    def _structure(self, training: bool, b: _StepBuffers) -> S.SparseWeight:
         """The compressed weight this step's forward and backward-input use (``b``: this
-        step's buffers, their weight top-K scratch)."""
+        step's buffers, their weight top-K's K and scratch)."""
         w = self.params["weight"]
         w2 = w.reshape(self.cout, -1)
         if self.mode == "swat":
             if self._thr < 0 or (training and self._steps % self.ls.topk_period == 0):
-                k = b.k_w if b else T.count_for_density(self.ls.weight_density, w.size)
-                self._thr = select_and_build(self, self._sw, w2, k, b.wscratch if b else None)
+                self._thr = select_and_build(self, self._sw, w2, b.k_w, b.wscratch)
             else:
                 self._sw.build(w2, self._thr)
             if training:
@@ -577,7 +576,7 @@ class Conv2d(Layer):
         if not b.gemm_in:
             sw = self._sw if (swat or masked) else self._full
             if sw is self._full and not self._full_built:
-                self._structure(False)
+                self._structure(False, b)
             if b.taps_in:
                 b.bwd_in(sw.colptr, sw.c_row, sw.c_val, b.gyb, b.gxq, gx, self.ph, self.pw,
                          self.hq, self.wq, self.kh, self.kw, b.bwd_in_nch, b.cstride // n,
