@@ -489,6 +489,32 @@ def summarise(records: list[dict]) -> list[str]:
     return lines
 
 
+def gemm_backends() -> dict:
+    """What the dense rows compare: the OpenBLAS kernels our dense GEMMs call (SciPy's
+    library; ``OPENBLAS_CORETYPE`` pins them where the machine sets it) and torch's CPU
+    capability (its oneDNN convolutions pick their own kernels)."""
+    import torch
+    from threadpoolctl import threadpool_info
+
+    import embedded.kernels.gemm  # noqa: F401  (loads SciPy's BLAS)
+
+    libs = [{k: i.get(k) for k in ("internal_api", "version", "architecture")}
+            | {"file": os.path.basename(i.get("filepath", ""))}
+            for i in threadpool_info() if i.get("user_api") == "blas"]
+    return {"ours": [b for b in libs if "scipy_openblas-" in b["file"]] or libs,
+            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def _backends_line(bk: dict) -> str:
+    ours = ", ".join(f"{b['internal_api']} {b['version']} {b['architecture']} kernels"
+                     for b in bk["ours"])
+    pin = bk["OPENBLAS_CORETYPE"]
+    return (f"Dense GEMMs (sparsity 0 rows, linear layers' GEMMs): {ours}"
+            + (f" (OPENBLAS_CORETYPE={pin} in the environment)" if pin else "")
+            + f"; torch CPU capability {bk['torch_cpu_capability']}")
+
+
 def write_md(path: str, records: list[dict], lines: list[str], argv) -> None:
     """A short markdown summary beside the JSON."""
     rows = ["| model | layer | sparsity | topk_period | ours ms | torch ms | speedup | "
@@ -558,12 +584,15 @@ def main(argv=None) -> int:
                                         periods[0], max(threads), jit=(s == 0.9),
                                         jit_models=["femnist_cnn"] if args.quick else None)
     lines = summarise(records)
+    backends = gemm_backends()
+    lines.append(_backends_line(backends))
+    print(lines[-1])
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"format": "sparsefl.bench.train_step/1", "records": records,
                        "argv": sys.argv[1:], "cpu_count": os.cpu_count(),
-                       "threading_layer": LAYER}, f,
+                       "threading_layer": LAYER, "gemm_backends": backends}, f,
                       indent=1)
         print(f"wrote {args.json}")
         md = os.path.splitext(args.json)[0] + ".md"
