@@ -490,9 +490,10 @@ def summarise(records: list[dict]) -> list[str]:
 
 
 def gemm_backends() -> dict:
-    """What the dense rows compare: the OpenBLAS kernels our dense GEMMs call (SciPy's
-    library; ``OPENBLAS_CORETYPE`` pins them where the machine sets it) and torch's CPU
-    capability (its oneDNN convolutions pick their own kernels)."""
+    """What the dense rows compare: the BLAS our dense GEMMs call (SciPy's library, OpenBLAS
+    in its wheels: which kernels it runs, which ``OPENBLAS_CORETYPE`` pins where the machine
+    sets it; every BLAS loaded if SciPy's is not told apart) and torch's CPU capability (its
+    oneDNN convolutions pick their own kernels)."""
     import torch
     from threadpoolctl import threadpool_info
 
