@@ -71,13 +71,13 @@ def weight_scratch(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     return (shared_hist(), workspace("cand", size).view(np.uint32), *window_counts())
 
 
-def weight_threshold(layer: Layer, w: np.ndarray, k: int, scratch=None) -> float:
+def weight_threshold(layer: Layer, w: np.ndarray, k: int, scratch: tuple) -> float:
     """The K-th largest |w| of a SWAT layer (exact). After the first refresh the last threshold
     is the guess of a one-pass windowed select (weights move little per step; a miss falls
     back to the histogram select, :func:`~embedded.kernels.topk.kth_largest_abs_near`):
     femnist fc1's 6.4 M weights, 2 threads: 3.1 -> 1.0 ms a refresh. ``scratch``:
-    :func:`weight_scratch` of ``w.size`` (looked up when None)."""
-    hist, cand, mc, above = scratch or weight_scratch(w.size)
+    :func:`weight_scratch` of ``w.size``."""
+    hist, cand, mc, above = scratch
     if layer._thr <= 0:
         layer._win = T.Window(0.01, 0.001)
         return T.kth_largest_abs(w, k, hist, cand)
@@ -89,8 +89,8 @@ def select_and_build(layer: Layer, sw: S.SparseWeight, w2: np.ndarray, k: int,
     """The K-th largest |w| of a SWAT layer (exact) and ``sw`` rebuilt at it. After the first
     refresh the select and the rebuild share one read of the weight
     (:func:`~embedded.kernels.select_build.refresh_near`); the first refresh, or a staging
-    region outgrown, selects (:func:`weight_threshold`) and then builds. ``scratch``: as for
-    :func:`weight_threshold`."""
+    region outgrown, selects (:func:`weight_threshold`) and then builds. ``scratch``:
+    :func:`weight_scratch` of ``w2.size`` (looked up when None)."""
     scratch = scratch or weight_scratch(w2.size)
     if layer._thr > 0:
         thr = refresh_near(sw, w2, k, layer._thr, layer._win, *scratch)
