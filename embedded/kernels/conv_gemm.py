@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from numba import prange
 
-from .microkernel import MR, NR, mk, mk_set
+from .microkernel import MR, NR, copy_row, gather_t16, mk, mk_set
 from .sparse import dual
 
 #: k values per microkernel call (a 32 KB B chunk stays in L1 across the row panels)
@@ -65,11 +65,9 @@ def conv_gemm(a, lda, aout, nin, ma, xq, codes, c, M, L, rs, N, kstep, bp, tile)
             oh = j0 // L
             s0 = j0 - oh * L
             if w == NR and s0 + NR <= L:  # the tile lies in one output row: contiguous runs
+                base = oh * rs + s0
                 for r in range(R):
-                    src = xq[codes[r] * N + oh * rs + s0:]
-                    dst = b[r * NR:(r + 1) * NR]
-                    for q in range(NR):
-                        dst[q] = src[q]
+                    copy_row(xq, codes[r] * N + base, b, r * NR)
             else:
                 for r in range(R):
                     base = codes[r] * N
@@ -139,22 +137,30 @@ def conv_gemm_wgrad(a, ma, xq, codes, c, M, J, L, rs, N, bp, tile):
             for jt in range(t0, t1):
                 r0 = jt * NR
                 w = min(NR, R - r0)
-                for q in range(NR):  # col's rows r0.., k0.. transposed into b
-                    if q < w:
-                        base = codes[r0 + q] * N
-                        k = k0
-                        while k < k0 + kc:
-                            oh = k // L
-                            s = k - oh * L
-                            run = min(L - s, k0 + kc - k)
-                            src = xq[base + oh * rs + s:]
-                            d = (k - k0) * NR + q
-                            for u in range(run):
-                                b[d + u * NR] = src[u]
-                            k += run
-                    else:
-                        for u in range(kc):
-                            b[u * NR + q] = 0.0
+                # col's rows r0.., columns k0.. transposed into b, one output row's run at a
+                # time: 16 x 16 blocks in registers, the rest one by one
+                k = k0
+                while k < k0 + kc:
+                    oh = k // L
+                    s = k - oh * L
+                    run = min(L - s, k0 + kc - k)
+                    base = oh * rs + s
+                    d = (k - k0) * NR
+                    u = 0
+                    if w == NR:
+                        while u + 16 <= run:
+                            gather_t16(xq, codes, r0, N, base + u, b, d + u * NR, NR)
+                            gather_t16(xq, codes, r0 + 16, N, base + u, b, d + u * NR + 16, NR)
+                            u += 16
+                    for q in range(NR):
+                        if q < w:
+                            src = xq[codes[r0 + q] * N + base:]
+                            for v in range(u, run):
+                                b[d + v * NR + q] = src[v]
+                        else:
+                            for v in range(u, run):
+                                b[d + v * NR + q] = 0.0
+                    k += run
                 for p in range(p0, p1):
                     i0 = p * MR
                     if w == NR and i0 + MR <= M:

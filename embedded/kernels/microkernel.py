@@ -140,3 +140,68 @@ def _make(accumulate: bool):
 mk = _make(True)
 #: the same, storing the sum (``=``, not ``+=``)
 mk_set = _make(False)
+
+
+@intrinsic
+def copy_row(typingctx, src, s0, dst, d0):
+    """``dst[d0:d0 + NR] = src[s0:s0 + NR]`` (float32) as two unaligned vector moves: one
+    row of a B panel (a Numba loop of 32 copies does not compile to that)."""
+    sig = types.void(src, s0, dst, d0)
+
+    def codegen(context, builder, signature, args):
+        sp = context.make_array(signature.args[0])(context, builder, args[0]).data
+        dp = context.make_array(signature.args[2])(context, builder, args[2]).data
+        s = context.cast(builder, args[1], signature.args[1], types.int64)
+        d = context.cast(builder, args[3], signature.args[3], types.int64)
+        for v in range(_NV):
+            off = ir.Constant(_I64, 16 * v)
+            x = builder.load(_vptr(builder, sp, builder.add(s, off)), align=4)
+            builder.store(x, _vptr(builder, dp, builder.add(d, off)), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _transpose16(builder, v):
+    """out[u][q] = v[q][u] for sixteen <16 x float> values: four rounds, each swapping the
+    off-diagonal h x h blocks of every 2h x 2h block (h = 8, 4, 2, 1)."""
+    v = list(v)
+    for h in (8, 4, 2, 1):
+        lo = ir.Constant(ir.VectorType(ir.IntType(32), 16),
+                         [j if j & h == 0 else 16 + j - h for j in range(16)])
+        hi = ir.Constant(ir.VectorType(ir.IntType(32), 16),
+                         [j + h if j & h == 0 else 16 + j for j in range(16)])
+        for i in range(16):
+            if i & h == 0:
+                a, b = v[i], v[i + h]
+                v[i] = builder.shuffle_vector(a, b, lo)
+                v[i + h] = builder.shuffle_vector(a, b, hi)
+    return v
+
+
+@intrinsic
+def gather_t16(typingctx, src, codes, r0, n, base, dst, d0, ds):
+    """A 16 x 16 block gathered transposed: ``dst[d0 + u*ds + q] = src[codes[r0 + q]*n + base
+    + u]`` for q, u < 16 (sixteen rows of 16 floats, transposed in registers)."""
+    sig = types.void(src, codes, r0, n, base, dst, d0, ds)
+
+    def codegen(context, builder, signature, args):
+        def i64(i):
+            return context.cast(builder, args[i], signature.args[i], types.int64)
+
+        sp = context.make_array(signature.args[0])(context, builder, args[0]).data
+        cp = context.make_array(signature.args[1])(context, builder, args[1]).data
+        dp = context.make_array(signature.args[5])(context, builder, args[5]).data
+        r0v, nv, bv, d0v, dsv = i64(2), i64(3), i64(4), i64(6), i64(7)
+        rows = []
+        for q in range(16):
+            code = builder.load(builder.gep(cp, [builder.add(r0v, ir.Constant(_I64, q))]))
+            off = builder.add(builder.mul(builder.sext(code, _I64) if code.type != _I64
+                                          else code, nv), bv)
+            rows.append(builder.load(_vptr(builder, sp, off), align=4))
+        for u, x in enumerate(_transpose16(builder, rows)):
+            off = builder.add(d0v, builder.mul(ir.Constant(_I64, u), dsv))
+            builder.store(x, _vptr(builder, dp, off), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
