@@ -50,12 +50,15 @@ def test_igemm_is_used_and_flipped_input_grad_where_allowed():
     """The default pick on this CPU, and the stride-1 input gradient by the flipped conv."""
     from embedded.kernels.microkernel import WIDE_VECTORS
 
-    layer, _, _ = _conv((16, 32, 8, 8, (3, 3), (1, 1), (1, 1), 1, False, 2))
+    layer, _, _ = _conv((16, 16, 8, 8, (3, 3), (1, 1), (1, 1), 1, False, 2))
     strided, _, _ = _conv((16, 32, 8, 8, (3, 3), (2, 2), (1, 1), 1, False, 2))
+    first, _, _ = _conv((3, 64, 8, 8, (3, 3), (1, 1), (1, 1), 1, False, 2))  # 27 taps a row
+    assert set(first.dense_impl.values()) == {"direct"}
     if WIDE_VECTORS:
         assert layer.dense_impl == {"forward": "igemm", "backward_input": "igemm",
                                     "backward_weight": "igemm"}
-        assert strided.dense_impl["backward_input"] == "gemm"
+        assert strided.dense_impl == {"forward": "igemm", "backward_input": "gemm",
+                                      "backward_weight": "igemm"}
     else:
         assert set(layer.dense_impl.values()) == {"gemm"}
 
