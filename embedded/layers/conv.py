@@ -4,10 +4,11 @@ Internal layout: the input is packed once per forward into batch-last, zero-padd
 stride-phase planes (see :mod:`embedded.kernels.conv_kernels`); the output is computed batch
 last and unpacked to NCHW.
 
-* ``dense``: a GEMM over the packed input (groups == 1): on CPUs with 512-bit vectors the
-  forward and a stride-1 input gradient gather im2col's columns tile by tile into the vector
-  microkernel (:mod:`embedded.kernels.conv_gemm`, "igemm"), elsewhere im2col + BLAS GEMM
-  ("gemm"); grouped/depthwise convs use the direct kernels with every tap kept.
+* ``dense``: GEMMs over the packed input (groups == 1): on CPUs with 512-bit vectors the
+  forward, the weight gradient and a stride-1 input gradient gather im2col's pieces tile by
+  tile into the vector microkernel (:mod:`embedded.kernels.conv_gemm`, "igemm"), elsewhere
+  im2col + BLAS GEMM ("gemm"); first layers (few input channels) and grouped/depthwise convs
+  use the direct kernels with every tap kept.
 * ``swat``: forward and backward-input with the compressed top-K weights (CSR by output
   channel, CSC by input channel, only kept taps are touched); the input's top-K magnitudes are
   kept (channel-grouped sparse activations) and the dense weight gradient is a scatter over
@@ -183,9 +184,9 @@ class Conv2d(Layer):
     """2-D convolution (torch semantics: weight (C_out, C_in/groups, kh, kw), optional bias)."""
 
     #: dense-mode implementation per phase: "direct" (the compressed kernels with every tap
-    #: kept), "gemm" (im2col + BLAS) or "igemm" (implicit im2col + the vector microkernel:
-    #: forward and stride-1 input gradient only); groups > 1 always use "direct". ``None``:
-    #: chosen per shape by :meth:`_dense_choice` (an instance may set its own dict).
+    #: kept), "gemm" (im2col + BLAS) or "igemm" (implicit im2col + the vector microkernel;
+    #: for the input gradient stride 1 only); groups > 1 always use "direct". ``None``:
+    #: chosen per shape by :meth:`_dense_impls` (an instance may set its own dict).
     dense_impl = None
     #: input channels a worker of the sparse weight-gradient scan walks together per input
     #: row (a cache-blocking factor; results do not depend on it): gy's rows around that row
