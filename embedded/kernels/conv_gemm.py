@@ -23,7 +23,7 @@ equal across thread counts.
 
 from __future__ import annotations
 
-from numba import prange
+from numba import njit, prange
 
 from .microkernel import MR, NR, copy_row, gather_t16, mk, mk_set
 from .sparse import dual
@@ -35,6 +35,24 @@ KC = 256
 def panels(m: int) -> int:
     """6-row panels of an ``m``-row A."""
     return (m + MR - 1) // MR
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _part(ntile, npan, t, nt):
+    """Part t of nt: its column tiles [t0, t1) and row panels [p0, p1) (the longer of the
+    two split, the other whole)."""
+    if ntile >= npan:
+        return ntile * t // nt, ntile * (t + 1) // nt, 0, npan
+    return 0, ntile, npan * t // nt, npan * (t + 1) // nt
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _tile(first, a, a0, lda, aout, nin, kc, b, b0, c, c0, ldc):
+    """One microkernel call: the tile set (``first`` k block) or accumulated."""
+    if first:
+        mk_set(a, a0, lda, 1, aout, nin, kc, b, b0, c, c0, ldc)
+    else:
+        mk(a, a0, lda, 1, aout, nin, kc, b, b0, c, c0, ldc)
 
 
 @dual
@@ -49,14 +67,8 @@ def conv_gemm(a, lda, aout, nin, ma, xq, codes, c, M, L, rs, N, kstep, bp, tile)
     nt = bp.shape[0]
     ntile = (NC + NR - 1) // NR
     npan = (M + MR - 1) // MR
-    by_cols = ntile >= npan
     for t in prange(nt):
-        if by_cols:
-            t0, t1 = ntile * t // nt, ntile * (t + 1) // nt
-            p0, p1 = 0, npan
-        else:
-            t0, t1 = 0, ntile
-            p0, p1 = npan * t // nt, npan * (t + 1) // nt
+        t0, t1, p0, p1 = _part(ntile, npan, t, nt)
         b = bp[t]
         sc = tile[t]
         for jt in range(t0, t1):
@@ -84,21 +96,12 @@ def conv_gemm(a, lda, aout, nin, ma, xq, codes, c, M, L, rs, N, kstep, bp, tile)
                 for p in range(p0, p1):
                     i0 = p * MR
                     if w == NR and i0 + MR <= M:
-                        if k0 == 0:
-                            mk_set(a, i0 * lda + ka, lda, 1, aout, nin, kc, b, k0 * NR, cf,
-                                   i0 * NC + j0, NC)
-                        else:
-                            mk(a, i0 * lda + ka, lda, 1, aout, nin, kc, b, k0 * NR, cf,
-                               i0 * NC + j0, NC)
+                        _tile(k0 == 0, a, i0 * lda + ka, lda, aout, nin, kc, b, k0 * NR, cf,
+                              i0 * NC + j0, NC)
                     else:  # an edge: into the scratch (rows shifted to stay inside A)
-                        so = (p - p0) * MR * NR
                         i1 = min(i0, ma - MR)
-                        if k0 == 0:
-                            mk_set(a, i1 * lda + ka, lda, 1, aout, nin, kc, b, k0 * NR, sc, so,
-                                   NR)
-                        else:
-                            mk(a, i1 * lda + ka, lda, 1, aout, nin, kc, b, k0 * NR, sc, so,
-                               NR)
+                        _tile(k0 == 0, a, i1 * lda + ka, lda, aout, nin, kc, b, k0 * NR, sc,
+                              (p - p0) * MR * NR, NR)
             for p in range(p0, p1):
                 i0 = p * MR
                 if not (w == NR and i0 + MR <= M):
@@ -122,14 +125,8 @@ def conv_gemm_wgrad(a, ma, xq, codes, c, M, J, L, rs, N, bp, tile):
     nt = bp.shape[0]
     ntile = (R + NR - 1) // NR
     npan = (M + MR - 1) // MR
-    by_cols = ntile >= npan
     for t in prange(nt):
-        if by_cols:
-            t0, t1 = ntile * t // nt, ntile * (t + 1) // nt
-            p0, p1 = 0, npan
-        else:
-            t0, t1 = 0, ntile
-            p0, p1 = npan * t // nt, npan * (t + 1) // nt
+        t0, t1, p0, p1 = _part(ntile, npan, t, nt)
         b = bp[t]
         sc = tile[t]
         for k0 in range(0, J, KC):
@@ -164,17 +161,12 @@ def conv_gemm_wgrad(a, ma, xq, codes, c, M, J, L, rs, N, bp, tile):
                 for p in range(p0, p1):
                     i0 = p * MR
                     if w == NR and i0 + MR <= M:
-                        if k0 == 0:
-                            mk_set(a, i0 * J + k0, J, 1, 0, J, kc, b, 0, cf, i0 * R + r0, R)
-                        else:
-                            mk(a, i0 * J + k0, J, 1, 0, J, kc, b, 0, cf, i0 * R + r0, R)
+                        _tile(k0 == 0, a, i0 * J + k0, J, 0, J, kc, b, 0, cf, i0 * R + r0, R)
                     else:  # an edge: its slot in the scratch (rows shifted to stay inside A)
                         slot = p - p0 if w < NR else npan + jt - t0
                         i1 = min(i0, ma - MR)
-                        if k0 == 0:
-                            mk_set(a, i1 * J + k0, J, 1, 0, J, kc, b, 0, sc, slot * MR * NR, NR)
-                        else:
-                            mk(a, i1 * J + k0, J, 1, 0, J, kc, b, 0, sc, slot * MR * NR, NR)
+                        _tile(k0 == 0, a, i1 * J + k0, J, 0, J, kc, b, 0, sc, slot * MR * NR,
+                              NR)
         for jt in range(t0, t1):
             r0 = jt * NR
             w = min(NR, R - r0)

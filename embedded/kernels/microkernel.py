@@ -6,8 +6,9 @@ weight whose taps of one output channel follow those of the previous one). Twelv
 ``<16 x float>`` accumulators are carried in phi nodes across the k loop (six broadcasts of A
 times two vectors of B, ``llvm.fma``), the same technique as :mod:`embedded.kernels.layout`'s
 transposes. Numba's own loops do not keep a 6 x 32 block in registers; written this way one
-thread reaches 247-251 GFLOP/s on this machine's AVX-512 cores with its operands in L1
-(OpenBLAS's AVX2 kernels, which the machine pins: ~110).
+thread reaches 234-240 GFLOP/s on this machine's AVX-512 cores with its operands in L1
+(OpenBLAS's AVX2 kernels, which the machine pins: ~110). Measured 6 x 32 against 4, 8, 10, 12
+and 14 rows: 203, 182, 120, 100, 92 GFLOP/s.
 
 The IR is portable (LLVM splits ``<16 x float>`` into the target's vectors), but twelve
 512-bit accumulators only fit the registers of a CPU with 512-bit vectors: on 128-bit NEON they
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import llvmlite.binding as llvm
 from llvmlite import ir
-from numba import types
+from numba import config, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -33,7 +34,12 @@ _I64 = ir.IntType(64)
 
 
 def _has_wide_vectors() -> bool:
-    feats = llvm.get_host_cpu_features()
+    if config.CPU_NAME not in (None, "host"):  # Numba told to compile for another CPU
+        return False
+    try:
+        feats = llvm.get_host_cpu_features()
+    except RuntimeError:  # llvmlite cannot read this host's features
+        return False
     return bool(feats.get("avx512f", False))
 
 
