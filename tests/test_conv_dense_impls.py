@@ -1,10 +1,12 @@
 """Conv2d's dense implementations, each forced, against torch autograd: "direct" (every tap
 through the compressed kernels), "gemm" (im2col + BLAS) and "igemm" (implicit im2col + the
-vector microkernel, :mod:`embedded.kernels.conv_gemm`; forward and stride-1 input gradient).
+vector microkernel, :mod:`embedded.kernels.conv_gemm`; forward, weight gradient and stride-1
+input gradient).
 
 The shapes put the microkernel's edges to work: output channels not a multiple of its 6 rows,
 column tiles crossing an output row and the last tile short, a reduction longer than one
-k block (KC), more row panels than column tiles (the split by rows) and fewer.
+k block (KC), more row panels than column tiles (the split by rows) and fewer, and A with fewer
+than 6 rows (zero-padded: 4 output channels, 4 input channels for the input gradient).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from embedded.kernels import sparse
 # (cin, cout, h, w, kernel, stride, padding, groups, bias, batch)
 CASES = [c for c in CONV_CASES if c[7] == 1] + [
     (32, 13, 7, 9, (3, 3), (1, 1), (1, 1), 1, True, 3),   # R = 288 > KC; 13 rows: an edge panel
-    (8, 7, 6, 6, (1, 1), (1, 1), (1, 1), 1, False, 2),    # padding = kernel: no flipped conv
+    (8, 7, 6, 6, (1, 1), (1, 1), (1, 1), 1, False, 2),    # padding >= kernel: no flipped conv
+    (4, 12, 6, 7, (3, 3), (1, 1), (1, 1), 1, True, 2),    # 4 input channels: A' padded
     (40, 70, 5, 5, (3, 3), (1, 1), (0, 0), 1, True, 2),   # 12 row panels, 1 column tile
     (6, 8, 11, 8, (3, 3), (1, 1), (2, 1), 1, False, 5),   # uneven padding, rows of 40 columns
     (16, 20, 8, 8, (3, 3), (1, 1), (1, 1), 1, True, 4),   # rows of 32 columns: whole tiles
