@@ -386,13 +386,12 @@ print(json.dumps(dict(first_s=jit, second_s=second, base_rss=base, peak_rss=peak
 def child(side: str, model: str, batch: int, s: float, period: int, threads: int,
           fresh_cache: bool) -> dict:
     env = dict(os.environ)
-    tmp = None
-    if fresh_cache:
-        tmp = tempfile.mkdtemp(prefix="numba_cache_")
-        env["NUMBA_CACHE_DIR"] = tmp
     code = _CHILD.format(root=ROOT, args=(side, model, batch, s, period, threads))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       timeout=900)
+    with tempfile.TemporaryDirectory(prefix="numba_cache_") as tmp:  # removed afterwards
+        if fresh_cache:
+            env["NUMBA_CACHE_DIR"] = tmp
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=env, timeout=900)
     if r.returncode != 0:
         raise RuntimeError(f"child {side} {model} failed: {r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
