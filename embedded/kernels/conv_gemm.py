@@ -50,9 +50,18 @@ def _part(ntile, npan, t, nt):
 def _tile(first, a, a0, lda, aout, nin, kc, b, b0, c, c0, ldc):
     """One microkernel call: the tile set (``first`` k block) or accumulated."""
     if first:
-        mk_set(a, a0, lda, 1, aout, nin, kc, b, b0, c, c0, ldc)
+        mk_set(a, a0, lda, aout, nin, kc, b, b0, c, c0, ldc)
     else:
-        mk(a, a0, lda, 1, aout, nin, kc, b, b0, c, c0, ldc)
+        mk(a, a0, lda, aout, nin, kc, b, b0, c, c0, ldc)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _edge_out(sc, so, i0, i1, M, w, c, ldc, col0):
+    """An edge tile's rows i0.. (below M; computed from row i1 <= i0 on) and first w columns
+    from the scratch ``sc[so:]`` into ``c`` at column col0."""
+    for i in range(i0, min(i0 + MR, M)):
+        for q in range(w):
+            c[i * ldc + col0 + q] = sc[so + (i - i1) * NR + q]
 
 
 @dual
@@ -105,11 +114,7 @@ def conv_gemm(a, lda, aout, nin, ma, xq, codes, c, M, L, rs, N, kstep, bp, tile)
             for p in range(p0, p1):
                 i0 = p * MR
                 if not (w == NR and i0 + MR <= M):
-                    so = (p - p0) * MR * NR
-                    i1 = min(i0, ma - MR)
-                    for i in range(i0, min(i0 + MR, M)):
-                        for q in range(w):
-                            cf[i * NC + j0 + q] = sc[so + (i - i1) * NR + q]
+                    _edge_out(sc, (p - p0) * MR * NR, i0, min(i0, ma - MR), M, w, cf, NC, j0)
 
 
 @dual
@@ -174,7 +179,4 @@ def conv_gemm_wgrad(a, ma, xq, codes, c, M, J, L, rs, N, bp, tile):
                 i0 = p * MR
                 if not (w == NR and i0 + MR <= M):
                     slot = p - p0 if w < NR else npan + jt - t0
-                    i1 = min(i0, ma - MR)
-                    for i in range(i0, min(i0 + MR, M)):
-                        for q in range(w):
-                            cf[i * R + r0 + q] = sc[slot * MR * NR + (i - i1) * NR + q]
+                    _edge_out(sc, slot * MR * NR, i0, min(i0, ma - MR), M, w, cf, R, r0)

@@ -26,6 +26,9 @@ from numba import config, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .layout import _ints
+from .vecblock import splat
+
 #: rows and columns of the register tile
 MR, NR = 6, 32
 _NV = NR // 16
@@ -54,27 +57,23 @@ def _vptr(builder, base, off):
 
 def _make(accumulate: bool):
     """The microkernel intrinsic: the ``c`` tile ``+=`` (``accumulate``) or ``=`` A times B."""
-    def f(typingctx, a, a0, lda, ainc, aout, nin, nk, b, b0, c, c0, ldc):
-        sig = types.void(a, a0, lda, ainc, aout, nin, nk, b, b0, c, c0, ldc)
+    def f(typingctx, a, a0, lda, aout, nin, nk, b, b0, c, c0, ldc):
+        sig = types.void(a, a0, lda, aout, nin, nk, b, b0, c, c0, ldc)
 
         def codegen(context, builder, signature, args):
-            def i64(i):
-                return context.cast(builder, args[i], signature.args[i], types.int64)
-
-            a0v, ldav, aincv, aoutv, ninv, nkv, b0v, c0v, ldcv = (
-                i64(1), i64(2), i64(3), i64(4), i64(5), i64(6), i64(8), i64(10), i64(11))
+            a0v, ldav, aoutv, ninv, nkv, b0v, c0v, ldcv = _ints(
+                context, builder, signature, args, (1, 2, 3, 4, 5, 7, 9, 10))
             ap = context.make_array(signature.args[0])(context, builder, args[0]).data
-            bp = context.make_array(signature.args[7])(context, builder, args[7]).data
-            cp = context.make_array(signature.args[9])(context, builder, args[9]).data
+            bp = context.make_array(signature.args[6])(context, builder, args[6]).data
+            cp = context.make_array(signature.args[8])(context, builder, args[8]).data
             fma = cgutils.get_or_insert_function(builder.module,
                                                  ir.FunctionType(_V, [_V] * 3),
                                                  "llvm.fma.v16f32")
             zero = ir.Constant(_V, [0.0] * 16)
-            bcast = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
             c64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
             # A's row offsets, and the jump at the end of an inner run
             rows = [builder.add(a0v, builder.mul(c64(i), ldav)) for i in range(MR)]
-            jump = builder.sub(aoutv, builder.mul(ninv, aincv))
+            jump = builder.sub(aoutv, ninv)
             pre = builder.block
             loop = builder.function.append_basic_block("mk.loop")
             done = builder.function.append_basic_block("mk.done")
@@ -97,17 +96,14 @@ def _make(accumulate: bool):
                   for v in range(_NV)]
             new = []
             for i in range(MR):
-                x = builder.load(builder.gep(ap, [builder.add(rows[i], ao)]))
-                av = builder.insert_element(ir.Constant(_V, ir.Undefined), x,
-                                            ir.Constant(ir.IntType(32), 0))
-                av = builder.shuffle_vector(av, ir.Constant(_V, ir.Undefined), bcast)
+                av = splat(builder, builder.load(builder.gep(ap, [builder.add(rows[i], ao)])), _V)
                 for v in range(_NV):
                     new.append(builder.call(fma, [av, bv[v], acc[i * _NV + v]]))
             k1 = builder.add(k, c64(1))
             q1 = builder.add(q, c64(1))
             wrap = builder.icmp_signed("==", q1, ninv)
             q2 = builder.select(wrap, c64(0), q1)
-            ao2 = builder.add(builder.add(ao, aincv), builder.select(wrap, jump, c64(0)))
+            ao2 = builder.add(builder.add(ao, c64(1)), builder.select(wrap, jump, c64(0)))
             bo2 = builder.add(bo, c64(NR))
             end = builder.block
             k.add_incoming(k1, end)
@@ -138,11 +134,11 @@ def _make(accumulate: bool):
     return intrinsic(f)
 
 
-#: ``mk(a, a0, lda, ainc, aout, nin, nk, b, b0, c, c0, ldc)``: for i < MR, j < NR,
+#: ``mk(a, a0, lda, aout, nin, nk, b, b0, c, c0, ldc)``: for i < MR, j < NR,
 #: ``c[c0 + i*ldc + j] += sum_{k<nk} A[i, k] * b[b0 + k*NR + j]`` with A read in place:
-#: ``A[i, k] = a[a0 + i*lda + (k // nin)*aout + (k % nin)*ainc]`` (a packed panel: lda 1,
-#: ainc MR, nin >= nk; a row-major matrix: lda its row stride, ainc 1; runs of ``nin`` apart
-#: by ``aout``: a conv weight's taps of one output channel after another)
+#: ``A[i, k] = a[a0 + i*lda + (k // nin)*aout + k % nin]`` (a row-major matrix: lda its row
+#: stride, nin >= nk; runs of ``nin`` apart by ``aout``: a conv weight's taps of one output
+#: channel after another)
 mk = _make(True)
 #: the same, storing the sum (``=``, not ``+=``)
 mk_set = _make(False)
@@ -157,8 +153,7 @@ def copy_row(typingctx, src, s0, dst, d0):
     def codegen(context, builder, signature, args):
         sp = context.make_array(signature.args[0])(context, builder, args[0]).data
         dp = context.make_array(signature.args[2])(context, builder, args[2]).data
-        s = context.cast(builder, args[1], signature.args[1], types.int64)
-        d = context.cast(builder, args[3], signature.args[3], types.int64)
+        s, d = _ints(context, builder, signature, args, (1, 3))
         for v in range(_NV):
             off = ir.Constant(_I64, 16 * v)
             x = builder.load(_vptr(builder, sp, builder.add(s, off)), align=4)
@@ -192,13 +187,10 @@ def gather_t16(typingctx, src, codes, r0, n, base, dst, d0, ds):
     sig = types.void(src, codes, r0, n, base, dst, d0, ds)
 
     def codegen(context, builder, signature, args):
-        def i64(i):
-            return context.cast(builder, args[i], signature.args[i], types.int64)
-
         sp = context.make_array(signature.args[0])(context, builder, args[0]).data
         cp = context.make_array(signature.args[1])(context, builder, args[1]).data
         dp = context.make_array(signature.args[5])(context, builder, args[5]).data
-        r0v, nv, bv, d0v, dsv = i64(2), i64(3), i64(4), i64(6), i64(7)
+        r0v, nv, bv, d0v, dsv = _ints(context, builder, signature, args, (2, 3, 4, 6, 7))
         rows = []
         for q in range(16):
             code = builder.load(builder.gep(cp, [builder.add(r0v, ir.Constant(_I64, q))]))

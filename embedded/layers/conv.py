@@ -436,16 +436,16 @@ class Conv2d(Layer):
                              f"{self.groups}, stride {(self.sh, self.sw)}, padding "
                              f"{(self.ph, self.pw)}")
 
-    def _igemm_buffers(self, m: int, r: int, flops: int, pad_shape: tuple) -> tuple:
-        """conv_gemm's kernel and scratch for an (m x r) A: the weight zero-padded to
-        ``pad_shape`` if m < 6 (else None), and in shared workspaces one B panel (r x 32) and
-        one row of edge tiles per part."""
-        kern = S.pick(CG.conv_gemm, flops)
-        parts = S.chunks(kern, CG.conv_gemm, 1 << 30)
-        npan = CG.panels(m)
+    def _igemm_buffers(self, pair, m: int, b_rows: int, slots: int, flops: int,
+                       pad_shape: tuple) -> tuple:
+        """A conv_gemm kernel (picked from ``pair``) and its scratch for an m-row A: A
+        zero-padded to ``pad_shape`` if m < 6 (else None), and in shared workspaces per part
+        one B panel (``b_rows`` x 32) and ``slots`` edge tiles."""
+        kern = S.pick(pair, flops)
+        parts = S.chunks(kern, pair, 1 << 30)
         apad = np.zeros(pad_shape, np.float32) if m < MR else None
-        bp = workspace("ig_b", parts * r * NR).reshape(parts, r * NR)
-        tiles = workspace("ig_t", parts * npan * MR * NR).reshape(parts, npan * MR * NR)
+        bp = workspace("ig_b", parts * b_rows * NR).reshape(parts, -1)
+        tiles = workspace("ig_t", parts * slots * MR * NR).reshape(parts, -1)
         return kern, apad, bp, tiles
 
     def _bind(self, n: int) -> _StepBuffers:
@@ -485,8 +485,9 @@ class Conv2d(Layer):
         else:
             b.yb = workspace("yb", self.cout * self.oh * L)  # batch-last output
             if self.dense_impl["forward"] == "igemm":
+                r = self.cin * self.kk
                 b.igemm, b.apad, b.bp, b.tiles = self._igemm_buffers(
-                    self.cout, self.cin * self.kk, flops, (MR, self.cin * self.kk))
+                    CG.conv_gemm, self.cout, r, CG.panels(self.cout), flops, (MR, r))
         # direct kernels read gy in the extended row layout (stride rs), GEMM in (stride L)
         b.gemm_w = not swat and not masked and self.groups == 1 and \
             self.dense_impl["backward_weight"] in ("gemm", "igemm")
@@ -514,7 +515,8 @@ class Conv2d(Layer):
             b.gxq = workspace("gxq", nq)
             if self.dense_impl["backward_input"] == "igemm":
                 b.igemm_in, b.apad_in, b.bp_in, b.tiles_in = self._igemm_buffers(
-                    self.cin, self.cout * self.kk, flops, (self.cout, MR, self.kk))
+                    CG.conv_gemm, self.cin, self.cout * self.kk, CG.panels(self.cin), flops,
+                    (self.cout, MR, self.kk))
                 b.gyq = workspace("gyq", self.cout * self._hqt * self._wqt * n)
         elif b.taps_in:
             b.bwd_in = S.pick(K.bwd_input_taps, int(flops * dens))
@@ -529,14 +531,10 @@ class Conv2d(Layer):
             # per worker: one channel's planes and a zero run (bwd_input_csc)
             b.gxq = workspace("gxq", b.bwd_in_nch * (self.sh * self.sw * plane + rs))
         if b.gemm_w and self.dense_impl["backward_weight"] == "igemm":
-            kern = S.pick(CG.conv_gemm_wgrad, flops)
-            parts = S.chunks(kern, CG.conv_gemm_wgrad, 1 << 30)
-            r = self.cin * self.kk
-            slots = CG.panels(self.cout) + -(-r // NR)
-            b.igemm_w = kern
-            b.bp_w = workspace("ig_bw", parts * CG.KC * NR).reshape(parts, CG.KC * NR)
-            b.tiles_w = workspace("ig_tw", parts * slots * MR * NR).reshape(parts, -1)
-            b.apad_w = (np.zeros((MR, self.oh * L), np.float32) if self.cout < MR else None)
+            # edge slots: one per row panel and one per column tile (see conv_gemm_wgrad)
+            slots = CG.panels(self.cout) + -(-self.cin * self.kk // NR)
+            b.igemm_w, b.apad_w, b.bp_w, b.tiles_w = self._igemm_buffers(
+                CG.conv_gemm_wgrad, self.cout, CG.KC, slots, flops, (MR, self.oh * L))
         # im2col's matrix, for the phases that run the explicit "gemm" (and _dense_wgrad's
         # im2col + GEMM when the direct kernels' gy rows happen to be L long)
         impl = self.dense_impl
