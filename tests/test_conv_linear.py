@@ -27,6 +27,10 @@ CONV_CASES = [
     (7, 9, 6, 5, (5, 5), (1, 1), (2, 2), 1, True, 3),     # odd channels, 5x5 'same'
     (6, 4, 10, 10, (1, 1), (2, 2), (0, 0), 1, False, 2),  # 1x1 stride 2 (shortcut)
     (19, 20, 6, 6, (1, 1), (2, 2), (0, 0), 1, False, 2),  # 1x1, 8x8 transpose blocks + rest
+    # rows of OW * batch a multiple of 16: the kernels' row-by-row runs (padding columns
+    # skipped), stride 2 (input gradient by column) and stride 1 (all taps of a channel)
+    (5, 7, 9, 8, (3, 3), (2, 2), (1, 1), 1, False, 4),
+    (6, 10, 5, 8, (3, 3), (1, 1), (1, 1), 1, True, 4),
 ]
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from numba import njit, prange
 
 from .layout import from_grid, from_pair, to_grid
-from .sparse import compact_kept, dual, gather_axpy
+from .sparse import compact_kept, dual, gather_axpy, gather_axpy_rows
 
 
 # ----------------------------------------------------------------------------- layout
@@ -210,10 +210,11 @@ def _unpack_channel(gxq, gx, ci, cs, sh, sw, ph, pw, Hq, Wq, PH, PW, zoff):
 def fwd_csr(rowptr, code, val, xq, yb, y, bias, has_bias, OH, rs, nch):
     """y[:, co] = bias + sum over kept (code, v) of row co: v * xq[code*N : code*N + RL].
 
-    The whole output block of channel co is one contiguous run of RL = (OH-1)*rs + OW*N
-    elements (row stride rs = Wq*N: the columns ow >= OW in between are computed and
-    ignored), so each kept tap is one long axpy (8, 4, then 1 taps per pass:
-    :func:`~embedded.kernels.sparse.gather_axpy`). The block is then unpacked to NCHW ``y`` by
+    The whole output block of channel co is one run of RL = (OH-1)*rs + OW*N elements (row
+    stride rs = Wq*N), so each kept tap is one axpy over it (8, 4, then 1 taps per pass:
+    :func:`~embedded.kernels.sparse.gather_axpy_rows`: row by row, skipping the columns
+    ow >= OW in between, when OW*N is a multiple of 16; else one long axpy that computes
+    and ignores them). The block is then unpacked to NCHW ``y`` by
     the same iteration. Output channels go in ``nch`` static chunks, each computing its
     channels one after another in its own block ``yb[c*OH*rs:]`` (cache-resident: the
     step touches no batch-last copy of the whole output).
@@ -226,7 +227,8 @@ def fwd_csr(rowptr, code, val, xq, yb, y, bias, has_bias, OH, rs, nch):
         out = yb[c * blk:c * blk + RL]
         for co in range(Co * c // nch, Co * (c + 1) // nch):
             out[:] = 0.0
-            gather_axpy(out, xq, code, val, rowptr[co], rowptr[co + 1], N, 0)
+            gather_axpy_rows(out, xq, code, val, rowptr[co], rowptr[co + 1], N, 0, OH, rs,
+                             OW * N)
             b = bias[co] if has_bias else np.float32(0.0)
             from_grid(out, 0, rs, N, OW, N, OH * OW, yf, co * OH * OW, Co * OH * OW, b)
 
@@ -236,9 +238,10 @@ def bwd_input_csc(colptr, col_code, c_row, c_val, gyb, gxq, gx, sh, sw, ph, pw, 
                   OW, KH, KW, nch):
     """Input gradient with the compressed weight: for input channel ci, its phase planes
     += v * gyb[co block] at each kept tap's code offset (CSC columns are (ci, tap):
-    4 entries of one column per pass into the same run), one contiguous run of
+    4 entries of one column per pass into the same run), one run of
     RL = (OH-1)*rs + OW*N per tap (gyb's columns ow >= OW are zero, so the run may cross
-    them; it never leaves ci's planes). Input channels go in ``nch`` static chunks, each
+    them, or skip them: :func:`~embedded.kernels.sparse.gather_axpy_rows`; it never leaves
+    ci's planes). Input channels go in ``nch`` static chunks, each
     accumulating its channels one after another in its own one-channel block
     ``gxq[c*(s2*plane + rs):]`` (cache-resident; its last ``rs`` floats a zero run), unpacked
     (padding dropped) into NCHW ``gx`` by the same iteration. Planes of a phase no tap
@@ -268,7 +271,8 @@ def bwd_input_csc(colptr, col_code, c_row, c_val, gyb, gxq, gx, sh, sw, ph, pw, 
                 if p == p1:
                     continue
                 a = col_code[tap] * N - ci * s2 * plane  # the (ci, tap) column's offset
-                gather_axpy(planes[a:a + RL], gyb, c_row, c_val, p, p1, blk, 0)
+                gather_axpy_rows(planes[a:a + RL], gyb, c_row, c_val, p, p1, blk, 0, OH, rs,
+                                 OW * N)
             _unpack_channel(planes, gx, ci, 0, sh, sw, ph, pw, Hq, Wq, PH, PW, s2 * plane)
 
 
@@ -277,7 +281,8 @@ def bwd_input_taps(colptr, c_row, c_val, gyb, gxq, gx, ph, pw, Hq, Wq, KH, KW, n
                    offs, vals):
     """Stride-1 input gradient with ALL kept taps of input channel ci in one gather pass:
     gx[ci] at padded position (i, j) = sum over kept (co, kh, kw) of v * gy[co, i-kh, j-kw],
-    i.e. one run over ci's plane (its rows ph.. and columns pw.. that unpack to gx) reading,
+    i.e. one run over ci's plane (its rows ph.. and columns pw.. that unpack to gx, the
+    padding columns between them skipped when W*N is a multiple of 16) reading,
     per entry, gy's channel block shifted up kh rows and left kw columns. gyb holds zero rows
     around every channel and zero columns ow >= OW (:func:`pack_grad_out`, channel co at
     ``lead + co*cw*N``: gaps of KH-1-ph rows, one more row before channel 0), so every
@@ -311,7 +316,7 @@ def bwd_input_taps(colptr, c_row, c_val, gyb, gxq, gx, ph, pw, Hq, Wq, KH, KW, n
                     j += 1
             run = pl[st:st + ln]
             run[:] = 0.0
-            gather_axpy(run, gyb, of, vl, 0, j, N, lead + st)
+            gather_axpy_rows(run, gyb, of, vl, 0, j, N, lead + st, H, rs, W * N)
             _unpack_channel(pl, gx, ci, 0, 1, 1, ph, pw, Hq, Wq, 1, 1, 0)
 
 

@@ -125,25 +125,9 @@ def gather_axpy(dst, src, offs, vals, p, p1, scale, base):
     loops)."""
     ln = dst.size
     if ln >= 16 and ln < SHORT_RUN:
-        nb = ln - ln % 16
-        q = p
-        while q + 8 <= p1:
-            for t0 in range(0, nb, 16):
-                block_axpy8(dst, t0, src, offs, vals, q, scale, base)
-            q += 8
-        while q + 4 <= p1:
-            for t0 in range(0, nb, 16):
-                block_axpy4(dst, t0, src, offs, vals, q, scale, base)
-            q += 4
-        if q + 3 == p1:
-            for t0 in range(0, nb, 16):
-                block_axpy3(dst, t0, src, offs, vals, q, scale, base)
-        elif q + 2 == p1:
-            for t0 in range(0, nb, 16):
-                block_axpy2(dst, t0, src, offs, vals, q, scale, base)
-        elif q + 1 == p1:
-            for t0 in range(0, nb, 16):
-                block_axpy1(dst, t0, src, offs, vals, q, scale, base)
+        nb = ln // 16
+        _block_passes(dst, 1, 0, nb, src, offs, vals, p, p1, scale, base)
+        nb *= 16
         if nb == ln:
             return
     else:
@@ -151,6 +135,40 @@ def gather_axpy(dst, src, offs, vals, p, p1, scale, base):
     # one inlined copy of the loops (the whole run, or a short run's tail): each copy costs
     # compile time in every kernel
     _axpy_loops(dst[nb:], src, offs, vals, p, p1, scale, base + nb)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def gather_axpy_rows(dst, src, offs, vals, p, p1, scale, base, nrows, rs, rlen):
+    """:func:`gather_axpy` on the ``nrows`` rows of ``rlen`` floats, ``rs`` apart, of the run
+    ``dst`` (from the first row's start to the last row's end): when ``rlen`` is a multiple of
+    16 the floats between the rows (a batch-last plane's padding columns) are neither read nor
+    written (the same sums, bit for bit, on the rows), else the whole run goes through
+    :func:`gather_axpy`. Measured, SWAT 0.95, 2 threads, batch 16, whole conv layer fwd+bwd
+    A/B in one process: resnet18 layer4 (4x4 maps: 37 % of a run is padding) 1.12-1.13x,
+    layer3 1.07x, layer1/2 1.02-1.06x, resnet8 1.02-1.07x, femnist conv2 1.09x."""
+    if rlen % 16 == 0 and rlen < dst.size:
+        _block_passes(dst, nrows, rs, rlen // 16, src, offs, vals, p, p1, scale, base)
+    else:
+        gather_axpy(dst, src, offs, vals, p, p1, scale, base)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _block_passes(dst, nrows, rs, nb, src, offs, vals, p, p1, scale, base):
+    """gather_axpy's passes (8, then 4, then the last 3, 2 or 1 entries) over ``nb`` 16-float
+    blocks of each of ``nrows`` rows ``rs`` apart (:mod:`.vecblock`)."""
+    q = p
+    while q + 8 <= p1:
+        block_axpy8(dst, 0, nrows, rs, nb, src, offs, vals, q, scale, base)
+        q += 8
+    while q + 4 <= p1:
+        block_axpy4(dst, 0, nrows, rs, nb, src, offs, vals, q, scale, base)
+        q += 4
+    if q + 3 == p1:
+        block_axpy3(dst, 0, nrows, rs, nb, src, offs, vals, q, scale, base)
+    elif q + 2 == p1:
+        block_axpy2(dst, 0, nrows, rs, nb, src, offs, vals, q, scale, base)
+    elif q + 1 == p1:
+        block_axpy1(dst, 0, nrows, rs, nb, src, offs, vals, q, scale, base)
 
 
 @njit(cache=True, nogil=True, inline="always")

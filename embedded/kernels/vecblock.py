@@ -1,15 +1,21 @@
-"""One 16-float block of a sparse kernel's multi-entry axpy, as explicit LLVM vector IR.
+"""Runs of 16-float blocks of a sparse kernel's multi-entry axpy, as explicit LLVM vector IR.
 
-``block_axpy[m](dst, d, src, offs, vals, p, scale, base)`` adds, for the m entries
-``p .. p+m-1``, ``vals[i] * src[base + offs[i]*scale + d : +16]`` to ``dst[d : d+16]`` with the
+``block_axpy[m](dst, d, nrows, rs, nb, src, offs, vals, p, scale, base)`` adds, for the m
+entries ``p .. p+m-1`` and every block start ``t = d + r*rs + 16*b`` (``r < nrows``,
+``b < nb``), ``vals[i] * src[base + offs[i]*scale + t : +16]`` to ``dst[t : t+16]``, with the
 same expression tree as :func:`~embedded.kernels.sparse.gather_axpy`'s loops (bit for bit).
+The m source addresses and broadcast values are worked out once, before the loop over the
+blocks (rows of a batch-last plane: a conv run skips the padding columns between them).
 
 Why: Numba's loops over slices are vectorised by LLVM with run-time alias checks between the
 destination and every source slice, a wide unrolled main loop and an epilogue; on a short run
 (the weight-gradient scan's 48 floats for 16 output channels, a linear layer's 16 samples)
 that set-up dominates. Measured on this machine, one pass of 8 entries over 48 floats: 138 ps
-a multiply-add through the loop, 38 ps through these blocks (1 entry: 966 vs 80 ps); from
-~200 floats on the loop is faster (LLVM unrolls it), so the blocks serve short runs only.
+a multiply-add through the loop, 38 ps through one block per call (1 entry: 966 vs 80 ps).
+The addresses are hoisted out of the block loop because LLVM cannot (a block's store may
+alias ``offs`` and ``vals`` for all it knows, so one block per call reloaded them every
+block): 8 entries over 48-1024 floats, src in L1, 12-31 ps a multiply-add against 22-37 ps
+one block per call and 14-47 ps through the loops (same run, noisy host).
 
 Portable: ``<16 x float>`` is generic LLVM IR (two 256-bit or one 512-bit register on x86,
 four NEON registers on ARM); no target intrinsics. No bounds checks (raw pointers): callers
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 W = 16  #: floats per block
@@ -47,13 +54,13 @@ def _sum_tree(builder, t):
 
 
 def _make(m: int):
-    def f(typingctx, dst, d, src, offs, vals, p, scale, base):
+    def f(typingctx, dst, d, nrows, rs, nb, src, offs, vals, p, scale, base):
         if not all(isinstance(a, types.Array) for a in (dst, src, offs, vals)):
             return None
         if not (dst.dtype == src.dtype == vals.dtype == types.float32
                 and isinstance(offs.dtype, types.Integer)):
             return None
-        sig = types.void(dst, d, src, offs, vals, p, scale, base)
+        sig = types.void(dst, d, nrows, rs, nb, src, offs, vals, p, scale, base)
 
         def codegen(context, builder, signature, args):
             def data(i):
@@ -62,22 +69,28 @@ def _make(m: int):
             def i64(i):
                 return context.cast(builder, args[i], signature.args[i], types.int64)
 
-            dp, sp, op, vp = data(0), data(2), data(3), data(4)
-            dv, pv, sc, bv = i64(1), i64(5), i64(6), i64(7)
-            otype = signature.args[3].dtype
-            terms = []
-            for k in range(m):
+            dp, sp, op, vp = data(0), data(5), data(6), data(7)
+            dv, nr, rsv, nbv, pv, sc, bv = (i64(i) for i in (1, 2, 3, 4, 8, 9, 10))
+            otype = signature.args[6].dtype
+            srcs, splats = [], []
+            for k in range(m):  # the entries' source runs and values, once
                 idx = builder.add(pv, ir.Constant(_I64, k))
                 o = context.cast(builder, builder.load(builder.gep(op, [idx])), otype,
                                  types.int64)
-                a = builder.add(builder.add(bv, builder.mul(o, sc)), dv)
-                s = builder.load(builder.bitcast(builder.gep(sp, [a]), _V.as_pointer()),
-                                 align=4)
-                v = builder.load(builder.gep(vp, [idx]))
-                terms.append(builder.fmul(splat(builder, v, _V), s))
-            dptr = builder.bitcast(builder.gep(dp, [dv]), _V.as_pointer())
-            out = builder.fadd(builder.load(dptr, align=4), _sum_tree(builder, terms))
-            builder.store(out, dptr, align=4)
+                srcs.append(builder.gep(sp, [builder.add(builder.add(bv, builder.mul(o, sc)),
+                                                         dv)]))
+                splats.append(splat(builder, builder.load(builder.gep(vp, [idx])), _V))
+            dbase = builder.gep(dp, [dv])
+            with cgutils.for_range(builder, nr) as row:
+                r0 = builder.mul(row.index, rsv)
+                with cgutils.for_range(builder, nbv) as blk:
+                    t = builder.add(r0, builder.mul(blk.index, ir.Constant(_I64, W)))
+                    terms = [builder.fmul(v, builder.load(
+                        builder.bitcast(builder.gep(s, [t]), _V.as_pointer()), align=4))
+                        for s, v in zip(srcs, splats, strict=True)]
+                    dptr = builder.bitcast(builder.gep(dbase, [t]), _V.as_pointer())
+                    out = builder.fadd(builder.load(dptr, align=4), _sum_tree(builder, terms))
+                    builder.store(out, dptr, align=4)
             return context.get_dummy_value()
 
         return sig, codegen
