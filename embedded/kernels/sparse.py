@@ -109,7 +109,8 @@ def compact_kept(xs, thr, offs, add, out, vals):
 
 
 #: runs shorter than this go through 16-float vector blocks (:mod:`.vecblock`), longer ones
-#: through LLVM-vectorised loops (faster from ~200 floats on, measured)
+#: through LLVM-vectorised loops (faster from ~200 floats on, measured; with the blocks'
+#: addresses hoisted, blocks at every length measured 0.985x on whole SWAT conv layers)
 SHORT_RUN = 256
 
 
@@ -144,8 +145,9 @@ def gather_axpy_rows(dst, src, offs, vals, p, p1, scale, base, nrows, rs, rlen):
     16 the floats between the rows (a batch-last plane's padding columns) are neither read nor
     written (the same sums, bit for bit, on the rows), else the whole run goes through
     :func:`gather_axpy`. Measured, SWAT 0.95, 2 threads, batch 16, whole conv layer fwd+bwd
-    A/B in one process: resnet18 layer4 (4x4 maps: 37 % of a run is padding) 1.12-1.13x,
-    layer3 1.07x, layer1/2 1.02-1.06x, resnet8 1.02-1.07x, femnist conv2 1.09x."""
+    A/B in one process: resnet18 layer4 (4x4 maps: 352 floats a run for 256 used) 1.03-1.21x
+    (noisy host), layer3 1.01-1.07x, layer1 1.06-1.10x, resnet8 0.98-1.07x, femnist conv2
+    1.09x."""
     if rlen % 16 == 0 and rlen < dst.size:
         _block_passes(dst, nrows, rs, rlen // 16, src, offs, vals, p, p1, scale, base)
     else:
@@ -158,17 +160,17 @@ def _block_passes(dst, nrows, rs, nb, src, offs, vals, p, p1, scale, base):
     blocks of each of ``nrows`` rows ``rs`` apart (:mod:`.vecblock`)."""
     q = p
     while q + 8 <= p1:
-        block_axpy8(dst, 0, nrows, rs, nb, src, offs, vals, q, scale, base)
+        block_axpy8(dst, nrows, rs, nb, src, offs, vals, q, scale, base)
         q += 8
     while q + 4 <= p1:
-        block_axpy4(dst, 0, nrows, rs, nb, src, offs, vals, q, scale, base)
+        block_axpy4(dst, nrows, rs, nb, src, offs, vals, q, scale, base)
         q += 4
     if q + 3 == p1:
-        block_axpy3(dst, 0, nrows, rs, nb, src, offs, vals, q, scale, base)
+        block_axpy3(dst, nrows, rs, nb, src, offs, vals, q, scale, base)
     elif q + 2 == p1:
-        block_axpy2(dst, 0, nrows, rs, nb, src, offs, vals, q, scale, base)
+        block_axpy2(dst, nrows, rs, nb, src, offs, vals, q, scale, base)
     elif q + 1 == p1:
-        block_axpy1(dst, 0, nrows, rs, nb, src, offs, vals, q, scale, base)
+        block_axpy1(dst, nrows, rs, nb, src, offs, vals, q, scale, base)
 
 
 @njit(cache=True, nogil=True, inline="always")

@@ -1,7 +1,7 @@
 """Runs of 16-float blocks of a sparse kernel's multi-entry axpy, as explicit LLVM vector IR.
 
-``block_axpy[m](dst, d, nrows, rs, nb, src, offs, vals, p, scale, base)`` adds, for the m
-entries ``p .. p+m-1`` and every block start ``t = d + r*rs + 16*b`` (``r < nrows``,
+``block_axpy[m](dst, nrows, rs, nb, src, offs, vals, p, scale, base)`` adds, for the m
+entries ``p .. p+m-1`` and every block start ``t = r*rs + 16*b`` (``r < nrows``,
 ``b < nb``), ``vals[i] * src[base + offs[i]*scale + t : +16]`` to ``dst[t : t+16]``, with the
 same expression tree as :func:`~embedded.kernels.sparse.gather_axpy`'s loops (bit for bit).
 The m source addresses and broadcast values are worked out once, before the loop over the
@@ -54,13 +54,13 @@ def _sum_tree(builder, t):
 
 
 def _make(m: int):
-    def f(typingctx, dst, d, nrows, rs, nb, src, offs, vals, p, scale, base):
+    def f(typingctx, dst, nrows, rs, nb, src, offs, vals, p, scale, base):
         if not all(isinstance(a, types.Array) for a in (dst, src, offs, vals)):
             return None
         if not (dst.dtype == src.dtype == vals.dtype == types.float32
                 and isinstance(offs.dtype, types.Integer)):
             return None
-        sig = types.void(dst, d, nrows, rs, nb, src, offs, vals, p, scale, base)
+        sig = types.void(dst, nrows, rs, nb, src, offs, vals, p, scale, base)
 
         def codegen(context, builder, signature, args):
             def data(i):
@@ -69,18 +69,16 @@ def _make(m: int):
             def i64(i):
                 return context.cast(builder, args[i], signature.args[i], types.int64)
 
-            dp, sp, op, vp = data(0), data(5), data(6), data(7)
-            dv, nr, rsv, nbv, pv, sc, bv = (i64(i) for i in (1, 2, 3, 4, 8, 9, 10))
-            otype = signature.args[6].dtype
+            dp, sp, op, vp = data(0), data(4), data(5), data(6)
+            nr, rsv, nbv, pv, sc, bv = (i64(i) for i in (1, 2, 3, 7, 8, 9))
+            otype = signature.args[5].dtype
             srcs, splats = [], []
             for k in range(m):  # the entries' source runs and values, once
                 idx = builder.add(pv, ir.Constant(_I64, k))
                 o = context.cast(builder, builder.load(builder.gep(op, [idx])), otype,
                                  types.int64)
-                srcs.append(builder.gep(sp, [builder.add(builder.add(bv, builder.mul(o, sc)),
-                                                         dv)]))
+                srcs.append(builder.gep(sp, [builder.add(bv, builder.mul(o, sc))]))
                 splats.append(splat(builder, builder.load(builder.gep(vp, [idx])), _V))
-            dbase = builder.gep(dp, [dv])
             with cgutils.for_range(builder, nr) as row:
                 r0 = builder.mul(row.index, rsv)
                 with cgutils.for_range(builder, nbv) as blk:
@@ -88,7 +86,7 @@ def _make(m: int):
                     terms = [builder.fmul(v, builder.load(
                         builder.bitcast(builder.gep(s, [t]), _V.as_pointer()), align=4))
                         for s, v in zip(srcs, splats, strict=True)]
-                    dptr = builder.bitcast(builder.gep(dbase, [t]), _V.as_pointer())
+                    dptr = builder.bitcast(builder.gep(dp, [t]), _V.as_pointer())
                     out = builder.fadd(builder.load(dptr, align=4), _sum_tree(builder, terms))
                     builder.store(out, dptr, align=4)
             return context.get_dummy_value()
