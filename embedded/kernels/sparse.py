@@ -126,9 +126,8 @@ def gather_axpy(dst, src, offs, vals, p, p1, scale, base):
     loops)."""
     ln = dst.size
     if ln >= 16 and ln < SHORT_RUN:
-        nb = ln // 16
-        _block_passes(dst, 1, 0, nb, src, offs, vals, p, p1, scale, base)
-        nb *= 16
+        nb = ln - ln % 16
+        _block_passes(dst, 1, 0, nb // 16, src, offs, vals, p, p1, scale, base)
         if nb == ln:
             return
     else:

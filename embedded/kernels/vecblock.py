@@ -29,6 +29,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .layout import _ints
+
 W = 16  #: floats per block
 _I64 = ir.IntType(64)
 _V = ir.VectorType(ir.FloatType(), W)
@@ -66,11 +68,9 @@ def _make(m: int):
             def data(i):
                 return context.make_array(signature.args[i])(context, builder, args[i]).data
 
-            def i64(i):
-                return context.cast(builder, args[i], signature.args[i], types.int64)
-
             dp, sp, op, vp = data(0), data(4), data(5), data(6)
-            nr, rsv, nbv, pv, sc, bv = (i64(i) for i in (1, 2, 3, 7, 8, 9))
+            nr, rsv, nbv, pv, sc, bv = _ints(context, builder, signature, args,
+                                             (1, 2, 3, 7, 8, 9))
             otype = signature.args[5].dtype
             srcs, splats = [], []
             for k in range(m):  # the entries' source runs and values, once
