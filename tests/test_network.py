@@ -255,6 +255,60 @@ def test_fused_relus_give_bit_identical_steps(sparsity):
     assert np.array_equal(nets[0].predict(x), nets[1].predict(x))
 
 
+@pytest.mark.parametrize("model,train,sparsity", [("resnet8", True, 0.9), ("resnet8", True, 0.0),
+                                                  ("kws_cnn", False, 0.0), ("h4", True, 0.0)])
+def test_shared_gradient_buffers_change_no_float(model, train, sparsity, monkeypatch):
+    """The layers' input-gradient buffers are shared by liveness (a few buffers instead of one
+    per layer, :meth:`Network._share_grad_buffers`): the same losses and gradients, bit for
+    bit, as with every layer's own buffer, over residual joins, a node read twice, flatten,
+    fused ReLUs and dropout in eval (its identity backward copies into its own buffer)."""
+    spec = _resnet_like_spec() if model == "h4" else build(model)
+    rng = np.random.default_rng(5)
+    plan = (SparsityPlan.uniform(spec, sparsity, mode="swat", layers="swat", topk_period=1)
+            if sparsity else None)
+    shared = Network.from_spec(spec, seed=3)
+    shared.setup(4)
+    monkeypatch.setattr(Network, "_share_grad_buffers", lambda self: 0)
+    own = Network.from_spec(spec, seed=3)
+    own.setup(4)
+    n_grads = len(shared._grad_spans())
+    assert 1 < shared.grad_slots < n_grads
+    assert shared.memory_bytes() < own.memory_bytes()
+    for net in (shared, own):
+        net.train() if train else net.eval()
+    for _ in range(2):  # the second step: SWAT's windowed selects, buffers reused
+        x = rng.standard_normal((4, *spec.input_shape)).astype(np.float32)
+        y = rng.integers(0, spec.num_classes if model != "h4" else 4, 4)
+        (la, ga), (lb, gb) = (net.loss_and_grads(x, y, plan) for net in (shared, own))
+        assert la == lb
+        for k, g in ga.items():
+            assert np.array_equal(g, gb[k]), k
+
+
+@pytest.mark.parametrize("model", ["resnet8", "kws_cnn", "mobilenet_v2_cifar", "h4"])
+@pytest.mark.parametrize("train", [True, False])
+def test_layers_return_their_own_gradient_buffer_unless_they_pass_it(model, train):
+    """What the gradient-buffer plan relies on: every layer's backward returns a view of its
+    own ``_gx`` (in any mode: dropout's eval identity included), or, when it declares
+    ``passes_grad``, the very gradient it was given."""
+    spec = _resnet_like_spec() if model == "h4" else build(model)
+    net = Network.from_spec(spec, seed=0)
+    net.setup(2)
+    net.train() if train else net.eval()
+    x = np.random.default_rng(0).standard_normal((2, *spec.input_shape)).astype(np.float32)
+    net.forward(x, train)
+    for node in reversed(net.nodes):
+        layer = net.layers[node.name]
+        gy = np.ones((2, *spec.shapes[node.name]), np.float32)
+        gx = layer.backward(gy, need_input_grad=True)
+        if gx is None:
+            continue
+        if layer.passes_grad:
+            assert np.shares_memory(gx, gy), node.name
+        else:
+            assert np.shares_memory(gx, layer._gx) and not np.shares_memory(gx, gy), node.name
+
+
 def test_dropout_scales_kept_units_and_is_identity_in_eval(variant):
     layer, _, _ = _one_layer("dropout", (4, 5, 6), p=0.25)
     layer.setup(3)

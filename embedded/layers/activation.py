@@ -18,6 +18,10 @@ class ReLU(BufferedLayer):
     #: True when the producer of the input applies this ReLU (see the module docstring)
     fused = False
 
+    @property
+    def passes_grad(self) -> bool:
+        return self.fused
+
     def setup(self, max_batch: int) -> None:
         """The output and gradient buffers; a fused ReLU touches neither and holds none."""
         if self.fused:

@@ -39,6 +39,16 @@ class Layer:
         return the gradient w.r.t. the input (``None`` if not needed)."""
         raise NotImplementedError
 
+    #: the input gradient ``backward`` returns is its incoming gradient itself (a view of
+    #: it), not a view of the layer's own ``_gx`` (a flatten, a fused ReLU)
+    passes_grad = False
+
+    def use_grad_buffer(self, flat: np.ndarray) -> None:
+        """Write input gradients into ``flat`` (a float32 buffer at least as large as this
+        layer's own ``_gx``, shared with layers whose gradients are never live at the same
+        time: :meth:`embedded.network.Network.setup`) instead of the layer's own."""
+        self._gx = flat[:self._gx.size].reshape(self._gx.shape)
+
 
 class BufferedLayer(Layer):
     """A parameter-free layer with one output buffer ``_y`` and one input-gradient buffer

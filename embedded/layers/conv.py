@@ -315,6 +315,10 @@ class Conv2d(Layer):
         self._bufs = None
 
     # ------------------------------------------------------------------ sparsity API
+    def use_grad_buffer(self, flat: np.ndarray) -> None:
+        super().use_grad_buffer(flat)
+        self._bufs = None  # (its views hold the old buffer)
+
     def set_sparsity(self, mode: str, ls=None) -> None:
         """Select ``dense`` | ``swat`` | ``masked``; ``ls`` (LayerSparsity) None means dense."""
         if mode not in _MODES:

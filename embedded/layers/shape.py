@@ -18,6 +18,8 @@ from embedded.layers.base import Layer
 class Flatten(Layer):
     """(N, C, H, W) -> (N, C·H·W) as a view (inputs are C-contiguous), no copy."""
 
+    passes_grad = True
+
     def __init__(self, node, in_shapes, out_shape):
         super().__init__(node.name, in_shapes[0], out_shape)
         self._n = 0
@@ -40,6 +42,10 @@ class Add(Layer):
     def __init__(self, node, in_shapes, out_shape):
         super().__init__(node.name, in_shapes[0], out_shape)
         self.relu = False
+
+    @property
+    def passes_grad(self) -> bool:
+        return not self.relu
 
     def setup(self, max_batch: int) -> None:
         super().setup(max_batch)
@@ -109,10 +115,11 @@ class Dropout(Layer):
     def backward(self, gy: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
         if not need_input_grad:
             return None
-        if not self._training:
-            return gy
         n = self._n
         gx = self._gx[:n]
+        if not self._training:  # identity, into the own buffer all the same (the Network
+            gx[...] = gy        # plans gradient buffers on what a layer returns)
+            return gx
         scale = np.float32(1.0 / (1.0 - self.p))
         pick(DROPOUT_BWD, gx.size)(gy.reshape(-1), self._u[: gx.size], np.float32(self.p),
                                    scale, gx.reshape(-1))
