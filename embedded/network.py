@@ -138,7 +138,9 @@ class Network:
                 layer.reseed(kid)
 
     def setup(self, max_batch: int) -> None:
-        """Preallocate every layer's and the network's buffers for batches up to ``max_batch``."""
+        """Preallocate every layer's and the network's buffers for batches up to ``max_batch``;
+        the layers' input-gradient buffers end up shared by liveness (``grad_slots`` of them,
+        :meth:`_share_grad_buffers`)."""
         max_batch = int(max_batch)
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
