@@ -87,6 +87,7 @@ class Network:
             req[node.name] = bool(layers[node.name].params) or any(req[s] for s in node.inputs)
         self._requires_grad = req
         self._need_in = {n.name: any(req[s] for s in n.inputs) for n in self.nodes}
+        self._backward_walk = self._walk_backward()
         self._outs: dict[str, np.ndarray] = {}
         self._gacc: dict[str, np.ndarray] = {}
         # last step's per-node timings: name -> {phase: seconds}
@@ -155,33 +156,42 @@ class Network:
         self.max_batch = max_batch
         self.grad_slots = self._share_grad_buffers()
 
-    def _grad_spans(self) -> dict[str, list[int]]:
-        """For each layer whose backward writes its own input-gradient buffer: [the backward
-        call (position in backward order) that writes it, the last one that reads it], the
-        backward's walk replayed on names (a gradient passed through a flatten or a fused
-        ReLU stays the same buffer; two contributions are summed into the network's own
-        buffer first)."""
-        spans: dict[str, list[int]] = {}
-        gout: dict[str, list[str | None]] = {self.nodes[-1].name: [None]}
-        for t, node in enumerate(reversed(self.nodes)):
+    def _walk_backward(self) -> list[tuple[str, list[str | None]]]:
+        """The backward's walk, fixed by the graph: in order, each node whose backward runs
+        and the nodes whose input gradients it receives, in the order they were produced
+        (``None``: the loss gradient; a consumer reading the node twice appears twice)."""
+        walk = []
+        feeders: dict[str, list[str | None]] = {self.nodes[-1].name: [None]}
+        for node in reversed(self.nodes):
             name = node.name
-            if not self._requires_grad[name] or name not in gout:
+            if not self._requires_grad[name] or name not in feeders:
                 continue
-            parts = gout.pop(name)
-            for owner in parts:
-                if owner is not None:
-                    spans[owner][1] = t
+            walk.append((name, feeders.pop(name)))
             if not self._need_in[name]:
                 continue
-            layer = self.layers[name]
-            if not layer.passes_grad:
-                owner = name
-                spans[name] = [t, t]
-            else:
-                owner = parts[0] if len(parts) == 1 else None  # None: not a layer's buffer
             for src in node.inputs:
                 if src != INPUT and self._requires_grad[src]:
-                    gout.setdefault(src, []).append(owner)
+                    feeders.setdefault(src, []).append(name)
+        return walk
+
+    def _grad_spans(self) -> dict[str, list[int]]:
+        """For each layer whose backward writes its own input-gradient buffer: [the backward
+        call (position in :meth:`_walk_backward`) that writes it, the last one that reads
+        it] (a gradient passed through a flatten or a fused ReLU stays the same buffer; two
+        contributions are summed into the network's own buffer first)."""
+        spans: dict[str, list[int]] = {}
+        owner: dict[str | None, str | None] = {None: None}  # node -> whose buffer its gx is
+        for t, (name, feeders) in enumerate(self._backward_walk):
+            for f in feeders:
+                if owner[f] is not None:
+                    spans[owner[f]][1] = t
+            if not self._need_in[name]:
+                continue
+            if not self.layers[name].passes_grad:
+                owner[name] = name
+                spans[name] = [t, t]
+            else:
+                owner[name] = owner[feeders[0]] if len(feeders) == 1 else None
         return spans
 
     def _share_grad_buffers(self) -> int:
@@ -371,15 +381,13 @@ class Network:
 
         Gradients reaching a node from several consumers are collected and summed just
         before that node's backward (all its consumers come later in DAG order), in the fixed
-        order the consumers were visited: one pass for two contributions, none for one.
+        order the consumers were visited (:meth:`_walk_backward`): one pass for two
+        contributions, none for one.
         """
-        gout: dict[str, list[np.ndarray]] = {self.nodes[-1].name: [glogits]}
+        gxs: dict[str | None, np.ndarray] = {None: glogits}  # node -> its input gradient
         timing = self.timing
-        for node in reversed(self.nodes):
-            name = node.name
-            if not self._requires_grad[name] or name not in gout:
-                continue
-            parts = gout.pop(name)
+        for name, feeders in self._backward_walk:
+            parts = [gxs[f] for f in feeders]
             if len(parts) == 1:
                 gy = parts[0]
             else:
@@ -394,12 +402,7 @@ class Network:
             gx = layer.backward(gy, need_input_grad=need_in)
             if timing:
                 self.times[name]["backward"] = time.perf_counter() - t0
-            if gx is None:
-                continue
-            for src in node.inputs:
-                if src == INPUT or not self._requires_grad[src]:
-                    continue
-                gout.setdefault(src, []).append(gx)
+            gxs[name] = gx
 
     def backward_phase(self, name: str) -> str:
         """The measurement phase a node's (whole) backward call counts as: layers with
