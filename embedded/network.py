@@ -140,7 +140,8 @@ class Network:
 
     def setup(self, max_batch: int) -> None:
         """Preallocate every layer's and the network's buffers for batches up to ``max_batch``;
-        the layers' input-gradient buffers end up shared by liveness (``grad_slots`` of them,
+        the layers' outputs and input gradients end up in buffers shared by liveness
+        (``out_slots`` and ``grad_slots`` of them: :meth:`_share_out_buffers`,
         :meth:`_share_grad_buffers`)."""
         max_batch = int(max_batch)
         if max_batch < 1:
@@ -154,6 +155,7 @@ class Network:
         }
         self._glogits = np.empty((max_batch, self.spec.num_classes), np.float32)
         self.max_batch = max_batch
+        self.out_slots = self._share_out_buffers()
         self.grad_slots = self._share_grad_buffers()
 
     def _walk_backward(self) -> list[tuple[str, list[str | None]]]:
@@ -194,17 +196,38 @@ class Network:
                 owner[name] = owner[feeders[0]] if len(feeders) == 1 else None
         return spans
 
-    def _share_grad_buffers(self) -> int:
-        """Point the layers' input-gradient buffers into a few shared ones: a layer's gradient
-        is live only from its backward to its consumers' (:meth:`_grad_spans`), so layers
-        whose spans do not overlap take turns (greedy, in backward order; a buffer is never
-        written by the backward that reads it). The step then writes its gradients into
-        buffers it touched moments before (in cache) instead of one fresh buffer per layer.
-        Measured at batch 16: resnet8 22 buffers -> 3 (the network's arrays 37.9 -> 27.9 MB),
-        resnet18_cifar 49 -> 3 (343.7 -> 262.1 MB); resnet8's SWAT-0.95 step on 2 threads,
-        interleaved with torch's, 1.01-1.05x (6 A/B runs). Returns the shared buffers'
-        count."""
-        spans = self._grad_spans()
+    def _out_spans(self) -> dict[str, list[int]]:
+        """For each layer whose output can live in a shared buffer: [its forward (position in
+        DAG order), the last forward that reads it] (through layers that may return their
+        input itself: a flatten, a fused ReLU, dropout). Outputs read again after the forward
+        keep their own buffer: by the layer's own backward (``keeps_output``), by a consumer's
+        (``keeps_input``, a batch norm's input), and the logits."""
+        root: dict[str, str] = {INPUT: INPUT}  # node -> whose buffer its output is
+        spans: dict[str, list[int]] = {}
+        kept = {INPUT}
+        for t, node in enumerate(self.nodes):
+            layer = self.layers[node.name]
+            for src in node.inputs:
+                r = root[src]
+                if r in spans:
+                    spans[r][1] = t
+                if layer.keeps_input:
+                    kept.add(r)
+            if layer.aliases_input:
+                root[node.name] = root[node.inputs[0]]  # (its own buffer, if any, unshared)
+                continue
+            root[node.name] = node.name
+            spans[node.name] = [t, t]
+            if layer.keeps_output or not hasattr(layer, "_y"):
+                kept.add(node.name)
+        kept.add(root[self.nodes[-1].name])
+        return {k: v for k, v in spans.items() if k not in kept}
+
+    @staticmethod
+    def _slots(spans: dict[str, list[int]]) -> list[list[str]]:
+        """Greedy interval colouring: spans [first, last] taken in order of ``first``, each
+        into the first slot whose members all ended before it starts (never into the slot of
+        a span that ends where it starts: a layer never writes the buffer it reads)."""
         slots: list[list] = []  # [last reader so far, members]
         for name in sorted(spans, key=lambda n: spans[n][0]):
             first, last = spans[name]
@@ -215,7 +238,37 @@ class Network:
                     break
             else:
                 slots.append([last, [name]])
-        for _, members in slots:
+        return [members for _, members in slots]
+
+    def _share_out_buffers(self) -> int:
+        """Point the outputs no backward reads (:meth:`_out_spans`) into a few shared buffers:
+        such an output lives only from its forward to its last reader's, so layers whose spans
+        do not overlap take turns, and the forward writes into buffers it touched moments
+        before instead of one fresh buffer per layer (ReLUs, fused or not, keep a byte mask
+        for their backward instead of their output). At batch 16: resnet8's 13 free outputs
+        (batch-norm outputs, residual sums, the pooled features) in 3 buffers, the network's
+        arrays 29.3 -> 26.3 MB; resnet18_cifar 29 in 3, 274.9 -> 241.3 MB. resnet8's SWAT-0.95
+        step, interleaved with torch's: 0.97-1.03x in 5 A/B runs (no faster: its time is not
+        in these bytes). Returns the shared buffers' count."""
+        slots = self._slots(self._out_spans())
+        for members in slots:
+            flat = np.empty(max(self.layers[m]._y.size for m in members), np.float32)
+            for m in members:
+                self.layers[m].use_out_buffer(flat)
+        return len(slots)
+
+    def _share_grad_buffers(self) -> int:
+        """Point the layers' input-gradient buffers into a few shared ones: a layer's gradient
+        is live only from its backward to its consumers' (:meth:`_grad_spans`), so layers
+        whose spans do not overlap take turns (greedy, in backward order; a buffer is never
+        written by the backward that reads it). The step then writes its gradients into
+        buffers it touched moments before (in cache) instead of one fresh buffer per layer.
+        Measured at batch 16: resnet8 22 buffers -> 3 (the network's arrays 37.9 -> 27.9 MB),
+        resnet18_cifar 49 -> 3 (343.7 -> 262.1 MB); resnet8's SWAT-0.95 step on 2 threads,
+        interleaved with torch's, 1.01-1.05x (6 A/B runs). Returns the shared buffers'
+        count."""
+        slots = self._slots(self._grad_spans())
+        for members in slots:
             flat = np.empty(max(self.layers[m]._gx.size for m in members), np.float32)
             for m in members:
                 self.layers[m].use_grad_buffer(flat)
@@ -359,8 +412,10 @@ class Network:
         return np.ascontiguousarray(y, dtype=np.int64)
 
     # ------------------------------------------------------------------ forward / backward
-    def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
-        """Run the DAG on a checked float32 batch; returns a view of the logits buffer."""
+    def forward(self, x: np.ndarray, training: bool, observe=None) -> np.ndarray:
+        """Run the DAG on a checked float32 batch; returns a view of the logits buffer.
+        ``observe(name, output)``, if given, sees each node's output as soon as it is made
+        (outputs share buffers: most are overwritten by later layers of the same forward)."""
         outs = self._outs
         outs[INPUT] = x
         timing = self.timing
@@ -372,6 +427,8 @@ class Network:
             else:
                 y = layer.forward(outs[node.inputs[0]], training)
             outs[node.name] = y
+            if observe is not None:
+                observe(node.name, y)
             if timing:
                 self.times[node.name]["forward"] = time.perf_counter() - t0
         return outs[self.nodes[-1].name]
@@ -412,13 +469,44 @@ class Network:
         return "backward_input+backward_weight" if self._need_in[name] else "backward_weight"
 
     def first_nonfinite(self) -> str | None:
-        """Name of the first node (in DAG order) whose last output holds NaN/inf, or None
-        ('input' if the batch itself is non-finite)."""
-        for name in [INPUT] + [n.name for n in self.nodes]:
-            a = self._outs.get(name)
-            if a is not None and not all_finite(np.ascontiguousarray(a).reshape(-1)):
-                return name
-        return None
+        """Name of the first node (in DAG order) whose output holds NaN/inf on the last
+        forward's batch, or None ('input' if the batch itself is non-finite). Most outputs
+        share buffers, so the forward runs again on that batch, each output checked as it is
+        made; batch-norm running statistics and dropout streams are put back as they were."""
+        x = self._outs.get(INPUT)
+        if x is None:
+            return None
+        if not all_finite(np.ascontiguousarray(x).reshape(-1)):
+            return INPUT
+        found: list[str] = []
+
+        def check(name: str, out: np.ndarray) -> None:
+            if not found and not all_finite(np.ascontiguousarray(out).reshape(-1)):
+                found.append(name)
+
+        state = self._stream_state()
+        try:
+            self.forward(x, self.training, observe=check)
+        finally:
+            self._restore_stream_state(state)
+        return found[0] if found else None
+
+    def _stream_state(self) -> dict:
+        """Copies of what a forward changes besides outputs: batch-norm buffers, dropout
+        generators' states."""
+        state = {(n, k): v.copy() for n, layer in self.layers.items()
+                 for k, v in layer.buffers.items()}
+        for n, layer in self.layers.items():
+            if isinstance(layer, Dropout):
+                state[(n, None)] = layer.rng.bit_generator.state
+        return state
+
+    def _restore_stream_state(self, state: dict) -> None:
+        for (n, k), v in state.items():
+            if k is None:
+                self.layers[n].rng.bit_generator.state = v
+            else:
+                self.layers[n].buffers[k][...] = v
 
     def step_loss(self, x: np.ndarray, y: np.ndarray) -> float:
         """Forward + loss + backward on checked arrays (the training hot path)."""
@@ -450,8 +538,7 @@ class Network:
             (n, k): v.copy() for n, layer in self.layers.items() for k, v in layer.buffers.items()}
         loss = self.step_loss(x, y)
         if saved is not None:
-            for (n, k), v in saved.items():
-                self.layers[n].buffers[k][...] = v
+            self._restore_stream_state(saved)
         if not np.isfinite(loss):
             return loss, {k: np.full_like(v, np.nan) for k, v in self.grads.items()}
         return loss, {k: v.copy() for k, v in self.grads.items()}

@@ -483,17 +483,19 @@ def calibration_ranges(spec: ModelSpec, state: Mapping[str, np.ndarray], x: np.n
         s = state[f"{bn}.weight"].astype(np.float64) / np.sqrt(
             state[f"{bn}.running_var"].astype(np.float64) + spec[bn].attrs["eps"])
         scales[bn] = s.astype(np.float32)
+    def observe(name: str, out: np.ndarray) -> None:
+        # (outputs share buffers: each is read as it is made; a batch norm's input is kept)
+        see(name, out)
+        if name in scales:
+            see(f"{name}.scaled", net._outs[spec[name].inputs[0]]
+                * scales[name][None, :, None, None])
+
     net.setup(min(batch_size, x.shape[0]))
     net.timing = False
     for s0 in range(0, x.shape[0], batch_size):
         xb = x[s0:s0 + batch_size]
-        net.forward(xb, False)
         see(INPUT, xb)
-        outs = net._outs
-        for n in spec.nodes:
-            see(n.name, outs[n.name])
-        for bn, s in scales.items():
-            see(f"{bn}.scaled", outs[spec[bn].inputs[0]] * s[None, :, None, None])
+        net.forward(xb, False, observe=observe)
     return {k: (lo[k], hi[k]) for k in lo}
 
 

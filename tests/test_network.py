@@ -257,11 +257,12 @@ def test_fused_relus_give_bit_identical_steps(sparsity):
 
 @pytest.mark.parametrize("model,train,sparsity", [("resnet8", True, 0.9), ("resnet8", True, 0.0),
                                                   ("kws_cnn", False, 0.0), ("h4", True, 0.0)])
-def test_shared_gradient_buffers_change_no_float(model, train, sparsity, monkeypatch):
-    """The layers' input-gradient buffers are shared by liveness (a few buffers instead of one
-    per layer, :meth:`Network._share_grad_buffers`): the same losses and gradients, bit for
-    bit, as with every layer's own buffer, over residual joins, a node read twice, flatten,
-    fused ReLUs and dropout in eval (its identity backward copies into its own buffer)."""
+def test_shared_buffers_change_no_float(model, train, sparsity, monkeypatch):
+    """The layers' outputs and input gradients are shared by liveness (a few buffers instead
+    of one per layer, :meth:`Network._share_out_buffers`, :meth:`Network._share_grad_buffers`):
+    the same losses and gradients, bit for bit, as with every layer's own buffers, over
+    residual joins, a node read twice, flatten, fused ReLUs and dropout in eval (its identity
+    backward copies into its own buffer)."""
     spec = _resnet_like_spec() if model == "h4" else build(model)
     rng = np.random.default_rng(5)
     plan = (SparsityPlan.uniform(spec, sparsity, mode="swat", layers="swat", topk_period=1)
@@ -269,10 +270,11 @@ def test_shared_gradient_buffers_change_no_float(model, train, sparsity, monkeyp
     shared = Network.from_spec(spec, seed=3)
     shared.setup(4)
     monkeypatch.setattr(Network, "_share_grad_buffers", lambda self: 0)
+    monkeypatch.setattr(Network, "_share_out_buffers", lambda self: 0)
     own = Network.from_spec(spec, seed=3)
     own.setup(4)
-    n_grads = len(shared._grad_spans())
-    assert 1 < shared.grad_slots < n_grads
+    n_grads, n_outs = len(shared._grad_spans()), len(shared._out_spans())
+    assert 1 < shared.grad_slots < n_grads and 1 < shared.out_slots < n_outs
     assert shared.memory_bytes() < own.memory_bytes()
     for net in (shared, own):
         net.train() if train else net.eval()
@@ -283,6 +285,59 @@ def test_shared_gradient_buffers_change_no_float(model, train, sparsity, monkeyp
         assert la == lb
         for k, g in ga.items():
             assert np.array_equal(g, gb[k]), k
+
+
+@pytest.mark.parametrize("model", ["resnet8", "kws_cnn", "mobilenet_v2_cifar", "h4"])
+@pytest.mark.parametrize("train", [True, False])
+def test_outputs_the_forward_frees_are_not_read_by_the_backward(model, train, monkeypatch):
+    """What the output-buffer plan relies on (each layer's ``keeps_input``/``keeps_output``):
+    once the forward is done, every output :meth:`Network._out_spans` calls free can be
+    overwritten (here with NaN) and the backward gives the same gradients bit for bit."""
+    spec = _resnet_like_spec() if model == "h4" else build(model)
+    monkeypatch.setattr(Network, "_share_out_buffers", lambda self: 0)  # own buffers
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, *spec.input_shape)).astype(np.float32)
+    y = rng.integers(0, spec.num_classes, 2)
+    grads = []
+    for poison in (False, True):
+        net = Network.from_spec(spec, seed=4)
+        net.setup(2)
+        net.train() if train else net.eval()
+        logits = net.forward(x, train)
+        free = net._out_spans()
+        assert free and len(free) < len(net.nodes)
+        if poison:
+            for name in free:
+                net.layers[name]._y.fill(np.nan)
+        g = net._glogits[:2]
+        softmax_xent(logits, y, g)
+        net.backward(g)
+        grads.append({k: v.copy() for k, v in net.grads.items()})
+    for k, v in grads[0].items():
+        assert np.array_equal(v, grads[1][k]), k
+
+
+@pytest.mark.parametrize("model,bad", [("resnet8", "layer2.0.bn2"), ("kws_cnn", "conv2")])
+def test_first_nonfinite_reruns_the_forward_and_puts_state_back(model, bad):
+    """With outputs in shared buffers the last forward's outputs are mostly overwritten: the
+    first non-finite layer is found by running the batch again (batch-norm statistics and
+    dropout streams left as they were)."""
+    spec = build(model)
+    net = Network.from_spec(spec, seed=0)
+    net.setup(2)
+    assert bad in net._out_spans()
+    net.layers[bad].params["weight"][1] = np.inf
+    x = np.random.default_rng(0).standard_normal((2, *spec.input_shape)).astype(np.float32)
+    loss = net.step_loss(x, np.array([1, 2]))
+    assert not np.isfinite(loss)
+    before = {k: v.copy() for k, v in net.state_dict().items()}
+    streams = [layer.rng.bit_generator.state for layer in net.layers.values()
+               if hasattr(layer, "rng")]
+    assert net.first_nonfinite() == bad
+    for k, v in net.state_dict().items():
+        assert np.array_equal(v, before[k], equal_nan=True), k
+    assert streams == [layer.rng.bit_generator.state for layer in net.layers.values()
+                       if hasattr(layer, "rng")]
 
 
 @pytest.mark.parametrize("model", ["resnet8", "kws_cnn", "mobilenet_v2_cifar", "h4"])

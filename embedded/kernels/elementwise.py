@@ -53,16 +53,21 @@ def pick(pair, work: int):
     return pair[0]
 
 
-def _relu_fwd(x, y):
+# A ReLU saves its keep mask (uint8: 1 where the output is not <= 0, NaN included) for its
+# backward instead of reading its float output again: a quarter of the bytes, and the output
+# is free once the next layers' forwards have read it (Network.setup shares it).
+def _relu_fwd(x, y, mk):
     # written as torch's threshold (x <= 0 -> 0), so NaN propagates as in torch
     for i in prange(x.size):
         v = x[i]
         y[i] = np.float32(0.0) if v <= 0.0 else v
+        mk[i] = np.uint8(0) if v <= 0.0 else np.uint8(1)
 
 
-def _relu_bwd(gy, y, gx):
+def _relu_bwd(gy, mk, gx):
+    # torch's threshold_backward: the gradient passes where the output is not <= 0
     for i in prange(gy.size):
-        gx[i] = np.float32(0.0) if y[i] <= 0.0 else gy[i]
+        gx[i] = np.float32(0.0) if mk[i] == 0 else gy[i]
 
 
 def _add_fwd(a, b, y):
@@ -70,11 +75,12 @@ def _add_fwd(a, b, y):
         y[i] = a[i] + b[i]
 
 
-def _add_relu_fwd(a, b, y):
+def _add_relu_fwd(a, b, y, mk):
     # a residual sum and the ReLU after it in one pass (the same floats as the two passes)
     for i in prange(a.size):
         v = a[i] + b[i]
         y[i] = np.float32(0.0) if v <= 0.0 else v
+        mk[i] = np.uint8(0) if v <= 0.0 else np.uint8(1)
 
 
 def _acc(dst, src):

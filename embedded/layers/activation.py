@@ -1,4 +1,5 @@
-"""ReLU, forward and backward (the mask comes from the saved output: y > 0).
+"""ReLU, forward and backward (the gradient passes where the output is not <= 0: a uint8 keep
+mask saved by the forward, a quarter of the output's bytes).
 
 A ReLU whose input is produced by a batch norm or a residual add read by nothing else is
 fused into that layer by the Network (the producer writes max(y, 0) and masks its own
@@ -18,23 +19,32 @@ class ReLU(BufferedLayer):
     #: True when the producer of the input applies this ReLU (see the module docstring)
     fused = False
 
+    keeps_input = False
+    keeps_output = False  # (the keep mask instead)
+
     @property
     def passes_grad(self) -> bool:
         return self.fused
 
+    @property
+    def aliases_input(self) -> bool:
+        return self.fused
+
     def setup(self, max_batch: int) -> None:
-        """The output and gradient buffers; a fused ReLU touches neither and holds none."""
+        """The output, keep-mask and gradient buffers; a fused ReLU touches none and holds
+        none."""
         if self.fused:
             Layer.setup(self, max_batch)
         else:
             super().setup(max_batch)
+            self._keep = np.empty(self._y.size, np.uint8)
 
     def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
         if self.fused:
             return x
         n = x.shape[0]
         y = self._y[:n]
-        pick(RELU_FWD, x.size)(x.reshape(-1), y.reshape(-1))
+        pick(RELU_FWD, x.size)(x.reshape(-1), y.reshape(-1), self._keep[:x.size])
         self._n = n
         return y
 
@@ -45,5 +55,5 @@ class ReLU(BufferedLayer):
             return gy
         n = self._n
         gx = self._gx[:n]
-        pick(RELU_BWD, gx.size)(gy.reshape(-1), self._y[:n].reshape(-1), gx.reshape(-1))
+        pick(RELU_BWD, gx.size)(gy.reshape(-1), self._keep[:gx.size], gx.reshape(-1))
         return gx

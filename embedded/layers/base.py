@@ -43,6 +43,20 @@ class Layer:
     #: it), not a view of the layer's own ``_gx`` (a flatten, a fused ReLU)
     passes_grad = False
 
+    #: ``backward`` reads the input array ``forward`` was given (the Network keeps it
+    #: intact until then); layers that copy what they need, or need nothing, say False
+    keeps_input = True
+    #: ``backward`` reads the array ``forward`` returned
+    keeps_output = True
+    #: ``forward`` may return its input itself (or a view of it) rather than its ``_y``
+    aliases_input = False
+
+    def use_out_buffer(self, flat: np.ndarray) -> None:
+        """Write outputs into ``flat`` (a float32 buffer at least as large as this layer's
+        own ``_y``, shared with layers whose outputs are never live at the same time:
+        :meth:`embedded.network.Network.setup`) instead of the layer's own."""
+        self._y = flat[:self._y.size].reshape(self._y.shape)
+
     def use_grad_buffer(self, flat: np.ndarray) -> None:
         """Write input gradients into ``flat`` (a float32 buffer at least as large as this
         layer's own ``_gx``, shared with layers whose gradients are never live at the same

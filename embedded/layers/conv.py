@@ -315,9 +315,16 @@ class Conv2d(Layer):
         self._bufs = None
 
     # ------------------------------------------------------------------ sparsity API
+    keeps_input = False  # (packed into its own or a shared scratch, kept entries saved)
+    keeps_output = False
+
+    def use_out_buffer(self, flat: np.ndarray) -> None:
+        super().use_out_buffer(flat)
+        self._bufs = None  # (its views hold the old buffer)
+
     def use_grad_buffer(self, flat: np.ndarray) -> None:
         super().use_grad_buffer(flat)
-        self._bufs = None  # (its views hold the old buffer)
+        self._bufs = None
 
     def set_sparsity(self, mode: str, ls=None) -> None:
         """Select ``dense`` | ``swat`` | ``masked``; ``ls`` (LayerSparsity) None means dense."""

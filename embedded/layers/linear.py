@@ -29,6 +29,9 @@ from .conv import _MODES, select_and_build, workspace
 class Linear(Layer):
     """y = x @ W.T + b with W of shape (out_features, in_features) (torch layout)."""
 
+    keeps_input = False  # (copied, or packed feature-major, for the weight gradient)
+    keeps_output = False
+
     def __init__(self, node, in_shapes, out_shape):
         in_shape = tuple(in_shapes[0])
         super().__init__(node.name, in_shape, out_shape)

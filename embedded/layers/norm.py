@@ -5,7 +5,9 @@ a vectorised loop (``fastmath`` reassociation only there), the block sums accumu
 data shifted by a reference value (first element, or the mean) so |mean| >> std loses nothing.
 Measured 13x faster than a scalar float64 loop (14 vs 181 us for 262k elements) at ~2e-8
 relative error. Every row is reduced by one thread in a fixed order, so results do not depend
-on the thread count. Backward recomputes x̂ from the saved input view instead of storing it.
+on the thread count. Backward recomputes x̂ from the saved input view instead of storing it;
+a fused ReLU's backward reads the uint8 keep mask its forward saved, not the output (which the
+Network then shares with other layers once the next forwards have read it).
 """
 
 from __future__ import annotations
@@ -47,20 +49,21 @@ def _block_gsums(g, r, k):
 
 
 @njit(cache=True, nogil=True, fastmath=_FM)
-def _block_gsums_relu(g, y, r, k):
-    """:func:`_block_gsums` of g masked by y > 0 (the gradient through a fused ReLU)."""
+def _block_gsums_relu(g, mk, r, k):
+    """:func:`_block_gsums` of g where the keep mask mk is set (the gradient through a fused
+    ReLU)."""
     a = np.float32(0.0)
     b = np.float32(0.0)
     for j in range(r.size):
-        gv = np.float32(0.0) if y[j] <= 0.0 else g[j]
+        gv = np.float32(0.0) if mk[j] == 0 else g[j]
         a += gv
         b += gv * (r[j] - k)
     return a, b
 
 
 # Blocks are passed as slices: handing the kernel (array, lo, hi) made LLVM drop the
-# vectorisation once inlined (measured 10x slower), slices keep it. ``relu``: g masked by
-# y > 0 (the gradient through a fused ReLU; y unread otherwise).
+# vectorisation once inlined (measured 10x slower), slices keep it. ``relu``: g masked by the
+# keep mask mk (the gradient through a fused ReLU; mk unread otherwise).
 @njit(cache=True, nogil=True)
 def _row_sums(r, k):
     s = 0.0
@@ -75,14 +78,14 @@ def _row_sums(r, k):
 
 
 @njit(cache=True, nogil=True)
-def _row_gsums(g, y, r, k, relu):
+def _row_gsums(g, mk, r, k, relu):
     s = 0.0
     s2 = 0.0
     n = r.size
     for lo in range(0, n, _BLOCK):
         hi = min(lo + _BLOCK, n)
         if relu:
-            a, b = _block_gsums_relu(g[lo:hi], y[lo:hi], r[lo:hi], k)
+            a, b = _block_gsums_relu(g[lo:hi], mk[lo:hi], r[lo:hi], k)
         else:
             a, b = _block_gsums(g[lo:hi], r[lo:hi], k)
         s += np.float64(a)
@@ -92,10 +95,10 @@ def _row_gsums(g, y, r, k, relu):
 
 # ----------------------------------------------------------------------------- batch norm
 @njit(cache=True, nogil=True, inline="always")
-def _bn_write(x, y, ch, m, a, beta, relu):
+def _bn_write(x, y, mk, ch, m, a, beta, relu):
     # y = (x - m)·a + β in float32, with m split into float32 hi + lo parts: x - hi is exact
     # when x is near the mean (Sterbenz), so the result stays accurate when |mean| >> std.
-    # relu: a fused ReLU (torch's threshold: v <= 0 -> 0, NaN passes).
+    # relu: a fused ReLU (torch's threshold: v <= 0 -> 0, NaN passes), its keep mask into mk.
     mh = np.float32(m)
     ml = np.float32(m - np.float64(mh))
     n = x.shape[0]
@@ -104,15 +107,17 @@ def _bn_write(x, y, ch, m, a, beta, relu):
         xr = x[i, ch]
         yr = y[i, ch]
         if relu:
+            mr = mk[i, ch]
             for j in range(hw):
                 v = ((xr[j] - mh) - ml) * a + beta
                 yr[j] = np.float32(0.0) if v <= 0.0 else v
+                mr[j] = np.uint8(0) if v <= 0.0 else np.uint8(1)
         else:
             for j in range(hw):
                 yr[j] = ((xr[j] - mh) - ml) * a + beta
 
 
-def _bn_fwd_train(x, gamma, beta, eps, y, mean, invstd, rmean, rvar, momentum, relu):
+def _bn_fwd_train(x, gamma, beta, eps, y, mk, mean, invstd, rmean, rvar, momentum, relu):
     n, c, hw = x.shape
     cnt = n * hw
     for ch in prange(c):
@@ -133,25 +138,25 @@ def _bn_fwd_train(x, gamma, beta, eps, y, mean, invstd, rmean, rvar, momentum, r
         inv = 1.0 / math.sqrt(var + eps)
         mean[ch] = m
         invstd[ch] = inv
-        _bn_write(x, y, ch, m, np.float32(gamma[ch] * inv), beta[ch], relu)
+        _bn_write(x, y, mk, ch, m, np.float32(gamma[ch] * inv), beta[ch], relu)
         # torch: running stats use the unbiased variance; momentum weights the new value.
         unbiased = var * cnt / (cnt - 1)
         rmean[ch] = np.float32((1.0 - momentum) * rmean[ch] + momentum * m)
         rvar[ch] = np.float32((1.0 - momentum) * rvar[ch] + momentum * unbiased)
 
 
-def _bn_fwd_eval(x, gamma, beta, eps, y, mean, invstd, rmean, rvar, relu):
+def _bn_fwd_eval(x, gamma, beta, eps, y, mk, mean, invstd, rmean, rvar, relu):
     n, c, hw = x.shape
     for ch in prange(c):
         m = np.float64(rmean[ch])
         inv = 1.0 / math.sqrt(np.float64(rvar[ch]) + eps)
         mean[ch] = m
         invstd[ch] = inv
-        _bn_write(x, y, ch, m, np.float32(gamma[ch] * inv), beta[ch], relu)
+        _bn_write(x, y, mk, ch, m, np.float32(gamma[ch] * inv), beta[ch], relu)
 
 
-def _bn_bwd(x, gy, y, gamma, mean, invstd, gx, dgamma, dbeta, training, need_gx, relu):
-    # relu: gy comes through a fused ReLU on the output y: masked by y > 0 as it is read
+def _bn_bwd(x, gy, mk, gamma, mean, invstd, gx, dgamma, dbeta, training, need_gx, relu):
+    # relu: gy comes through a fused ReLU: masked by its keep mask mk as it is read
     n, c, hw = x.shape
     cnt = n * hw
     for ch in prange(c):
@@ -161,7 +166,7 @@ def _bn_bwd(x, gy, y, gamma, mean, invstd, gx, dgamma, dbeta, training, need_gx,
         sg = 0.0
         sgx = 0.0
         for i in range(n):
-            a, b = _row_gsums(gy[i, ch], y[i, ch], x[i, ch], m32, relu)
+            a, b = _row_gsums(gy[i, ch], mk[i, ch], x[i, ch], m32, relu)
             sg += a
             sgx += b
         sgx -= (m - np.float64(m32)) * sg  # Σg(x − m) from Σg(x − m32)
@@ -182,9 +187,9 @@ def _bn_bwd(x, gy, y, gamma, mean, invstd, gx, dgamma, dbeta, training, need_gx,
                 gr = gy[i, ch]
                 out = gx[i, ch]
                 if relu:
-                    yr = y[i, ch]
+                    mr = mk[i, ch]
                     for j in range(hw):
-                        g = np.float32(0.0) if yr[j] <= 0.0 else gr[j]
+                        g = np.float32(0.0) if mr[j] == 0 else gr[j]
                         out[j] = k * (g - a - ((xr[j] - mh) - ml) * b)
                 else:
                     for j in range(hw):
@@ -194,7 +199,7 @@ def _bn_bwd(x, gy, y, gamma, mean, invstd, gx, dgamma, dbeta, training, need_gx,
             for i in range(n):
                 for j in range(hw):
                     g = gy[i, ch, j]
-                    if relu and y[i, ch, j] <= 0.0:
+                    if relu and mk[i, ch, j] == 0:
                         g = np.float32(0.0)
                     gx[i, ch, j] = g * k32
 
@@ -222,6 +227,10 @@ class BatchNorm2d(Layer):
         self._x = None
         self._training = True
         self.relu = False  # a fused ReLU on the output (set by the Network)
+        self._keep = np.zeros((1, 1, 1), np.uint8)  # its keep mask (N, C, HW), unread without
+
+    keeps_input = True  # (x̂ recomputed from it)
+    keeps_output = False
 
     def init_params(self, rng: np.random.Generator) -> None:
         """torch's init: weight 1, bias 0, running mean 0, running var 1, counter 0."""
@@ -235,6 +244,18 @@ class BatchNorm2d(Layer):
         super().setup(max_batch)
         self._y = np.empty((max_batch, *self.out_shape), np.float32)
         self._gx = np.empty((max_batch, *self.in_shape), np.float32)
+        c, h, w = self.out_shape
+        if self.relu:
+            self._keep = np.empty((max_batch, c, h * w), np.uint8)
+
+    def _keep_mask(self, n: int) -> np.ndarray:
+        """The fused ReLU's keep mask for batch n (a placeholder without a fused ReLU)."""
+        if not self.relu:
+            return self._keep[:1]
+        c, h, w = self.out_shape
+        if self._keep.shape[0] < n or self._keep.shape[1:] != (c, h * w):  # fused after setup
+            self._keep = np.empty((max(n, self.max_batch), c, h * w), np.uint8)
+        return self._keep[:n]
 
     def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
         n, c = x.shape[0], x.shape[1]
@@ -242,21 +263,22 @@ class BatchNorm2d(Layer):
         x3 = x.reshape(n, c, hw)
         y = self._y[:n]
         y3 = y.reshape(n, c, hw)
+        mk = self._keep_mask(n)
         p = self.params
         if training:
             if n * hw < 2:
                 raise ValueError(f"layer {self.name!r} (batchnorm2d): training needs more than "
                                  f"one value per channel, got input shape {x.shape}")
             b = self.buffers
-            pick(BN_FWD_TRAIN, 2 * x.size)(x3, p["weight"], p["bias"], self.eps, y3, self._mean,
-                                       self._invstd, b["running_mean"], b["running_var"],
-                                       self.momentum, self.relu)
+            pick(BN_FWD_TRAIN, 2 * x.size)(x3, p["weight"], p["bias"], self.eps, y3, mk,
+                                           self._mean, self._invstd, b["running_mean"],
+                                           b["running_var"], self.momentum, self.relu)
             b["num_batches_tracked"] += 1
         else:
             b = self.buffers
-            pick(BN_FWD_EVAL, 2 * x.size)(x3, p["weight"], p["bias"], self.eps, y3, self._mean,
-                                      self._invstd, b["running_mean"], b["running_var"],
-                                      self.relu)
+            pick(BN_FWD_EVAL, 2 * x.size)(x3, p["weight"], p["bias"], self.eps, y3, mk,
+                                          self._mean, self._invstd, b["running_mean"],
+                                          b["running_var"], self.relu)
         self._x = x3
         self._training = training
         return y
@@ -265,7 +287,7 @@ class BatchNorm2d(Layer):
         x3 = self._x
         n, c, hw = x3.shape
         gx = self._gx[:n]
-        pick(BN_BWD, 3 * x3.size)(x3, gy.reshape(n, c, hw), self._y[:n].reshape(n, c, hw),
+        pick(BN_BWD, 3 * x3.size)(x3, gy.reshape(n, c, hw), self._keep_mask(n),
                               self.params["weight"], self._mean, self._invstd,
                               gx.reshape(n, c, hw), self.grads["weight"], self.grads["bias"],
                               self._training, need_input_grad, self.relu)
@@ -366,6 +388,9 @@ class GroupNorm(Layer):
         self.params = {"weight": np.ones(c, np.float32), "bias": np.zeros(c, np.float32)}
         self.grads = {"weight": np.zeros(c, np.float32), "bias": np.zeros(c, np.float32)}
         self._x = None
+
+    keeps_input = True  # (x̂ recomputed from it)
+    keeps_output = False
 
     def init_params(self, rng: np.random.Generator) -> None:
         self.params["weight"][:] = 1.0

@@ -190,6 +190,9 @@ GAP_BWD = dual(_gap_bwd)
 
 
 class _Pool2d(BufferedLayer):
+    keeps_input = False  # (max pooling saves its argmax)
+    keeps_output = False
+
     def __init__(self, node, in_shapes, out_shape):
         super().__init__(node, in_shapes, out_shape)
         self.kernel = tuple(node.attrs["kernel"])
@@ -243,6 +246,9 @@ class AvgPool2d(_Pool2d):
 
 class GlobalAvgPool(BufferedLayer):
     """Mean over H and W: (N, C, H, W) -> (N, C) (``adaptive_avg_pool2d(1)`` + flatten)."""
+
+    keeps_input = False
+    keeps_output = False
 
     def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
         n, c = x.shape[0], x.shape[1]

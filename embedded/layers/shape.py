@@ -19,6 +19,9 @@ class Flatten(Layer):
     """(N, C, H, W) -> (N, C·H·W) as a view (inputs are C-contiguous), no copy."""
 
     passes_grad = True
+    aliases_input = True
+    keeps_input = False
+    keeps_output = False
 
     def __init__(self, node, in_shapes, out_shape):
         super().__init__(node.name, in_shapes[0], out_shape)
@@ -36,8 +39,11 @@ class Flatten(Layer):
 
 class Add(Layer):
     """y = a + b. ``backward`` returns the one gradient both inputs receive. With ``relu``
-    (set by the Network when a ReLU alone reads the sum), y = max(a + b, 0) in the same pass
-    and the gradient is masked by y > 0 (the ReLU's backward)."""
+    (set by the Network when a ReLU alone reads the sum), y = max(a + b, 0) in the same pass,
+    its keep mask saved, and the gradient masked by it (the ReLU's backward)."""
+
+    keeps_input = False
+    keeps_output = False
 
     def __init__(self, node, in_shapes, out_shape):
         super().__init__(node.name, in_shapes[0], out_shape)
@@ -52,12 +58,16 @@ class Add(Layer):
         self._y = np.empty((max_batch, *self.out_shape), np.float32)
         if self.relu:
             self._gx = np.empty((max_batch, *self.out_shape), np.float32)
+            self._keep = np.empty(self._y.size, np.uint8)
 
     def forward(self, a: np.ndarray, b: np.ndarray, training: bool = True) -> np.ndarray:
         n = a.shape[0]
         y = self._y[:n]
-        pick(ADD_RELU_FWD if self.relu else ADD_FWD, a.size)(a.reshape(-1), b.reshape(-1),
-                                                             y.reshape(-1))
+        if self.relu:
+            pick(ADD_RELU_FWD, a.size)(a.reshape(-1), b.reshape(-1), y.reshape(-1),
+                                       self._keep[:a.size])
+        else:
+            pick(ADD_FWD, a.size)(a.reshape(-1), b.reshape(-1), y.reshape(-1))
         return y
 
     def backward(self, gy: np.ndarray, need_input_grad: bool = True) -> np.ndarray | None:
@@ -67,7 +77,7 @@ class Add(Layer):
             return gy
         n = gy.shape[0]
         gx = self._gx[:n]
-        pick(RELU_BWD, gy.size)(gy.reshape(-1), self._y[:n].reshape(-1), gx.reshape(-1))
+        pick(RELU_BWD, gy.size)(gy.reshape(-1), self._keep[:gy.size], gx.reshape(-1))
         return gx
 
 
@@ -76,6 +86,10 @@ class Dropout(Layer):
     the rest by 1/(1-p); identity in eval. The keep decision comes from a seeded numpy
     Generator filled in place (outside any parallel kernel), so runs are reproducible; the
     random stream differs from torch's, so tests compare with torch through the same mask."""
+
+    aliases_input = True  # (in eval, or at p = 0)
+    keeps_input = False
+    keeps_output = False
 
     def __init__(self, node, in_shapes, out_shape):
         super().__init__(node.name, in_shapes[0], out_shape)
