@@ -428,6 +428,19 @@ def bench_memory_jit(models, batch: int, s: float, period: int, threads: int,
 
 
 # ----------------------------------------------------------------------------- main
+def _per_layer(sel: list[dict], key: str) -> list[float]:
+    """``key`` of each record once per layer it stands for: --quick measures one layer of
+    each shape and lists the others in ``same_shape_layers``, so medians stay medians over
+    layers, as in a full run."""
+    return [r[key] for r in sel if r.get(key)
+            for _ in range(1 + len(r.get("same_shape_layers", ())))]
+
+
+def _over(sp: list[float], sel: list[dict]) -> str:
+    return f"over {len(sp)} layers" + (f" ({len(sel)} shapes measured)" if len(sel) < len(sp)
+                                        else "")
+
+
 def _reference_period_lines(lay: list[dict]) -> list[str]:
     """Per-layer medians at ALGORITHMS.md's reference top-K periods: convs at the benchmark's
     period > 1 (reference 10-20), linear layers every step."""
@@ -441,10 +454,10 @@ def _reference_period_lines(lay: list[dict]) -> list[str]:
             continue
         ref = [r for r in sel if (r.get("topk_period") or 1) == (
             periods[-1] if r["op"] == "conv2d" else 1)]
-        sp = [r["speedup"] for r in ref]
+        sp = _per_layer(ref, "speedup")
         out.append(f"  threads={t} batch={b} sparsity={s} at the reference periods (convs "
                    f"{periods[-1]}, linear 1): median x{statistics.median(sp):.2f} "
-                   f"min x{min(sp):.2f} over {len(sp)} layers")
+                   f"min x{min(sp):.2f} {_over(sp, ref)}")
     return out
 
 
@@ -453,7 +466,8 @@ def summarise(records: list[dict]) -> list[str]:
     lines = ["Per-layer median speedup over the SWAT plan's sparse layers (torch_ms / ours_ms; "
              "p>1 rows are amortised over the whole top-K period, refresh step included; "
              "pred = hwmodel's predicted sparse-vs-dense speed-up of our trainer, "
-             "own = our measured dense/sparse):"]
+             "own = our measured dense/sparse; --quick measures one layer of each shape and "
+             "counts it once per layer of that shape):"]
     lay = [r for r in records if r.get("op") in ("conv2d", "linear")]
     keys = sorted({(r["threads"], r["batch"], r["sparsity"], r.get("topk_period") or 0)
                    for r in lay})
@@ -462,14 +476,14 @@ def summarise(records: list[dict]) -> list[str]:
                and (r.get("topk_period") or 0) == p and (r["sparse"] or s == 0)]
         if not sel:
             continue
-        sp = [r["speedup"] for r in sel]
-        own = [r["ours_dense_over_sparse"] for r in sel if r.get("ours_dense_over_sparse")]
-        pr = [r["pred_speedup"] for r in sel if r.get("pred_speedup")]
+        sp = _per_layer(sel, "speedup")
+        own = _per_layer(sel, "ours_dense_over_sparse")
+        pr = _per_layer(sel, "pred_speedup")
         worst = min(sel, key=lambda r: r["speedup"])
         lines.append(
             f"  threads={t} batch={b} sparsity={s}" + (f" topk_period={p}" if s else "")
             + f": median x{statistics.median(sp):.2f} min x{min(sp):.2f} "
-            f"({worst['model']} {worst['layer']}) max x{max(sp):.2f} over {len(sp)} layers"
+            f"({worst['model']} {worst['layer']}) max x{max(sp):.2f} {_over(sp, sel)}"
             + (f"; own x{statistics.median(own):.2f}" if own else "")
             + (f"; pred x{statistics.median(pr):.2f}" if pr else ""))
     lines += _reference_period_lines(lay)

@@ -82,3 +82,21 @@ def test_sim_throughput_smoke_ours(tmp_path: Path) -> None:
         assert 0.0 <= r["final_accuracy"] <= 1.0
     assert "ratio_fedavg" not in doc
     assert json.loads(out.read_text())["workload"]["model"] == "mlp"
+
+
+def test_train_step_quick_medians_count_every_layer_of_a_shape() -> None:
+    """--quick measures one layer per shape; its medians still count layers, like a full run
+    (a shape standing for three layers weighs three)."""
+    ts = _load("train_step")
+
+    def rec(layer, speedup, same=()):
+        return {"op": "conv2d", "model": "m", "layer": layer, "threads": 2, "batch": 16,
+                "sparsity": 0.95, "topk_period": 1, "sparse": True, "speedup": speedup,
+                "same_shape_layers": list(same)}
+
+    lines = ts.summarise([rec("a", 1.0), rec("b", 3.0, ["b2", "b3"]), rec("c", 2.0)])
+    row = next(line for line in lines if "sparsity=0.95" in line)
+    assert "median x3.00" in row and "min x1.00 (m a)" in row
+    assert "over 5 layers (3 shapes measured)" in row
+    full = ts.summarise([rec("a", 1.0), rec("b", 3.0), rec("c", 2.0)])
+    assert "median x2.00" in full[1] and full[1].endswith("over 3 layers")
