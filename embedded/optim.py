@@ -66,13 +66,16 @@ class SGD:
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
         self.nesterov = bool(nesterov)
-        self.groups = []  # (layer name, key, param, grad, momentum buffer)
+        # (layer name, key, param, grad, momentum buffer), the arrays flat: a step spends
+        # ~2 us of Python on each (resnet8: 29), against ~1 us on the update itself
+        self.groups = []
         for node in net.nodes:
             layer = net.layers[node.name]
             for key, p in layer.params.items():
                 buf = np.zeros(p.size, np.float32)
-                self.groups.append((node.name, key, p, layer.grads[key], buf))
-        #: seconds spent updating each layer in the last step
+                self.groups.append((node.name, key, p.reshape(-1),
+                                    layer.grads[key].reshape(-1), buf))
+        #: seconds spent updating each layer in the last step (when the network times itself)
         self.times: dict[str, float] = {}
 
     def zero_state(self) -> None:
@@ -86,23 +89,24 @@ class SGD:
     def step(self, lr: float) -> None:
         """One update with learning rate ``lr`` using the gradients in the layers."""
         net = self.net
+        modes = net.modes
+        timing = net.timing
         times = self.times
         for name in times:
             times[name] = 0.0
-        for name, key, p, g, buf in self.groups:
-            t0 = time.perf_counter()
-            pf = p.reshape(-1)
-            gf = g.reshape(-1)
+        m, wd, nesterov = self.momentum, self.weight_decay, self.nesterov
+        for name, key, pf, gf, buf in self.groups:
+            t0 = time.perf_counter() if timing else 0.0
             mask = None
-            if key == "weight" and net.modes.get(name) == "masked":
+            if key == "weight" and modes.get(name) == "masked":
                 mask = getattr(net.layers[name], "mask", None)
             if mask is None:
-                pick(_SGD_K, 3 * pf.size)(pf, gf, buf, lr, self.momentum, self.weight_decay,
-                                      self.nesterov)
+                pick(_SGD_K, 3 * pf.size)(pf, gf, buf, lr, m, wd, nesterov)
             else:
-                pick(_SGD_MASKED_K, 3 * pf.size)(pf, gf, buf, mask.reshape(-1), lr, self.momentum,
-                                             self.weight_decay, self.nesterov)
-            times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+                pick(_SGD_MASKED_K, 3 * pf.size)(pf, gf, buf, mask.reshape(-1), lr, m, wd,
+                                                 nesterov)
+            if timing:
+                times[name] = times.get(name, 0.0) + time.perf_counter() - t0
 
 
 def total_steps(n: int, batch_size: int, epochs: int, drop_last: bool,
