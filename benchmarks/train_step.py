@@ -26,7 +26,10 @@ threads, batch, ours_ms, torch_ms, speedup (torch_ms / ours_ms), density (measur
 density), act_density, topk_period, amortised_over (steps per timed sample), pred_speedup
 (hwmodel's predicted sparse-vs-dense speed-up of our trainer with the calibrated host profile,
 benchmarks/results/generic-x86-calibrated.toml, when it loads) and ours_dense_over_sparse
-(our own dense time / our sparse time, the measured quantity the prediction models). Also
+(our own dense time / our sparse time, the measured quantity the prediction models); step
+records also carry each side's page faults and involuntary context switches per step
+(``ours_faults_per_call``, ``torch_preempted_per_call``, ...: getrusage around the timed calls;
+torch's CPU allocator hands memory back and faults it in again every step). Also
 prints per-layer median speedups, the peak memory of a step (fresh subprocesses, RSS
 high-water mark above the post-warm-up level) and the JIT compile time of the first step in a
 fresh process with an empty Numba cache.
@@ -82,22 +85,36 @@ _BLAS_HOLD = None
 WARMUP = 8
 
 
-def _median_interleaved(fa, fb, reps: int, budget_s: float, block: int = 1
-                        ) -> tuple[float, float]:
+def _median_interleaved(fa, fb, reps: int, budget_s: float, block: int = 1,
+                        host: dict | None = None) -> tuple[float, float]:
     """Median ms per call of ``fa`` and ``fb``, interleaved; each timed sample runs ``block``
     consecutive calls and is divided by ``block`` (an amortised per-step time over a whole
-    top-K period when ``block`` is the period)."""
+    top-K period when ``block`` is the period). ``host``, if given, receives each side's
+    page faults and involuntary context switches per call (``getrusage`` around the timed
+    calls): what the host does to a side besides its own work."""
+    import resource
+
     ta, tb = [], []
+    rus = {id(ta): [0, 0], id(tb): [0, 0]}
     t_end = time.perf_counter() + budget_s
     for r in range(reps):
         pair = ((fa, ta), (fb, tb)) if r % 2 == 0 else ((fb, tb), (fa, ta))
         for f, acc in pair:
+            u0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
             for _ in range(block):
                 f()
             acc.append((time.perf_counter() - t0) / block)
+            u1 = resource.getrusage(resource.RUSAGE_SELF)
+            rus[id(acc)][0] += u1.ru_minflt - u0.ru_minflt + u1.ru_majflt - u0.ru_majflt
+            rus[id(acc)][1] += u1.ru_nivcsw - u0.ru_nivcsw
         if r >= 2 and time.perf_counter() > t_end:
             break
+    if host is not None:
+        for side, acc in (("ours", ta), ("torch", tb)):
+            calls = len(acc) * block
+            host[f"{side}_faults_per_call"] = round(rus[id(acc)][0] / calls, 2)
+            host[f"{side}_preempted_per_call"] = round(rus[id(acc)][1] / calls, 3)
     return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
 
 
@@ -292,7 +309,8 @@ def bench_steps(model: str, threads: int, batch: int, sparsities, reps: int, per
         for _ in range(WARMUP):  # (any blk consecutive steps hold exactly one refresh)
             run_ours()
             run_torch()
-        to, tt = _median_interleaved(run_ours, run_torch, reps, budget_s, blk)
+        host: dict = {}
+        to, tt = _median_interleaved(run_ours, run_torch, reps, budget_s, blk, host)
         if s == 0:
             dense_ms = to
         dens = [net.layers[n].measured_density for n in net.plan.layers] or [1.0]
@@ -305,14 +323,18 @@ def bench_steps(model: str, threads: int, batch: int, sparsities, reps: int, per
                     "topk_period": period, "amortised_over": blk,
                     "pred_speedup": None if pred is None else round(pred, 3),
                     "ours_dense_over_sparse": (round(dense_ms / to, 3)
-                                               if s and dense_ms else None)})
+                                               if s and dense_ms else None), **host})
         extra = ""
         if s:
             extra = (f" p={period}{'(amortised)' if blk > 1 else ''}"
                      f" own-dense/sparse x{out[-1]['ours_dense_over_sparse'] or 0:4.2f}"
                      + (f" hwmodel-pred x{pred:4.2f}" if pred else ""))
         print(f"{model:15s} {'STEP':22s} s={s:<5} t={threads} b={batch:<3} "
-              f"ours {to:8.3f} ms  torch {tt:8.3f} ms  x{tt / to:5.2f}{extra}", flush=True)
+              f"ours {to:8.3f} ms  torch {tt:8.3f} ms  x{tt / to:5.2f}{extra}; a step: page "
+              f"faults ours {host['ours_faults_per_call']:g} torch "
+              f"{host['torch_faults_per_call']:g}, preempted ours "
+              f"{host['ours_preempted_per_call']:g} torch {host['torch_preempted_per_call']:g}",
+              flush=True)
     return out
 
 
