@@ -245,11 +245,11 @@ class Network:
         such an output lives only from its forward to its last reader's, so layers whose spans
         do not overlap take turns, and the forward writes into buffers it touched moments
         before instead of one fresh buffer per layer (ReLUs, fused or not, keep a byte mask
-        for their backward instead of their output). At batch 16: resnet8's 13 free outputs
-        (batch-norm outputs, residual sums, the pooled features) in 3 buffers, the network's
-        arrays 29.3 -> 26.3 MB; resnet18_cifar 29 in 3, 274.9 -> 241.3 MB. resnet8's SWAT-0.95
-        step, interleaved with torch's: 0.97-1.03x in 5 A/B runs (no faster: its time is not
-        in these bytes). Returns the shared buffers' count."""
+        for their backward instead of their output). At batch 16, SWAT 0.95, after a step:
+        resnet8's 13 free outputs (batch-norm outputs, residual sums, the pooled features) in
+        3 buffers, the network's arrays 30.6 -> 27.6 MB; resnet18_cifar 29 in 3, 283.5 ->
+        249.9 MB. resnet8's step, interleaved with torch's: 0.97-1.03x in 5 A/B runs (no
+        faster: its time is not in these bytes). Returns the shared buffers' count."""
         slots = self._slots(self._out_spans())
         for members in slots:
             flat = np.empty(max(self.layers[m]._y.size for m in members), np.float32)
@@ -472,7 +472,8 @@ class Network:
         """Name of the first node (in DAG order) whose output holds NaN/inf on the last
         forward's batch, or None ('input' if the batch itself is non-finite). Most outputs
         share buffers, so the forward runs again on that batch, each output checked as it is
-        made; batch-norm running statistics and dropout streams are put back as they were."""
+        made; batch-norm running statistics and dropout streams are put back as they were
+        (sparse layers' top-K refresh counters advance: the run it diagnoses has stopped)."""
         x = self._outs.get(INPUT)
         if x is None:
             return None
@@ -491,13 +492,13 @@ class Network:
             self._restore_stream_state(state)
         return found[0] if found else None
 
-    def _stream_state(self) -> dict:
-        """Copies of what a forward changes besides outputs: batch-norm buffers, dropout
-        generators' states."""
+    def _stream_state(self, dropout: bool = True) -> dict:
+        """Copies of what a forward changes besides outputs: batch-norm buffers and (if
+        ``dropout``) dropout generators' states."""
         state = {(n, k): v.copy() for n, layer in self.layers.items()
                  for k, v in layer.buffers.items()}
         for n, layer in self.layers.items():
-            if isinstance(layer, Dropout):
+            if dropout and isinstance(layer, Dropout):
                 state[(n, None)] = layer.rng.bit_generator.state
         return state
 
@@ -534,8 +535,7 @@ class Network:
         x = self.check_x(x)
         y = self.check_y(y, x.shape[0])
         self._ensure(x.shape[0])
-        saved = None if update_stats else {
-            (n, k): v.copy() for n, layer in self.layers.items() for k, v in layer.buffers.items()}
+        saved = None if update_stats else self._stream_state(dropout=False)
         loss = self.step_loss(x, y)
         if saved is not None:
             self._restore_stream_state(saved)

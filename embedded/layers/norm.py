@@ -212,6 +212,9 @@ BN_BWD = dual(_bn_bwd)
 class BatchNorm2d(Layer):
     """``torch.nn.BatchNorm2d`` (affine, track_running_stats, momentum from the node)."""
 
+    keeps_input = True  # (x̂ recomputed from it)
+    keeps_output = False
+
     def __init__(self, node, in_shapes, out_shape):
         super().__init__(node.name, in_shapes[0], out_shape)
         c = self.in_shape[0]
@@ -231,9 +234,6 @@ class BatchNorm2d(Layer):
         self._training = True
         self.relu = False  # a fused ReLU on the output (set by the Network)
         self._keep = np.zeros((1, 1, 1), np.uint8)  # its keep mask (N, C, HW), unread without
-
-    keeps_input = True  # (x̂ recomputed from it)
-    keeps_output = False
 
     def init_params(self, rng: np.random.Generator) -> None:
         """torch's init: weight 1, bias 0, running mean 0, running var 1, counter 0."""
@@ -383,6 +383,9 @@ REDUCE_ROWS = dual(_reduce_rows)
 class GroupNorm(Layer):
     """``torch.nn.GroupNorm(num_groups, C)`` (affine); same in training and eval."""
 
+    keeps_input = True  # (x̂ recomputed from it)
+    keeps_output = False
+
     def __init__(self, node, in_shapes, out_shape):
         super().__init__(node.name, in_shapes[0], out_shape)
         c = self.in_shape[0]
@@ -391,9 +394,6 @@ class GroupNorm(Layer):
         self.params = {"weight": np.ones(c, np.float32), "bias": np.zeros(c, np.float32)}
         self.grads = {"weight": np.zeros(c, np.float32), "bias": np.zeros(c, np.float32)}
         self._x = None
-
-    keeps_input = True  # (x̂ recomputed from it)
-    keeps_output = False
 
     def init_params(self, rng: np.random.Generator) -> None:
         self.params["weight"][:] = 1.0
