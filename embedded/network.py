@@ -250,12 +250,7 @@ class Network:
         3 buffers, the network's arrays 30.6 -> 27.6 MB; resnet18_cifar 29 in 3, 283.5 ->
         249.9 MB. resnet8's step, interleaved with torch's: 0.97-1.03x in 5 A/B runs (no
         faster: its time is not in these bytes). Returns the shared buffers' count."""
-        slots = self._slots(self._out_spans())
-        for members in slots:
-            flat = np.empty(max(self.layers[m]._y.size for m in members), np.float32)
-            for m in members:
-                self.layers[m].use_out_buffer(flat)
-        return len(slots)
+        return self._point_into_slots(self._out_spans(), "_y", "use_out_buffer")
 
     def _share_grad_buffers(self) -> int:
         """Point the layers' input-gradient buffers into a few shared ones: a layer's gradient
@@ -267,11 +262,18 @@ class Network:
         resnet18_cifar 49 -> 3 (343.7 -> 262.1 MB); resnet8's SWAT-0.95 step on 2 threads,
         interleaved with torch's, 1.01-1.05x (6 A/B runs). Returns the shared buffers'
         count."""
-        slots = self._slots(self._grad_spans())
+        return self._point_into_slots(self._grad_spans(), "_gx", "use_grad_buffer")
+
+    def _point_into_slots(self, spans: dict[str, list[int]], attr: str, use: str) -> int:
+        """Allocate one buffer per slot of :meth:`_slots` (as large as its largest member's
+        ``attr`` array) and hand it to each member's ``use`` method; returns the slots'
+        count."""
+        slots = self._slots(spans)
         for members in slots:
-            flat = np.empty(max(self.layers[m]._gx.size for m in members), np.float32)
+            flat = np.empty(max(getattr(self.layers[m], attr).size for m in members),
+                            np.float32)
             for m in members:
-                self.layers[m].use_grad_buffer(flat)
+                getattr(self.layers[m], use)(flat)
         return len(slots)
 
     def _ensure(self, n: int) -> None:
