@@ -95,26 +95,26 @@ def _median_interleaved(fa, fb, reps: int, budget_s: float, block: int = 1,
     import resource
 
     ta, tb = [], []
-    rus = {id(ta): [0, 0], id(tb): [0, 0]}
+    ca, cb = [0, 0], [0, 0]  # (page faults, involuntary switches) of each side
     t_end = time.perf_counter() + budget_s
     for r in range(reps):
-        pair = ((fa, ta), (fb, tb)) if r % 2 == 0 else ((fb, tb), (fa, ta))
-        for f, acc in pair:
+        pair = ((fa, ta, ca), (fb, tb, cb)) if r % 2 == 0 else ((fb, tb, cb), (fa, ta, ca))
+        for f, acc, cnt in pair:
             u0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
             for _ in range(block):
                 f()
             acc.append((time.perf_counter() - t0) / block)
             u1 = resource.getrusage(resource.RUSAGE_SELF)
-            rus[id(acc)][0] += u1.ru_minflt - u0.ru_minflt + u1.ru_majflt - u0.ru_majflt
-            rus[id(acc)][1] += u1.ru_nivcsw - u0.ru_nivcsw
+            cnt[0] += u1.ru_minflt - u0.ru_minflt + u1.ru_majflt - u0.ru_majflt
+            cnt[1] += u1.ru_nivcsw - u0.ru_nivcsw
         if r >= 2 and time.perf_counter() > t_end:
             break
     if host is not None:
-        for side, acc in (("ours", ta), ("torch", tb)):
+        for side, acc, cnt in (("ours", ta, ca), ("torch", tb, cb)):
             calls = len(acc) * block
-            host[f"{side}_faults_per_call"] = round(rus[id(acc)][0] / calls, 2)
-            host[f"{side}_preempted_per_call"] = round(rus[id(acc)][1] / calls, 3)
+            host[f"{side}_faults_per_call"] = round(cnt[0] / calls, 2)
+            host[f"{side}_preempted_per_call"] = round(cnt[1] / calls, 3)
     return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
 
 

@@ -252,13 +252,9 @@ class BatchNorm2d(Layer):
             self._keep = np.empty((max_batch, c, h * w), np.uint8)
 
     def _keep_mask(self, n: int) -> np.ndarray:
-        """The fused ReLU's keep mask for batch n (a placeholder without a fused ReLU)."""
-        if not self.relu:
-            return self._keep[:1]
-        c, h, w = self.out_shape
-        if self._keep.shape[0] < n or self._keep.shape[1:] != (c, h * w):  # fused after setup
-            self._keep = np.empty((max(n, self.max_batch), c, h * w), np.uint8)
-        return self._keep[:n]
+        """The fused ReLU's keep mask for batch n (a placeholder without a fused ReLU; the
+        Network fuses ReLUs before :meth:`setup`, which sizes the mask)."""
+        return self._keep[:n] if self.relu else self._keep[:1]
 
     def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
         n, c = x.shape[0], x.shape[1]
