@@ -122,6 +122,40 @@ def test_conv_swat_matches_torch_and_threads(case, monkeypatch):
     assert layer.measured_act_density == pytest.approx(mx.mean())
 
 
+@pytest.mark.parametrize("case", [
+    (6, 12, 9, 8, (3, 3), (1, 1), (1, 1), 2),   # rows of 16 floats: the block passes
+    (6, 12, 9, 8, (3, 3), (1, 1), (1, 1), 3),   # rows of 24: one long axpy a tile
+    (3, 34, 7, 7, (5, 5), (1, 1), (2, 2), 2),
+])
+def test_conv_row_tiles_give_the_same_floats(case, monkeypatch):
+    """The forward and the stride-1 input gradient walk output/input rows in tiles when their
+    source outgrows conv.TILE_BYTES: any tile height gives one tile's floats bit for bit, and
+    torch's."""
+    from embedded.layers import conv as conv_mod
+
+    cin, cout, h, w, k, s, p, n = case
+    monkeypatch.setattr(sparse, "PAR_MIN_WORK", 0)
+    outs = {}
+    for budget in (1 << 30, 1, 2 * 4 * cin * (w + 2 * p[1]) * n * (k[0] + 1)):
+        monkeypatch.setattr(conv_mod, "TILE_BYTES", budget)
+        layer, x, gy = _conv(cin, cout, h, w, k, s, p, n)
+        layer.set_sparsity("swat", LayerSparsity(0.15, 0.2, 1))
+        a, b = _run_at_1_and_2_threads(layer, x, gy)
+        bufs = layer._bufs
+        assert bufs.taps_in
+        outs[budget] = (a, b, bufs.fwd_tr, bufs.bwd_in_tr)
+    (whole, _, tr_f, tr_b), *tiled = outs.values()
+    assert (tr_f, tr_b) == (layer.oh, h)
+    for a, b, tr_f, tr_b in tiled:
+        assert 1 <= tr_f < layer.oh and 1 <= tr_b < h  # really tiled
+        for u, v, z in zip(a, b, whole, strict=True):
+            assert np.array_equal(u, z) and np.array_equal(v, z)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    F.conv2d(xt, torch.from_numpy(layer.params["weight"] * _mask(layer.params["weight"], 0.15)),
+             torch.from_numpy(layer.params["bias"]), s, p).backward(torch.from_numpy(gy))
+    np.testing.assert_allclose(tiled[0][0][1], xt.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_conv_swat_saved_activations_grow_when_a_region_overflows(monkeypatch):
     """The forward's compacted activations (compact_acts): with regions too small for the
     kept entries the arrays grow and the forward retries; the weight gradient still matches

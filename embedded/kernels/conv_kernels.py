@@ -207,7 +207,7 @@ def _unpack_channel(gxq, gx, ci, cs, sh, sw, ph, pw, Hq, Wq, PH, PW, zoff):
 
 # ----------------------------------------------------------------------------- compute
 @dual
-def fwd_csr(rowptr, code, val, xq, yb, y, bias, has_bias, OH, rs, nch):
+def fwd_csr(rowptr, code, val, xq, yb, y, bias, has_bias, OH, rs, nch, tr):
     """y[:, co] = bias + sum over kept (code, v) of row co: v * xq[code*N : code*N + RL].
 
     The whole output block of channel co is one run of RL = (OH-1)*rs + OW*N elements (row
@@ -218,19 +218,26 @@ def fwd_csr(rowptr, code, val, xq, yb, y, bias, has_bias, OH, rs, nch):
     the same iteration. Output channels go in ``nch`` static chunks, each computing its
     channels one after another in its own block ``yb[c*OH*rs:]`` (cache-resident: the
     step touches no batch-last copy of the whole output).
+
+    ``tr``: output rows per tile (``>= OH``: one tile). A chunk walks the tiles, computing
+    every one of its channels on a tile before the next, so the packed input rows a tile reads
+    (every channel's) stay in cache across its channels instead of streaming from memory once
+    per channel. The same sums in the same order, bit for bit, at any ``tr``.
     """
     N, Co, _, OW = y.shape
-    RL = (OH - 1) * rs + OW * N
     yf = y.reshape(y.size)
     blk = OH * rs
     for c in prange(nch):
-        out = yb[c * blk:c * blk + RL]
-        for co in range(Co * c // nch, Co * (c + 1) // nch):
-            out[:] = 0.0
-            gather_axpy_rows(out, xq, code, val, rowptr[co], rowptr[co + 1], N, 0, OH, rs,
-                             OW * N)
-            b = bias[co] if has_bias else np.float32(0.0)
-            from_grid(out, 0, rs, N, OW, N, OH * OW, yf, co * OH * OW, Co * OH * OW, b)
+        for r0 in range(0, OH, tr):
+            nr = min(OH, r0 + tr) - r0
+            out = yb[c * blk:c * blk + (nr - 1) * rs + OW * N]
+            for co in range(Co * c // nch, Co * (c + 1) // nch):
+                out[:] = 0.0
+                gather_axpy_rows(out, xq, code, val, rowptr[co], rowptr[co + 1], N, r0 * rs,
+                                 nr, rs, OW * N)
+                b = bias[co] if has_bias else np.float32(0.0)
+                from_grid(out, 0, rs, N, OW, N, nr * OW, yf, co * OH * OW + r0 * OW,
+                          Co * OH * OW, b)
 
 
 @dual
@@ -278,7 +285,7 @@ def bwd_input_csc(colptr, col_code, c_row, c_val, gyb, gxq, gx, sh, sw, ph, pw, 
 
 @dual
 def bwd_input_taps(colptr, c_row, c_val, gyb, gxq, gx, ph, pw, Hq, Wq, KH, KW, nch, cw, lead,
-                   offs, vals):
+                   offs, vals, tr):
     """Stride-1 input gradient with ALL kept taps of input channel ci in one gather pass:
     gx[ci] at padded position (i, j) = sum over kept (co, kh, kw) of v * gy[co, i-kh, j-kw],
     i.e. one run over ci's plane (its rows ph.. and columns pw.. that unpack to gx, the
@@ -293,31 +300,36 @@ def bwd_input_taps(colptr, c_row, c_val, gyb, gxq, gx, ph, pw, Hq, Wq, KH, KW, n
     the entries' shifted block offsets (in units of N) and values, in CSC order. Input
     channels go in ``nch`` static chunks, each in its own one-plane block of ``gxq``
     (cache-resident), unpacked into NCHW ``gx`` by the same iteration. A scatter by ci: no
-    race, a fixed summation order."""
+    race, a fixed summation order. ``tr``: input rows per tile (``>= H``: one tile), as in
+    :func:`fwd_csr`: a chunk computes all its channels on a tile before the next, so the gy
+    rows the tile reads stay in cache (bit for bit the same at any ``tr``)."""
     N, Ci, H, W = gx.shape
     rs = Wq * N
     plane = Hq * rs
     KK = KH * KW
     m = offs.size // nch
-    st = (ph * Wq + pw) * N
-    ln = ((H - 1) * Wq + W) * N
+    gxf = gx.reshape(gx.size)
     for c in prange(nch):
         pl = gxq[c * plane:(c + 1) * plane]
         of = offs[c * m:(c + 1) * m]
         vl = vals[c * m:(c + 1) * m]
-        for ci in range(Ci * c // nch, Ci * (c + 1) // nch):
-            j = 0
-            for tap in range(KK):
-                sft = (tap // KW) * Wq + tap % KW
-                q = ci * KK + tap
-                for p in range(colptr[q], colptr[q + 1]):
-                    of[j] = c_row[p] * cw - sft
-                    vl[j] = c_val[p]
-                    j += 1
-            run = pl[st:st + ln]
-            run[:] = 0.0
-            gather_axpy_rows(run, gyb, of, vl, 0, j, N, lead + st, H, rs, W * N)
-            _unpack_channel(pl, gx, ci, 0, 1, 1, ph, pw, Hq, Wq, 1, 1, 0)
+        for r0 in range(0, H, tr):
+            nr = min(H, r0 + tr) - r0
+            st = ((ph + r0) * Wq + pw) * N
+            for ci in range(Ci * c // nch, Ci * (c + 1) // nch):
+                j = 0
+                for tap in range(KK):
+                    sft = (tap // KW) * Wq + tap % KW
+                    q = ci * KK + tap
+                    for p in range(colptr[q], colptr[q + 1]):
+                        of[j] = c_row[p] * cw - sft
+                        vl[j] = c_val[p]
+                        j += 1
+                run = pl[st:st + ((nr - 1) * Wq + W) * N]
+                run[:] = 0.0
+                gather_axpy_rows(run, gyb, of, vl, 0, j, N, lead + st, nr, rs, W * N)
+                from_grid(pl, st, rs, N, W, N, nr * W, gxf, ci * H * W + r0 * W, Ci * H * W,
+                          np.float32(0.0))
 
 
 @njit(cache=True, nogil=True)
