@@ -296,13 +296,14 @@ def test_ctrl_c_checkpoints_writes_a_partial_report_and_releases_the_boards(tmp_
     _wait_for(out / "checkpoints" / "ckpt-000001.json", p)
     assert p.poll() is None
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err.decode()[-2000:]
-    assert "--resume" in err.decode()
+    so, err = p.communicate(timeout=120)
+    tail = (so + err).decode()[-3000:]       # every message carries the run's output
+    assert p.returncode == 130, tail
+    assert "--resume" in err.decode(), tail
     s = json.loads((out / "summary.json").read_text())
-    assert s["status"] == "interrupted" and 1 <= s["rounds_completed"] < 200
-    assert "Partial report" in (out / "report.md").read_text()
-    assert not _agents(str(tmp_path / "home")), "boards released on Ctrl-C"
+    assert s["status"] == "interrupted" and 1 <= s["rounds_completed"] < 200, (s, tail)
+    assert "Partial report" in (out / "report.md").read_text(), tail
+    assert not _agents(str(tmp_path / "home")), f"boards released on Ctrl-C\n{tail}"
     assert np.isfinite(float(read_csv(out / "rounds.csv")[0]["loss"]))
 
 
