@@ -135,6 +135,32 @@ def test_batchnorm_rejects_single_value_per_channel():
         layer.forward(np.ones((1, 3, 1, 1), np.float32), True)
 
 
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_batchnorm_kernels_stay_in_bounds(relu):
+    """The batch-norm kernels compiled with Numba's bounds checks (as NUMBA_BOUNDSCHECK=1
+    would) run without an IndexError: without a fused ReLU the keep mask is a (1, 1, 1)
+    placeholder no kernel may index by sample or channel."""
+    from numba import njit
+
+    from embedded.layers import norm
+
+    rng = np.random.default_rng(4)
+    n, c, hw = 3, 4, 10
+    x = rng.standard_normal((n, c, hw)).astype(np.float32)
+    gy = rng.standard_normal((n, c, hw)).astype(np.float32)
+    mk = np.ones((n, c, hw) if relu else (1, 1, 1), np.uint8)
+    g, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+    mean, inv = np.zeros(c), np.ones(c)
+    y, gx = np.empty_like(x), np.empty_like(x)
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    fwd = njit(boundscheck=True)(norm._bn_fwd_train)
+    fwd(x, g, b, 1e-5, y, mk, mean, inv, rm, rv, 0.1, relu)
+    njit(boundscheck=True)(norm._bn_fwd_eval)(x, g, b, 1e-5, y, mk, mean, inv, rm, rv, relu)
+    bwd = njit(boundscheck=True)(norm._bn_bwd)
+    for training in (True, False):
+        bwd(x, gy, mk, g, mean, inv, gx, g.copy(), b.copy(), training, True, relu)
+
 @pytest.mark.parametrize("shape,groups", [((2, 6, 5, 3), 3), ((1, 5, 4, 7), 1), ((3, 4, 2, 2), 4)])
 def test_groupnorm_matches_torch(shape, groups, variant):
     rng = np.random.default_rng(3)

@@ -166,7 +166,9 @@ def _bn_bwd(x, gy, mk, gamma, mean, invstd, gx, dgamma, dbeta, training, need_gx
         sg = 0.0
         sgx = 0.0
         for i in range(n):
-            a, b = _row_gsums(gy[i, ch], mk[i, ch], x[i, ch], m32, relu)
+            # without a fused ReLU mk is a (1, 1, 1) placeholder: row (0, 0), never read
+            mrow = mk[i, ch] if relu else mk[0, 0]
+            a, b = _row_gsums(gy[i, ch], mrow, x[i, ch], m32, relu)
             sg += a
             sgx += b
         sgx -= (m - np.float64(m32)) * sg  # Σg(x − m) from Σg(x − m32)
