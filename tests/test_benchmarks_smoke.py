@@ -120,3 +120,18 @@ def test_train_step_counts_each_sides_page_faults() -> None:
     ts._median_interleaved(fresh, reuse, 4, 0.0, 1, host)
     assert host["ours_faults_per_call"] >= 10 > host["torch_faults_per_call"]
     assert host["ours_preempted_per_call"] >= 0 and host["torch_preempted_per_call"] >= 0
+
+
+def test_slow_periods_summary_separates_slow_windows() -> None:
+    """A window is slow when our 2-thread step exceeds 1.5x its fastest quartile's median;
+    the summary's medians come from each group alone."""
+    sp = _load("slow_periods")
+    fast = {"ours_2t": 6.0, "ours_1t": 8.5, "torch_2t": 18.0, "copy_32mb": 3.0, "compute": 0.6}
+    slow = dict(fast, ours_2t=11.0, torch_2t=21.0)
+    s = sp.summarise([fast] * 6 + [slow] * 2)
+    assert s["windows"] == 8 and s["slow_windows"] == 2 and s["base_ours_2t_ms"] == 6.0
+    assert s["normal"]["ours_2t"] == 6.0 and s["slow"]["ours_2t"] == 11.0
+    assert s["slow"]["torch_over_ours_2t"] == round(21.0 / 11.0, 3)
+    assert "slow" not in sp.summarise([fast] * 4)
+    with pytest.raises(SystemExit):
+        sp.main(["--seconds", "0"])
