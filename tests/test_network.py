@@ -135,7 +135,6 @@ def test_batchnorm_rejects_single_value_per_channel():
         layer.forward(np.ones((1, 3, 1, 1), np.float32), True)
 
 
-
 @pytest.mark.parametrize("relu", [False, True])
 def test_batchnorm_kernels_stay_in_bounds(relu):
     """The batch-norm kernels compiled with Numba's bounds checks (as NUMBA_BOUNDSCHECK=1
@@ -160,6 +159,7 @@ def test_batchnorm_kernels_stay_in_bounds(relu):
     bwd = njit(boundscheck=True)(norm._bn_bwd)
     for training in (True, False):
         bwd(x, gy, mk, g, mean, inv, gx, g.copy(), b.copy(), training, True, relu)
+
 
 @pytest.mark.parametrize("shape,groups", [((2, 6, 5, 3), 3), ((1, 5, 4, 7), 1), ((3, 4, 2, 2), 4)])
 def test_groupnorm_matches_torch(shape, groups, variant):
