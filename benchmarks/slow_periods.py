@@ -37,44 +37,25 @@ def _sides(sparsity: float, batch: int):
     import numba
     import torch
 
-    from benchmarks.train_step import _plan
-    from embedded.network import Network
-    from embedded.optim import SGD
+    from benchmarks.train_step import our_step, step_batch, torch_step
     from hwmodel import build
-    from hwmodel.torch_twin import to_torch
 
     spec = build("resnet8")
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, *spec.input_shape)).astype(np.float32)
-    y = rng.integers(0, spec.num_classes, batch).astype(np.int64)
+    x, y = step_batch(spec, batch)
 
     def ours(threads: int):
         numba.set_num_threads(threads)
-        net = Network.from_spec(spec, seed=0)
-        net.timing = False
-        for layer in net.layers.values():
-            layer.timing = False
-        net.setup(batch)
-        net.set_plan(_plan(spec, sparsity, 1))
-        opt = SGD(net, momentum=0.9, weight_decay=5e-4)
+        net, run = our_step(spec, x, y, sparsity, 1)
 
         def step():
             numba.set_num_threads(threads)
-            net.step_loss(x, y)
-            opt.step(0.01)
-        return step
+            run()
+        return net, step
 
+    net, ours_2t = ours(2)
+    _, ours_1t = ours(1)
     torch.set_num_threads(2)
-    tw = to_torch(spec)
-    tw.train()
-    topt = torch.optim.SGD(tw.parameters(), lr=0.01, momentum=0.9)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    lossf = torch.nn.CrossEntropyLoss()
-
-    def torch_step():
-        topt.zero_grad(set_to_none=True)
-        lossf(tw(xt), yt).backward()
-        topt.step()
+    torch_2t = torch_step(spec, net, x, y)   # the twin starts from our (untrained) weights
 
     src = np.ones(8 << 20, np.float32)
     dst = np.empty_like(src)
@@ -89,7 +70,7 @@ def _sides(sparsity: float, batch: int):
             acc = acc * 1.0001 + 1e-7   # 4096 doubles: stays in L1, bound by the core's speed
         return acc
 
-    return dict(zip(SIDES, (ours(2), ours(1), torch_step, copy, compute), strict=True))
+    return dict(zip(SIDES, (ours_2t, ours_1t, torch_2t, copy, compute), strict=True))
 
 
 def summarise(windows: list[dict]) -> dict:
@@ -101,8 +82,8 @@ def summarise(windows: list[dict]) -> dict:
     out: dict = {"windows": len(windows), "slow_windows": int(slow.sum()), "base_ours_2t_ms": base}
     for name, sel in (("normal", ~slow), ("slow", slow)):
         if sel.any():
-            out[name] = {k: round(float(np.median([w[k] for w, s in zip(windows, sel, strict=True) if s])), 4)
-                         for k in SIDES}
+            group = [w for w, s in zip(windows, sel, strict=True) if s]
+            out[name] = {k: round(float(np.median([w[k] for w in group])), 4) for k in SIDES}
             out[name]["torch_over_ours_2t"] = round(out[name]["torch_2t"] /
                                                     out[name]["ours_2t"], 3)
     return out

@@ -265,46 +265,66 @@ def _plan(spec, s, period):
     return SparsityPlan.uniform(spec, s, mode="swat", layers="swat", topk_period=period)
 
 
-def bench_steps(model: str, threads: int, batch: int, sparsities, reps: int, periods,
-                budget_s: float) -> list[dict]:
-    import torch
-
-    from embedded.network import Network
-    from embedded.optim import SGD
-    from hwmodel import build
-    from hwmodel.torch_twin import to_torch
-
-    spec = build(model)
+def step_batch(spec, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed random batch every step benchmark trains on."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, *spec.input_shape)).astype(np.float32)
     y = rng.integers(0, spec.num_classes, batch).astype(np.int64)
+    return x, y
+
+
+def our_step(spec, x: np.ndarray, y: np.ndarray, s: float, period: int):
+    """(network, a callable running one SGD step of it on x, y) with the SWAT plan at sparsity
+    ``s`` (dense at 0), timing off."""
+    from embedded.network import Network
+    from embedded.optim import SGD
+
+    net = Network.from_spec(spec, seed=0)
+    net.timing = False
+    for layer in net.layers.values():
+        layer.timing = False
+    net.setup(x.shape[0])
+    net.set_plan(_plan(spec, s, period))
+    opt = SGD(net, momentum=0.9, weight_decay=5e-4)
+
+    def run() -> None:
+        net.step_loss(x, y)
+        opt.step(0.01)
+    return net, run
+
+
+def torch_step(spec, net, x: np.ndarray, y: np.ndarray):
+    """A callable running one SGD step of ``spec``'s torch twin (starting from ``net``'s
+    weights, same optimiser settings) on x, y."""
+    import torch
+
+    from hwmodel.torch_twin import to_torch
+
+    tw = to_torch(spec)
+    tw.load_state_dict({k: torch.from_numpy(v) for k, v in net.state_dict().items()})
+    tw.train()
+    topt = torch.optim.SGD(tw.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    lossf = torch.nn.CrossEntropyLoss()
+
+    def run() -> None:
+        topt.zero_grad(set_to_none=True)
+        lossf(tw(xt), yt).backward()
+        topt.step()
+    return run
+
+
+def bench_steps(model: str, threads: int, batch: int, sparsities, reps: int, periods,
+                budget_s: float) -> list[dict]:
+    from hwmodel import build
+
+    spec = build(model)
+    x, y = step_batch(spec, batch)
     out = []
     dense_ms = None
     for s, period in _configs(sparsities, periods):
-        net = Network.from_spec(spec, seed=0)
-        net.timing = False
-        for layer in net.layers.values():
-            layer.timing = False
-        net.setup(batch)
-        net.set_plan(_plan(spec, s, period or 1))
-        opt = SGD(net, momentum=0.9, weight_decay=5e-4)
-        tw = to_torch(spec)
-        tw.load_state_dict({k: torch.from_numpy(v) for k, v in net.state_dict().items()})
-        tw.train()
-        topt = torch.optim.SGD(tw.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        xt = torch.from_numpy(x)
-        yt = torch.from_numpy(y)
-        lossf = torch.nn.CrossEntropyLoss()
-
-        def run_ours(net=net, opt=opt):
-            net.step_loss(x, y)
-            opt.step(0.01)
-
-        def run_torch(topt=topt, tw=tw, xt=xt, yt=yt, lossf=lossf):
-            topt.zero_grad(set_to_none=True)
-            lossf(tw(xt), yt).backward()
-            topt.step()
-
+        net, run_ours = our_step(spec, x, y, s, period or 1)
+        run_torch = torch_step(spec, net, x, y)
         blk = period or 1
         for _ in range(WARMUP):  # (any blk consecutive steps hold exactly one refresh)
             run_ours()

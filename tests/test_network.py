@@ -153,8 +153,7 @@ def test_batchnorm_kernels_stay_in_bounds(relu):
     mean, inv = np.zeros(c), np.ones(c)
     y, gx = np.empty_like(x), np.empty_like(x)
     rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
-    fwd = njit(boundscheck=True)(norm._bn_fwd_train)
-    fwd(x, g, b, 1e-5, y, mk, mean, inv, rm, rv, 0.1, relu)
+    njit(boundscheck=True)(norm._bn_fwd_train)(x, g, b, 1e-5, y, mk, mean, inv, rm, rv, 0.1, relu)
     njit(boundscheck=True)(norm._bn_fwd_eval)(x, g, b, 1e-5, y, mk, mean, inv, rm, rv, relu)
     bwd = njit(boundscheck=True)(norm._bn_bwd)
     for training in (True, False):
