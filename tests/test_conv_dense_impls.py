@@ -30,6 +30,9 @@ CASES = [c for c in CONV_CASES if c[7] == 1] + [
 
 
 def _impls(layer, impl: str) -> dict:
+    if impl == "mixed":  # direct forward and weight gradient, gy packed again for igemm
+        return {"forward": "direct", "backward_weight": "direct",
+                "backward_input": "igemm" if layer._flip_ok else "direct"}
     if impl != "igemm":
         return dict.fromkeys(("forward", "backward_input", "backward_weight"), impl)
     return {"forward": "igemm", "backward_input": "igemm" if layer._flip_ok else "gemm",
@@ -37,7 +40,7 @@ def _impls(layer, impl: str) -> dict:
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("impl", ["direct", "gemm", "igemm"])
+@pytest.mark.parametrize("impl", ["direct", "gemm", "igemm", "mixed"])
 @pytest.mark.parametrize("parallel", [False, True])
 def test_dense_impl_matches_torch(case, impl, parallel, monkeypatch):
     if parallel:
@@ -53,8 +56,10 @@ def test_igemm_is_used_and_flipped_input_grad_where_allowed():
     """The default pick on this CPU, and the stride-1 input gradient by the flipped conv."""
     from embedded.kernels.microkernel import WIDE_VECTORS
 
-    layer, _, _ = _conv((16, 16, 8, 8, (3, 3), (1, 1), (1, 1), 1, False, 2))
+    layer, _, _ = _conv((16, 24, 8, 8, (3, 3), (1, 1), (1, 1), 1, False, 2))
     strided, _, _ = _conv((16, 32, 8, 8, (3, 3), (2, 2), (1, 1), 1, False, 2))
+    narrow, _, _ = _conv((16, 16, 8, 8, (3, 3), (1, 1), (1, 1), 1, False, 2))
+    narrow_strided, _, _ = _conv((16, 16, 8, 8, (3, 3), (2, 2), (1, 1), 1, False, 2))
     first, _, _ = _conv((3, 64, 8, 8, (3, 3), (1, 1), (1, 1), 1, False, 2))  # 27 taps a row
     assert set(first.dense_impl.values()) == {"direct"}
     if WIDE_VECTORS:
@@ -62,8 +67,12 @@ def test_igemm_is_used_and_flipped_input_grad_where_allowed():
                                     "backward_weight": "igemm"}
         assert strided.dense_impl == {"forward": "igemm", "backward_input": "gemm",
                                       "backward_weight": "igemm"}
+        assert narrow.dense_impl == {"forward": "direct", "backward_input": "igemm",
+                                     "backward_weight": "direct"}
+        assert narrow_strided.dense_impl == strided.dense_impl
     else:
         assert set(layer.dense_impl.values()) == {"gemm"}
+        assert set(narrow.dense_impl.values()) == {"direct"}
 
 
 def test_igemm_bitwise_equal_across_threads(monkeypatch):
@@ -96,3 +105,12 @@ def test_bad_dense_impl_is_named():
     layer.dense_impl = {"forward": "fast", "backward_input": "gemm", "backward_weight": "gemm"}
     with pytest.raises(ValueError, match=r"dense_impl\['forward'\].*'fast'"):
         layer.forward(x)
+    # a "gemm" input gradient reads gy packed in the GEMM layout, a direct weight gradient
+    # packs it in the direct one
+    layer, x, gy = _conv((8, 7, 6, 6, (3, 3), (1, 1), (1, 1), 1, False, 2))
+    layer.dense_impl = {"forward": "direct", "backward_input": "gemm",
+                        "backward_weight": "direct"}
+    layer.forward(x)
+    with pytest.raises(ValueError, match=r"backward_input'\] 'gemm' cannot follow "
+                                         r"backward_weight 'direct'"):
+        layer.backward(gy)
