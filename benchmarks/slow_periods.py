@@ -37,9 +37,10 @@ def _sides(sparsity: float, batch: int):
     import numba
     import torch
 
-    from benchmarks.train_step import our_step, step_batch, torch_step
+    from benchmarks.train_step import our_step, set_threads, step_batch, torch_step
     from hwmodel import build
 
+    set_threads(2)   # torch's and Numba's pools; NumPy's BLAS held to one thread
     spec = build("resnet8")
     x, y = step_batch(spec, batch)
 
@@ -102,6 +103,9 @@ def main(argv=None) -> dict:
         ap.error("--seconds and --window must be > 0")
     if not 0.0 <= args.sparsity < 1.0:
         ap.error(f"--sparsity: expected 0 <= s < 1, got {args.sparsity}")
+    from benchmarks.train_step import steady_allocator
+
+    steady_allocator()   # torch measured in its allocator's steady state
     sides = _sides(args.sparsity, args.batch)
     for _ in range(10):                                   # warm-up (and the first compile)
         for f in sides.values():

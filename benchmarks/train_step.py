@@ -77,6 +77,29 @@ def set_threads(n: int) -> None:
 _BLAS_HOLD = None
 
 
+def steady_allocator() -> bool:
+    """Raise glibc malloc's mmap and trim thresholds (32 and 64 MB) for this process, so torch
+    is measured in its steady state whatever ran before it. At glibc's defaults a block of
+    128 KB or more is mapped and unmapped on every allocation until the first large free
+    raises the thresholds, so each of torch's per-call tensors page-faults in a fresh
+    process: measured, resnet8 layer1.0.conv1 (16 -> 16, 32 x 32, batch 16) fwd+bwd, 2
+    threads, 3.6-4.4 ms a call alone, 2.2 ms with the thresholds raised or after femnist_cnn's
+    layers ran first (the quick run's order). Our side allocates nothing per step. True if
+    set (False off glibc)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3   # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold,
+                                                                      64 << 20))
+
+
 #: Untimed calls of each side before a configuration is measured. Setting a sparsity restarts
 #: our top-K state (the first select is the full histogram one, and the windows around the last
 #: threshold start wide: the activations' at 10 %, narrowing by 0.7x a step to 1 %), so the
@@ -611,6 +634,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-steps", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
     args = ap.parse_args(argv)
+    allocator = "glibc thresholds raised" if steady_allocator() else "default"
     threads = [int(v) for v in (args.threads or ("2" if args.quick else "1,2")).split(",")]
     batches = [int(v) for v in (args.batch or ("16" if args.quick else "16,32")).split(",")]
     sparsities = [float(v) for v in args.sparsity.split(",")]
@@ -648,7 +672,8 @@ def main(argv=None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"format": "sparsefl.bench.train_step/1", "records": records,
                        "argv": sys.argv[1:], "cpu_count": os.cpu_count(),
-                       "threading_layer": LAYER, "gemm_backends": backends}, f,
+                       "threading_layer": LAYER, "gemm_backends": backends,
+                       "allocator": allocator}, f,
                       indent=1)
         print(f"wrote {args.json}")
         md = os.path.splitext(args.json)[0] + ".md"

@@ -122,6 +122,39 @@ def test_train_step_counts_each_sides_page_faults() -> None:
     assert host["ours_preempted_per_call"] >= 0 and host["torch_preempted_per_call"] >= 0
 
 
+_FAULTS = """
+import resource, sys
+import numpy as np
+sys.path.insert(0, {root!r})
+if {steady}:
+    from benchmarks.train_step import steady_allocator
+    assert steady_allocator()
+def call():   # three 1 MB blocks live at once, then freed
+    blocks = [np.ones(1 << 18, np.float32) for _ in range(3)]
+    del blocks
+call()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(50):
+    call()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_steady_allocator_stops_torch_style_blocks_faulting() -> None:
+    """1 MB blocks allocated and freed per call (what torch's tensors do) fault their pages
+    in on every call at glibc's defaults and not once the thresholds are raised (each in a
+    fresh process: the setting is process-wide)."""
+    import subprocess
+
+    faults = {}
+    for steady in (False, True):
+        r = subprocess.run([sys.executable, "-c", _FAULTS.format(root=str(ROOT), steady=steady)],
+                           capture_output=True, text=True, timeout=120, check=True)
+        faults[steady] = int(r.stdout.split()[-1])
+    assert faults[False] >= 50 * 10 and faults[True] < 50, faults
+
+
 def test_slow_periods_summary_separates_slow_windows() -> None:
     """A window is slow when our 2-thread step exceeds 1.5x its fastest quartile's median;
     the summary's medians come from each group alone."""
