@@ -75,19 +75,21 @@ def test_igemm_is_used_and_flipped_input_grad_where_allowed():
         assert set(narrow.dense_impl.values()) == {"direct"}
 
 
-def test_igemm_bitwise_equal_across_threads(monkeypatch):
+@pytest.mark.parametrize("impl", ["igemm", "direct", "mixed"])
+def test_dense_impls_bitwise_equal_across_threads(impl, monkeypatch):
     """Each output of the microkernel path is one fixed-order sum, whichever thread (and
-    whichever split, by columns or by rows) computes it."""
+    whichever split, by columns or by rows) computes it; so is each entry of the direct
+    weight gradient (blocks of 4 output channels, the last one partial: 13 and 70)."""
     monkeypatch.setattr(sparse, "PAR_MIN_WORK", 0)
     outs = []
     before = numba.get_num_threads()
     try:
         for th in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
             numba.set_num_threads(th)
-            for case in ((24, 20, 12, 12, (3, 3), (1, 1), (1, 1), 1, True, 4),
+            for case in ((24, 13, 12, 12, (3, 3), (1, 1), (1, 1), 1, True, 4),
                          (40, 70, 5, 5, (3, 3), (1, 1), (0, 0), 1, True, 2)):
                 layer, x, gy = _conv(case)
-                layer.dense_impl = _impls(layer, "igemm")
+                layer.dense_impl = _impls(layer, impl)
                 outs.append(_run(layer, x, gy))
     finally:
         numba.set_num_threads(before)

@@ -779,6 +779,11 @@ class Conv2d(Layer):
             S.pick(K.im2col, b.col.size)(b.xq, self._codes, b.col, self.oh, b.L, b.rs, n)
             gemm(b.gyb.reshape(self.cout, -1), b.col, out.reshape(self.cout, -1), tb=True)
             return
+        if self.groups == 1:
+            S.pick(K.bwd_weight_dense, out.size * self.oh * b.L)(
+                self._codes, b.gyb, b.xq, out.reshape(-1), self.oh, self.ow, b.rs, n,
+                b.cstride, b.lead)
+            return
         if not self._full_built:
             w2 = self.params["weight"].reshape(self.cout, -1)
             self._full.build(w2, 0.0, np.ones(w2.shape, np.uint8))
