@@ -370,6 +370,7 @@ def test_step_buffers_follow_a_replaced_shared_scratch():
     views."""
     from embedded.layers import conv as C
 
+    C._WS.__dict__.pop("bufs", None)   # start from no shared scratch, whatever ran before
     small, x, gy = _conv((8, 16, 12, 12, (3, 3), (1, 1), (1, 1), 1, True, 4))
     big, xb, gyb = _conv((16, 24, 20, 20, (3, 3), (1, 1), (1, 1), 1, False, 4))
     for layer in (small, big):

@@ -62,3 +62,27 @@ def test_one_openmp_runtime_beside_torch():
     with open("/proc/self/maps", encoding="utf-8") as f:
         gomp = {line.split()[-1] for line in f if "libgomp" in line and "r-xp" in line}
     assert not [p for p in gomp if p.startswith(torch_lib)], gomp
+
+
+@pytest.mark.parametrize("shape", [(16, 62, 2048), (16, 2048, 3136), (32, 100, 500)])
+def test_bitwise_equal_for_any_thread_count(shape):
+    """The column blocks follow the product's shape, not the thread count: OpenBLAS picks its
+    kernels (and summation order) by each call's size, so blocks that followed the threads
+    gave femnist_cnn's fc2 (16 x 62 x 2048) different floats at 1 and 2 threads."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 Numba threads")
+    M, N, K = shape
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    b = rng.standard_normal((K, N)).astype(np.float32)
+    assert G.column_blocks(M, N, K) > 1
+    before = numba.get_num_threads()
+    outs = []
+    try:
+        with G.single_threaded_blas():
+            for th in (1, 2):
+                numba.set_num_threads(th)
+                outs.append(G.gemm(a, b, np.empty((M, N), np.float32)))
+    finally:
+        numba.set_num_threads(before)
+    assert np.array_equal(outs[0], outs[1])

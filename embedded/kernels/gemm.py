@@ -10,8 +10,10 @@ spinning after a call; beside Numba's OpenMP threads (which also spin briefly be
 regions) two pools then fight for the same cores. Measured on the 2-core VM, resnet8 dense step,
 batch 16: 84 ms with ``np.dot`` + OpenMP layer vs 35 ms with the workqueue layer. Holding BLAS
 to one thread (:func:`embedded.train.train_local` does) and splitting here keeps one pool.
-Blocks are a fixed function of the thread count, so results are bitwise reproducible for a
-given thread count.
+Blocks are a fixed function of the product's shape, not of the thread count (OpenBLAS picks
+its kernels, and so its summation order, by the size of each call: femnist_cnn's fc2 output
+differed between 1 and 2 threads when the blocks followed the threads), so results are bitwise
+equal for any thread count.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def _block(ta, tb, M, N, K, a, lda, b, ldb, c, ldc, ib, fb):
 
 @dual
 def _gemm(a, b, c, ta, tb, ib, fb):
-    """c = op(a) @ op(b), c's columns in ``ib.shape[0]`` static blocks (one sgemm each)."""
+    """c = op(a) @ op(b), c's columns in ``ib.shape[0]`` blocks (one sgemm each) spread over
+    the threads."""
     M, N = c.shape
     K = a.shape[0] if ta else a.shape[1]
     lda = a.shape[1]
@@ -79,8 +82,18 @@ def _gemm(a, b, c, ta, tb, ib, fb):
 
 _TLS = threading.local()
 _PINNED = 0  # > 0 while a single_threaded_blas() block is open
-#: multiply-adds above which the product is split over the threads
+#: multiply-adds above which the product is split into column blocks (run over the threads)
 PAR_MIN_MACS = 1 << 18
+#: column blocks of a split product (at least _ALIGN columns each): a function of the shape
+#: only, so every thread count computes the same sgemm calls
+BLOCKS = 8
+
+
+def column_blocks(M: int, N: int, K: int) -> int:
+    """Column blocks :func:`gemm` splits a pinned M x N x K product into (1: one call)."""
+    if M * N * K < PAR_MIN_MACS or N < 2 * _ALIGN:
+        return 1
+    return min(BLOCKS, N // _ALIGN)
 
 
 def gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, ta: bool = False,
@@ -97,9 +110,8 @@ def gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, ta: bool = False,
             or (b.shape[1] if tb else b.shape[0]) != K):
         raise ValueError(f"gemm: shapes {a.shape}{'^T' if ta else ''} @ "
                          f"{b.shape}{'^T' if tb else ''} -> {c.shape} do not match")
-    nt = _threads()
-    par = nt > 1 and _PINNED > 0 and M * N * K >= PAR_MIN_MACS and N >= 2 * _ALIGN
-    nt = min(nt, N // _ALIGN) if par else 1
+    nt = column_blocks(M, N, K) if _PINNED > 0 else 1
+    par = nt > 1 and _threads() > 1
     bufs = getattr(_TLS, "bufs", None)
     if bufs is None or bufs[0].shape[0] < nt:
         bufs = _TLS.bufs = (np.zeros((max(nt, 8), 8), np.int32),

@@ -78,7 +78,7 @@ def bwd_input_rows(rowptr, col, val, gyT, priv, gx):
     """gx = gy @ W_s from the CSR rows: worker c scatters rows o of its static chunk,
     ``priv[c][i, :] += v * gyT[o, :]`` (a private (F, N) accumulator: no race, no CSC to
     build), then gx[:, i] = sum over workers in a fixed order (bitwise reproducible for a
-    given worker count)."""
+    given worker count: the caller fixes it, not the thread count)."""
     NO = rowptr.size - 1
     nw, F, N = priv.shape
     for c in prange(nw):

@@ -233,7 +233,9 @@ class Linear(Layer):
         gx = self._gx[:n]
         if sparse:
             kern = S.pick(K.bwd_input_rows, sw.nnz * n)
-            nw = S.chunks(kern, K.bwd_input_rows, self.fout)
+            # as many private accumulators as the process may run threads, whatever this
+            # step runs: their fixed-order sum then does not depend on the thread count
+            nw = min(self.fout, numba.config.NUMBA_NUM_THREADS)
             priv = workspace("priv", nw * self.fin * n).reshape(nw, self.fin, n)
             kern(sw.rowptr, sw.code, sw.val, gyT, priv, gx)
         else:
