@@ -27,3 +27,92 @@ def threads() -> int:
         if getter is not None:
             return getter()
     return numba.get_num_threads()
+
+
+class ThreadGovernor:
+    """Runs each training step at ``max_threads`` or at 1 thread, whichever the step times
+    measured lately say is faster.
+
+    Why: on a shared host (a VM whose second vCPU the hypervisor lends elsewhere, a board
+    whose other core a process takes) a parallel region cannot end before every thread of it
+    has run its static part, so a step of many short regions waits on the absent thread again
+    and again: measured, our resnet8 SWAT-0.95 step at 2 threads took 10.9-11.9 ms in such
+    periods against 5.5-6.1 ms otherwise and 8.4 ms at 1 thread, while the dense step (few,
+    long regions) kept its time. The kernels' results do not depend on the thread count, so
+    switching changes no float.
+
+    Policy (no cost while ``max_threads`` runs well): at ``max_threads`` the median of the last
+    ``window`` steps is compared with the fastest quarter of the last ``history`` such steps;
+    above ``slow`` times it, the next steps run at 1 thread, with a probe step at
+    ``max_threads`` after ``probe_every`` steps (twice as many after each probe that lost, up
+    to ``max_probe_every``); back to ``max_threads`` once a probe is not slower than the
+    1-thread median. ``record(seconds)`` after every step; ``threads`` is the
+    count the next step should run with."""
+
+    def __init__(self, max_threads: int, window: int = 5, history: int = 64,
+                 slow: float = 1.35, probe_every: int = 8, max_probe_every: int = 64) -> None:
+        if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
+            raise ValueError(f"ThreadGovernor.max_threads: expected an integer >= 1, got "
+                             f"{max_threads!r}")
+        if not (isinstance(window, int) and 1 <= window <= history):
+            raise ValueError(f"ThreadGovernor.window: expected 1..history ({history}), got "
+                             f"{window!r}")
+        if not slow > 1.0:
+            raise ValueError(f"ThreadGovernor.slow: expected a factor > 1, got {slow!r}")
+        if not (isinstance(probe_every, int) and probe_every >= 2):
+            raise ValueError(f"ThreadGovernor.probe_every: expected an integer >= 2, got "
+                             f"{probe_every!r}")
+        self.max_threads = max_threads
+        self.window = window
+        self.history = history
+        self.slow = slow
+        self.probe_every = probe_every
+        self.max_probe_every = max(probe_every, max_probe_every)
+        self._interval = probe_every
+        self._full: list[float] = []     # recent step times at max_threads
+        self._one: list[float] = []      # recent step times at 1 thread (this fallback)
+        self._fallback = False
+        self._since_probe = 0
+        self.threads = max_threads
+        self.steps_at_one = 0            # steps run at 1 thread (max_threads > 1 only)
+        self.switches = 0                # fallbacks started
+
+    def record(self, seconds: float) -> int:
+        """The time of the step just run at :attr:`threads`; returns the next step's count."""
+        if self.max_threads == 1:
+            return 1
+        if self.threads == 1:
+            self.steps_at_one += 1
+            self._one = (self._one + [seconds])[-self.window:]
+            self._since_probe += 1
+            self.threads = self.max_threads if self._since_probe >= self._interval else 1
+            return self.threads
+        if self._fallback:                 # a probe at max_threads
+            self._since_probe = 0
+            if seconds <= _median(self._one):
+                self._fallback = False     # recovered: the probe's level is the new normal
+                self._full = [seconds]
+                self.threads = self.max_threads
+            else:
+                self._interval = min(2 * self._interval, self.max_probe_every)
+                self.threads = 1
+            return self.threads
+        full = self._full = (self._full + [seconds])[-self.history:]
+        if len(full) >= 2 * self.window:
+            recent = _median(full[-self.window:])
+            best = _median(sorted(full)[:max(1, len(full) // 4)])
+            if recent > self.slow * best:
+                self._fallback = True
+                self.switches += 1
+                self._one = []
+                self._since_probe = 0
+                self._interval = self.probe_every
+                self._full = full[:-self.window]   # keep the good history, not the slow run
+                self.threads = 1
+        return self.threads
+
+
+def _median(v: list[float]) -> float:
+    s = sorted(v)
+    m = len(s) // 2
+    return s[m] if len(s) % 2 else 0.5 * (s[m - 1] + s[m])

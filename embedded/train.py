@@ -9,6 +9,10 @@ same seed, data, thread count and starting weights two runs give bitwise equal w
 Threads: ``numba.set_num_threads(config.threads or all cores)``; the threading layer is the
 one ``embedded/__init__`` selects (GNU OpenMP, else ``workqueue``). BLAS's own pools are held
 to one thread while training: dense GEMMs split over Numba's threads (``kernels.gemm``).
+With ``adaptive_threads`` (the default) a :class:`~embedded.runtime.ThreadGovernor` runs a
+step at 1 thread while the step times say the other cores are taken; results do not depend
+on the thread count, so this changes no weight. Per-layer measurements come from the steps
+at the configured count (``TrainStats.steps_at_one_thread`` counts the others).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from hwmodel.plan import SparsityPlan
 from .kernels.gemm import single_threaded_blas
 from .network import Network, TrainingDiverged
 from .optim import SGD, schedule_lr, total_steps
+from .runtime import ThreadGovernor
 
 _SCHEDULES = ("constant", "step", "exp")
 
@@ -37,7 +42,9 @@ class TrainConfig:
 
     ``lr_schedule``: ``constant``; ``step`` (lr × lr_gamma every ``lr_step_size`` optimizer
     steps); ``exp`` (exponential decay from ``lr`` to ``lr_end`` over the run).
-    ``threads``: Numba threads (None = all cores). ``max_steps`` caps the run.
+    ``threads``: Numba threads (None = all cores); ``adaptive_threads``: drop to 1 thread
+    while that is measured faster (:class:`~embedded.runtime.ThreadGovernor`). ``max_steps``
+    caps the run.
     """
 
     lr: float = 0.1
@@ -54,6 +61,7 @@ class TrainConfig:
     threads: int | None = None
     seed: int = 0
     drop_last: bool = False
+    adaptive_threads: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -85,7 +93,7 @@ class TrainConfig:
         integer("lr_step_size", 0)
         integer("threads", 1, optional=True)
         integer("seed", 0)
-        for name in ("nesterov", "drop_last"):
+        for name in ("nesterov", "drop_last", "adaptive_threads"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name}: expected true or false, got "
                                  f"{getattr(self, name)!r}")
@@ -140,6 +148,7 @@ class TrainStats:
     density: dict[str, float] = field(default_factory=dict)
     act_density: dict[str, float] = field(default_factory=dict)
     peak_bytes: int = 0
+    steps_at_one_thread: int = 0        # run at 1 thread by the ThreadGovernor
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -233,51 +242,64 @@ def train_local(net: Network, x: np.ndarray, y: np.ndarray, config: TrainConfig,
     dens = {k: np.zeros(total) for k in weighted}
     adens = {k: np.zeros(total) for k in weighted}
     step_t = np.zeros(total)
+    step_threads = np.full(total, threads, np.int64)
+    governor = ThreadGovernor(threads) if config.adaptive_threads and threads > 1 else None
     losses: list[float] = []
     if mask_schedule is not None:
         mask_schedule.begin(net, net.plan, total)
     step = 0
     samples = 0
     with single_threaded_blas():  # dense GEMMs split over Numba's threads (kernels.gemm)
-        t_start = time.perf_counter()
-        while step < total:
-            perm = rng.permutation(n)
-            stop = n - n % bs if config.drop_last else n
-            for s in range(0, stop, bs):
-                if step >= total:
-                    break
-                if should_stop is not None and should_stop():
-                    raise TrainingStopped(step, total)
-                idx = perm[s:s + bs]
-                m = idx.shape[0]
-                xb = xb_buf[:m]
-                yb = yb_buf[:m]
-                t_step = time.perf_counter()
-                np.take(x, idx, axis=0, out=xb)
-                np.take(y, idx, axis=0, out=yb)
-                loss = net.step_loss(xb, yb)
-                if not math.isfinite(loss):
-                    where = net.first_nonfinite()
-                    what = ("the input batch" if where == "input" else
-                            f"layer {where!r}" if where else "the loss (all layer outputs finite)")
-                    raise TrainingDiverged(f"training diverged at step {step}: loss is {loss}; "
-                                           f"first non-finite output: {what}")
-                lr = schedule_lr(config.lr_schedule, config.lr, step, total, config.lr_end,
-                                 config.lr_step_size, config.lr_gamma)
-                opt.step(lr)
-                step_t[step] = time.perf_counter() - t_step
-                if net.timing:
-                    _record_times(net, opt, nodes, tm[step])
-                for k in weighted:
-                    layer = net.layers[k]
-                    dens[k][step] = float(getattr(layer, "measured_density", 1.0))
-                    adens[k][step] = float(getattr(layer, "measured_act_density", 1.0))
-                losses.append(loss)
-                if mask_schedule is not None:
-                    mask_schedule.after_step(net, step, xb, yb)
-                step += 1
-                samples += m
+        try:
+            t_start = time.perf_counter()
+            while step < total:
+                perm = rng.permutation(n)
+                stop = n - n % bs if config.drop_last else n
+                for s in range(0, stop, bs):
+                    if step >= total:
+                        break
+                    if should_stop is not None and should_stop():
+                        raise TrainingStopped(step, total)
+                    idx = perm[s:s + bs]
+                    m = idx.shape[0]
+                    xb = xb_buf[:m]
+                    yb = yb_buf[:m]
+                    t_step = time.perf_counter()
+                    np.take(x, idx, axis=0, out=xb)
+                    np.take(y, idx, axis=0, out=yb)
+                    loss = net.step_loss(xb, yb)
+                    if not math.isfinite(loss):
+                        where = net.first_nonfinite()
+                        what = ("the input batch" if where == "input" else
+                                f"layer {where!r}" if where else "the loss (all layer outputs finite)")
+                        raise TrainingDiverged(f"training diverged at step {step}: loss is {loss}; "
+                                               f"first non-finite output: {what}")
+                    lr = schedule_lr(config.lr_schedule, config.lr, step, total, config.lr_end,
+                                     config.lr_step_size, config.lr_gamma)
+                    opt.step(lr)
+                    step_t[step] = time.perf_counter() - t_step
+                    if governor is not None:
+                        step_threads[step] = governor.threads
+                        nxt = governor.record(step_t[step])
+                        if nxt != step_threads[step]:
+                            numba.set_num_threads(nxt)
+                    if net.timing:
+                        _record_times(net, opt, nodes, tm[step])
+                    for k in weighted:
+                        layer = net.layers[k]
+                        dens[k][step] = float(getattr(layer, "measured_density", 1.0))
+                        adens[k][step] = float(getattr(layer, "measured_act_density", 1.0))
+                    losses.append(loss)
+                    if mask_schedule is not None:
+                        mask_schedule.after_step(net, step, xb, yb)
+                    step += 1
+                    samples += m
+        finally:
+            if governor is not None:
+                numba.set_num_threads(threads)  # as configured, however the run ended
+
     wall = time.perf_counter() - t_start
+    at_one = int(np.count_nonzero(step_threads[:step] != threads))
     stats = TrainStats(
         steps=step, samples=samples, epochs=samples / n, losses=losses, wall_s=wall,
         samples_per_s=samples / wall if wall > 0 else 0.0,
@@ -285,15 +307,21 @@ def train_local(net: Network, x: np.ndarray, y: np.ndarray, config: TrainConfig,
         act_density={k: float(v[:step].mean()) if step else 1.0 for k, v in adens.items()},
         peak_bytes=(net.memory_bytes() + opt.memory_bytes() + xb_buf.nbytes + yb_buf.nbytes
                     + _shared_workspace_bytes()),
+        steps_at_one_thread=at_one,
     )
     if net.timing and step:
-        stats.measurements = _summarise(net, tm[:step], nodes, stats, bs, threads, device)
-        med, iqr = Measurement.summarise(step_t[:step])
+        # the steps at the configured count (all of them at 1 if the governor ran every one)
+        keep = step_threads[:step] == threads
+        if not keep.any():
+            keep[:] = True
+            threads = 1
+        stats.measurements = _summarise(net, tm[:step][keep], nodes, stats, bs, threads, device)
+        med, iqr = Measurement.summarise(step_t[:step][keep])
         stats.measurements.append(Measurement(
             model=net.spec.name, layer="step", layer_type="step", phase="step",
             density=net.plan.total_density(net.spec) if net.spec.weighted_layers() else 1.0,
             act_density=1.0, batch=bs, threads=threads, median_s=med, iqr_s=iqr,
-            repeats=step, device=device, provenance="measured"))
+            repeats=int(keep.sum()), device=device, provenance="measured"))
     return stats
 
 
