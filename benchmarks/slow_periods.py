@@ -3,9 +3,10 @@
     python benchmarks/slow_periods.py [--seconds 150] [--window 1.5] [--sparsity 0.95]
         [--json benchmarks/results/slow_periods.json]
 
-Each window runs, in turn and repeatedly: our SWAT resnet8 step (batch 16) at 2 threads and at
-1 thread (two networks, so switching the thread count rebinds nothing), torch's step at 2
-threads, a 32 MB copy (memory bandwidth) and a small compute-bound loop (one core's speed). The
+Each window runs, in turn and repeatedly: our SWAT resnet8 step (batch 16) at 2 threads, at
+1 thread and under the ThreadGovernor train_local uses ("auto": 2 threads, or 1 while the step
+times say the second core is taken; three networks, so switching rebinds nothing), torch's
+step at 2 threads, a 32 MB copy (memory bandwidth) and a small compute-bound loop (one core's speed). The
 medians of every window are written out. A window is *slow* when our 2-thread step takes more
 than 1.5x its fastest quartile's median; the summary compares slow and normal windows, so a
 reader sees whether the host took memory bandwidth, clock speed or one of the two cores away.
@@ -29,11 +30,11 @@ from embedded.runtime import start_threads  # noqa: E402
 
 LAYER = start_threads()   # Numba's OpenMP runtime first: torch reuses it (one pool)
 
-SIDES = ("ours_2t", "ours_1t", "torch_2t", "copy_32mb", "compute")
+SIDES = ("ours_2t", "ours_1t", "ours_auto", "torch_2t", "copy_32mb", "compute")
 
 
 def _sides(sparsity: float, batch: int):
-    """The five timed callables of a window."""
+    """The six timed callables of a window."""
     import numba
     import torch
 
@@ -55,6 +56,8 @@ def _sides(sparsity: float, batch: int):
 
     net, ours_2t = ours(2)
     _, ours_1t = ours(1)
+    numba.set_num_threads(2)
+    _, ours_auto = our_step(spec, x, y, sparsity, 1, adaptive=True)   # sets its own count
     torch.set_num_threads(2)
     torch_2t = torch_step(spec, net, x, y)   # the twin starts from our (untrained) weights
 
@@ -71,7 +74,8 @@ def _sides(sparsity: float, batch: int):
             acc = acc * 1.0001 + 1e-7   # 4096 doubles: stays in L1, bound by the core's speed
         return acc
 
-    return dict(zip(SIDES, (ours_2t, ours_1t, torch_2t, copy, compute), strict=True))
+    return dict(zip(SIDES, (ours_2t, ours_1t, ours_auto, torch_2t, copy, compute),
+                    strict=True))
 
 
 def summarise(windows: list[dict]) -> dict:
@@ -85,8 +89,9 @@ def summarise(windows: list[dict]) -> dict:
         if sel.any():
             group = [w for w, s in zip(windows, sel, strict=True) if s]
             out[name] = {k: round(float(np.median([w[k] for w in group])), 4) for k in SIDES}
-            out[name]["torch_over_ours_2t"] = round(out[name]["torch_2t"] /
-                                                    out[name]["ours_2t"], 3)
+            for side in ("ours_2t", "ours_auto"):
+                out[name][f"torch_over_{side}"] = round(out[name]["torch_2t"] /
+                                                        out[name][side], 3)
     return out
 
 
@@ -123,7 +128,8 @@ def main(argv=None) -> dict:
         w = {"t": time.strftime("%H:%M:%S"),
              **{k: round(1e3 * float(np.median(v)), 4) for k, v in times.items()}}
         windows.append(w)
-        print(f"{w['t']} ours 2t {w['ours_2t']:6.2f} ms  1t {w['ours_1t']:6.2f}  torch 2t "
+        print(f"{w['t']} ours 2t {w['ours_2t']:6.2f} ms  1t {w['ours_1t']:6.2f}  auto "
+              f"{w['ours_auto']:6.2f}  torch 2t "
               f"{w['torch_2t']:6.2f} (x{w['torch_2t'] / w['ours_2t']:4.2f})  copy 32 MB "
               f"{w['copy_32mb']:5.2f}  compute {w['compute']:6.3f}", flush=True)
     doc = {"format": "sparsefl.bench.slow_periods/1", "argv": sys.argv[1:] if argv is None

@@ -12,6 +12,9 @@ median of repeats:
     compressed weights and the sparse activations;
 (b) the whole training step (forward, loss, backward, SGD update) of femnist_cnn and resnet8
     with the SWAT plan (first layer and classifier dense), against a torch twin of the model.
+    Our steps run as ``train_local`` runs them: with its ThreadGovernor, which drops to 1
+    thread while the step times say the second core is taken (``--fixed-threads``: never);
+    ``ours_one_thread_steps`` counts those steps of a row (warm-up included).
 
 SWAT's ``topk_period`` (``--topk-period 1,10``: each listed period is measured; sparsity 0 once):
 period 1 is the exact top-K every step (the costliest). With a period p > 1 the exact top-K
@@ -296,11 +299,17 @@ def step_batch(spec, batch: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def our_step(spec, x: np.ndarray, y: np.ndarray, s: float, period: int):
+def our_step(spec, x: np.ndarray, y: np.ndarray, s: float, period: int,
+             adaptive: bool = False):
     """(network, a callable running one SGD step of it on x, y) with the SWAT plan at sparsity
-    ``s`` (dense at 0), timing off."""
+    ``s`` (dense at 0), timing off. ``adaptive``: each step at the thread count of a
+    :class:`~embedded.runtime.ThreadGovernor` over the current count, as ``train_local`` runs
+    (the callable's ``governor``; None when fixed)."""
+    import numba
+
     from embedded.network import Network
     from embedded.optim import SGD
+    from embedded.runtime import ThreadGovernor, threads
 
     net = Network.from_spec(spec, seed=0)
     net.timing = False
@@ -309,10 +318,20 @@ def our_step(spec, x: np.ndarray, y: np.ndarray, s: float, period: int):
     net.setup(x.shape[0])
     net.set_plan(_plan(spec, s, period))
     opt = SGD(net, momentum=0.9, weight_decay=5e-4)
+    gov = ThreadGovernor(threads()) if adaptive and threads() > 1 else None
 
     def run() -> None:
+        if gov is None:
+            net.step_loss(x, y)
+            opt.step(0.01)
+            return
+        numba.set_num_threads(gov.threads)
+        t = time.perf_counter()
         net.step_loss(x, y)
         opt.step(0.01)
+        gov.record(time.perf_counter() - t)
+        numba.set_num_threads(gov.max_threads)
+    run.governor = gov
     return net, run
 
 
@@ -338,7 +357,7 @@ def torch_step(spec, net, x: np.ndarray, y: np.ndarray):
 
 
 def bench_steps(model: str, threads: int, batch: int, sparsities, reps: int, periods,
-                budget_s: float) -> list[dict]:
+                budget_s: float, adaptive: bool = True) -> list[dict]:
     from hwmodel import build
 
     spec = build(model)
@@ -346,7 +365,7 @@ def bench_steps(model: str, threads: int, batch: int, sparsities, reps: int, per
     out = []
     dense_ms = None
     for s, period in _configs(sparsities, periods):
-        net, run_ours = our_step(spec, x, y, s, period or 1)
+        net, run_ours = our_step(spec, x, y, s, period or 1, adaptive)
         run_torch = torch_step(spec, net, x, y)
         blk = period or 1
         for _ in range(WARMUP):  # (any blk consecutive steps hold exactly one refresh)
@@ -366,7 +385,10 @@ def bench_steps(model: str, threads: int, batch: int, sparsities, reps: int, per
                     "topk_period": period, "amortised_over": blk,
                     "pred_speedup": None if pred is None else round(pred, 3),
                     "ours_dense_over_sparse": (round(dense_ms / to, 3)
-                                               if s and dense_ms else None), **host})
+                                               if s and dense_ms else None),
+                    "adaptive_threads": run_ours.governor is not None,
+                    "ours_one_thread_steps": (run_ours.governor.steps_at_one
+                                              if run_ours.governor else 0), **host})
         extra = ""
         if s:
             extra = (f" p={period}{'(amortised)' if blk > 1 else ''}"
@@ -376,8 +398,8 @@ def bench_steps(model: str, threads: int, batch: int, sparsities, reps: int, per
               f"ours {to:8.3f} ms  torch {tt:8.3f} ms  x{tt / to:5.2f}{extra}; a step: page "
               f"faults ours {host['ours_faults_per_call']:g} torch "
               f"{host['torch_faults_per_call']:g}, preempted ours "
-              f"{host['ours_preempted_per_call']:g} torch {host['torch_preempted_per_call']:g}",
-              flush=True)
+              f"{host['ours_preempted_per_call']:g} torch {host['torch_preempted_per_call']:g}"
+              f"; our steps at 1 thread {out[-1]['ours_one_thread_steps']}", flush=True)
     return out
 
 
@@ -633,6 +655,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-steps", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--fixed-threads", action="store_true",
+                    help="our whole steps never leave the thread count (no ThreadGovernor)")
     args = ap.parse_args(argv)
     allocator = "glibc thresholds raised" if steady_allocator() else "default"
     threads = [int(v) for v in (args.threads or ("2" if args.quick else "1,2")).split(",")]
@@ -656,7 +680,7 @@ def main(argv=None) -> int:
                 for m in MODELS_STEP:
                     if m in models:
                         records += bench_steps(m, t, b, sparsities, reps, periods,
-                                               budget * 2)
+                                               budget * 2, not args.fixed_threads)
     if not args.no_memory and not only:
         b = batches[0]
         for s in ([0.0, 0.9] if not args.quick else [0.9]):

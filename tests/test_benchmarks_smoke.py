@@ -159,12 +159,32 @@ def test_slow_periods_summary_separates_slow_windows() -> None:
     """A window is slow when our 2-thread step exceeds 1.5x its fastest quartile's median;
     the summary's medians come from each group alone."""
     sp = _load("slow_periods")
-    fast = {"ours_2t": 6.0, "ours_1t": 8.5, "torch_2t": 18.0, "copy_32mb": 3.0, "compute": 0.6}
-    slow = dict(fast, ours_2t=11.0, torch_2t=21.0)
+    fast = {"ours_2t": 6.0, "ours_1t": 8.5, "ours_auto": 6.1, "torch_2t": 18.0,
+            "copy_32mb": 3.0, "compute": 0.6}
+    slow = dict(fast, ours_2t=11.0, ours_auto=8.6, torch_2t=21.0)
     s = sp.summarise([fast] * 6 + [slow] * 2)
     assert s["windows"] == 8 and s["slow_windows"] == 2 and s["base_ours_2t_ms"] == 6.0
     assert s["normal"]["ours_2t"] == 6.0 and s["slow"]["ours_2t"] == 11.0
     assert s["slow"]["torch_over_ours_2t"] == round(21.0 / 11.0, 3)
+    assert s["slow"]["torch_over_ours_auto"] == round(21.0 / 8.6, 3)
     assert "slow" not in sp.summarise([fast] * 4)
     with pytest.raises(SystemExit):
         sp.main(["--seconds", "0"])
+
+
+def test_thread_governor_summary_and_arguments() -> None:
+    """Per side and phase medians and means in ms, and the fixed-2-thread / governed ratios;
+    a phase a side did not run is left out."""
+    tg = _load("thread_governor")
+    times = {"fixed_2t": {"quiet": [5e-3, 6e-3, 7e-3], "hog": [12e-3, 30e-3]},
+             "governor": {"quiet": [5e-3, 6e-3, 7e-3], "hog": [8e-3, 10e-3]},
+             "fixed_1t": {"quiet": [8e-3], "hog": []}}
+    s = tg.summarise(times)
+    assert s["fixed_2t"]["hog"] == {"median_ms": 21.0, "mean_ms": 21.0, "steps": 2}
+    assert s["fixed_2t_over_governor_hog"] == {"median": round(21 / 9, 3),
+                                               "mean": round(21 / 9, 3)}
+    assert s["fixed_2t_over_governor_quiet"]["median"] == 1.0
+    assert "hog" not in s["fixed_1t"]
+    for bad in (["--windows", "2"], ["--steps", "0"], ["--sparsity", "1"]):
+        with pytest.raises(SystemExit):
+            tg.main(bad)
