@@ -41,16 +41,19 @@ class ThreadGovernor:
     long regions) kept its time. The kernels' results do not depend on the thread count, so
     switching changes no float.
 
-    Policy (no cost while ``max_threads`` runs well): at ``max_threads`` the median of the last
-    ``window`` steps is compared with the fastest quarter of the last ``history`` such steps;
-    above ``slow`` times it, the next steps run at 1 thread, with a probe step at
-    ``max_threads`` after ``probe_every`` steps (twice as many after each probe that lost, up
-    to ``max_probe_every``); back to ``max_threads`` once a probe is not slower than the
-    1-thread median. ``record(seconds)`` after every step; ``threads`` is the
-    count the next step should run with."""
+    Policy. At ``max_threads``: fall back to 1 thread when the median of the last ``window``
+    steps exceeds ``slow`` times the fastest quarter of the last ``history`` such steps (the
+    host changed), or when a single check step at 1 thread beats that median by ``margin``
+    (a run that started slow has nothing better to compare with: one check after the first
+    ``2 * window`` steps, then one every ``check_every``, ~1 % of the steps). At 1 thread: a
+    probe step at ``max_threads`` after ``probe_every`` steps (twice as many after each probe
+    that lost, up to ``max_probe_every``); back to ``max_threads`` once a probe is not slower
+    than the 1-thread median. ``record(seconds)`` after every step; ``threads`` is the count
+    the next step should run with."""
 
     def __init__(self, max_threads: int, window: int = 5, history: int = 64,
-                 slow: float = 1.35, probe_every: int = 8, max_probe_every: int = 64) -> None:
+                 slow: float = 1.35, probe_every: int = 8, max_probe_every: int = 64,
+                 check_every: int = 96, margin: float = 0.9) -> None:
         if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
             raise ValueError(f"ThreadGovernor.max_threads: expected an integer >= 1, got "
                              f"{max_threads!r}")
@@ -59,23 +62,38 @@ class ThreadGovernor:
                              f"{window!r}")
         if not slow > 1.0:
             raise ValueError(f"ThreadGovernor.slow: expected a factor > 1, got {slow!r}")
-        if not (isinstance(probe_every, int) and probe_every >= 2):
-            raise ValueError(f"ThreadGovernor.probe_every: expected an integer >= 2, got "
-                             f"{probe_every!r}")
+        for name, v in (("probe_every", probe_every), ("check_every", check_every)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+                raise ValueError(f"ThreadGovernor.{name}: expected an integer >= 2, got {v!r}")
+        if not 0.0 < margin <= 1.0:
+            raise ValueError(f"ThreadGovernor.margin: expected 0 < margin <= 1, got {margin!r}")
         self.max_threads = max_threads
         self.window = window
         self.history = history
         self.slow = slow
         self.probe_every = probe_every
         self.max_probe_every = max(probe_every, max_probe_every)
+        self.check_every = check_every
+        self.margin = margin
         self._interval = probe_every
         self._full: list[float] = []     # recent step times at max_threads
         self._one: list[float] = []      # recent step times at 1 thread (this fallback)
         self._fallback = False
+        self._checking = False           # the step just run was a check at 1 thread
         self._since_probe = 0
+        self._next_check = 2 * window    # max_threads steps until the next check
         self.threads = max_threads
         self.steps_at_one = 0            # steps run at 1 thread (max_threads > 1 only)
         self.switches = 0                # fallbacks started
+
+    def _fall_back(self, one: list[float]) -> int:
+        self._fallback = True
+        self.switches += 1
+        self._one = one
+        self._since_probe = 0
+        self._interval = self.probe_every
+        self.threads = 1
+        return 1
 
     def record(self, seconds: float) -> int:
         """The time of the step just run at :attr:`threads`; returns the next step's count."""
@@ -83,6 +101,13 @@ class ThreadGovernor:
             return 1
         if self.threads == 1:
             self.steps_at_one += 1
+            if self._checking:             # a check at 1 thread from max_threads
+                self._checking = False
+                self._next_check = self.check_every
+                if seconds < self.margin * _median(self._full[-self.window:]):
+                    return self._fall_back([seconds])
+                self.threads = self.max_threads
+                return self.threads
             self._one = (self._one + [seconds])[-self.window:]
             self._since_probe += 1
             self.threads = self.max_threads if self._since_probe >= self._interval else 1
@@ -92,6 +117,7 @@ class ThreadGovernor:
             if seconds <= _median(self._one):
                 self._fallback = False     # recovered: the probe's level is the new normal
                 self._full = [seconds]
+                self._next_check = self.check_every
                 self.threads = self.max_threads
             else:
                 self._interval = min(2 * self._interval, self.max_probe_every)
@@ -102,13 +128,12 @@ class ThreadGovernor:
             recent = _median(full[-self.window:])
             best = _median(sorted(full)[:max(1, len(full) // 4)])
             if recent > self.slow * best:
-                self._fallback = True
-                self.switches += 1
-                self._one = []
-                self._since_probe = 0
-                self._interval = self.probe_every
                 self._full = full[:-self.window]   # keep the good history, not the slow run
-                self.threads = 1
+                return self._fall_back([])
+        self._next_check -= 1
+        if self._next_check <= 0 and len(full) >= self.window:
+            self._checking = True
+            self.threads = 1
         return self.threads
 
 
