@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -180,6 +181,15 @@ _PHASES = ("forward", "backward_input", "backward_weight", "update",
            "backward_input+backward_weight", "forward+backward_input")
 
 
+@contextmanager
+def _threads_restored(threads: int):
+    """Numba's thread count set back to ``threads`` on leaving the block."""
+    try:
+        yield
+    finally:
+        numba.set_num_threads(threads)
+
+
 def _set_threads(threads: int | None) -> int:
     limit = numba.config.NUMBA_NUM_THREADS
     n = limit if threads is None else int(threads)
@@ -249,55 +259,52 @@ def train_local(net: Network, x: np.ndarray, y: np.ndarray, config: TrainConfig,
         mask_schedule.begin(net, net.plan, total)
     step = 0
     samples = 0
-    with single_threaded_blas():  # dense GEMMs split over Numba's threads (kernels.gemm)
-        try:
-            t_start = time.perf_counter()
-            while step < total:
-                perm = rng.permutation(n)
-                stop = n - n % bs if config.drop_last else n
-                for s in range(0, stop, bs):
-                    if step >= total:
-                        break
-                    if should_stop is not None and should_stop():
-                        raise TrainingStopped(step, total)
-                    idx = perm[s:s + bs]
-                    m = idx.shape[0]
-                    xb = xb_buf[:m]
-                    yb = yb_buf[:m]
-                    t_step = time.perf_counter()
-                    np.take(x, idx, axis=0, out=xb)
-                    np.take(y, idx, axis=0, out=yb)
-                    loss = net.step_loss(xb, yb)
-                    if not math.isfinite(loss):
-                        where = net.first_nonfinite()
-                        what = ("the input batch" if where == "input" else
-                                f"layer {where!r}" if where else "the loss (all layer outputs finite)")
-                        raise TrainingDiverged(f"training diverged at step {step}: loss is {loss}; "
-                                               f"first non-finite output: {what}")
-                    lr = schedule_lr(config.lr_schedule, config.lr, step, total, config.lr_end,
-                                     config.lr_step_size, config.lr_gamma)
-                    opt.step(lr)
-                    step_t[step] = time.perf_counter() - t_step
-                    if governor is not None:
-                        step_threads[step] = governor.threads
-                        nxt = governor.record(step_t[step])
-                        if nxt != step_threads[step]:
-                            numba.set_num_threads(nxt)
-                    if net.timing:
-                        _record_times(net, opt, nodes, tm[step])
-                    for k in weighted:
-                        layer = net.layers[k]
-                        dens[k][step] = float(getattr(layer, "measured_density", 1.0))
-                        adens[k][step] = float(getattr(layer, "measured_act_density", 1.0))
-                    losses.append(loss)
-                    if mask_schedule is not None:
-                        mask_schedule.after_step(net, step, xb, yb)
-                    step += 1
-                    samples += m
-        finally:
-            if governor is not None:
-                numba.set_num_threads(threads)  # as configured, however the run ended
-
+    # dense GEMMs split over Numba's threads (kernels.gemm); the configured thread count
+    # back however the run ends (the governor may have left 1)
+    with single_threaded_blas(), _threads_restored(threads):
+        t_start = time.perf_counter()
+        while step < total:
+            perm = rng.permutation(n)
+            stop = n - n % bs if config.drop_last else n
+            for s in range(0, stop, bs):
+                if step >= total:
+                    break
+                if should_stop is not None and should_stop():
+                    raise TrainingStopped(step, total)
+                idx = perm[s:s + bs]
+                m = idx.shape[0]
+                xb = xb_buf[:m]
+                yb = yb_buf[:m]
+                t_step = time.perf_counter()
+                np.take(x, idx, axis=0, out=xb)
+                np.take(y, idx, axis=0, out=yb)
+                loss = net.step_loss(xb, yb)
+                if not math.isfinite(loss):
+                    where = net.first_nonfinite()
+                    what = ("the input batch" if where == "input" else
+                            f"layer {where!r}" if where else "the loss (all layer outputs finite)")
+                    raise TrainingDiverged(f"training diverged at step {step}: loss is {loss}; "
+                                           f"first non-finite output: {what}")
+                lr = schedule_lr(config.lr_schedule, config.lr, step, total, config.lr_end,
+                                 config.lr_step_size, config.lr_gamma)
+                opt.step(lr)
+                step_t[step] = time.perf_counter() - t_step
+                if governor is not None:
+                    step_threads[step] = governor.threads
+                    nxt = governor.record(step_t[step])
+                    if nxt != step_threads[step]:
+                        numba.set_num_threads(nxt)
+                if net.timing:
+                    _record_times(net, opt, nodes, tm[step])
+                for k in weighted:
+                    layer = net.layers[k]
+                    dens[k][step] = float(getattr(layer, "measured_density", 1.0))
+                    adens[k][step] = float(getattr(layer, "measured_act_density", 1.0))
+                losses.append(loss)
+                if mask_schedule is not None:
+                    mask_schedule.after_step(net, step, xb, yb)
+                step += 1
+                samples += m
     wall = time.perf_counter() - t_start
     at_one = int(np.count_nonzero(step_threads[:step] != threads))
     stats = TrainStats(
@@ -310,11 +317,8 @@ def train_local(net: Network, x: np.ndarray, y: np.ndarray, config: TrainConfig,
         steps_at_one_thread=at_one,
     )
     if net.timing and step:
-        # the steps at the configured count (all of them at 1 if the governor ran every one)
+        # the steps at the configured count (the governor starts there: never none)
         keep = step_threads[:step] == threads
-        if not keep.any():
-            keep[:] = True
-            threads = 1
         stats.measurements = _summarise(net, tm[:step][keep], nodes, stats, bs, threads, device)
         med, iqr = Measurement.summarise(step_t[:step][keep])
         stats.measurements.append(Measurement(
