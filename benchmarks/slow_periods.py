@@ -6,10 +6,11 @@
 Each window runs, in turn and repeatedly: our SWAT resnet8 step (batch 16) at 2 threads, at
 1 thread and under the ThreadGovernor train_local uses ("auto": 2 threads, or 1 while the step
 times say the second core is taken; three networks, so switching rebinds nothing), torch's
-step at 2 threads, a 32 MB copy (memory bandwidth) and a small compute-bound loop (one core's speed). The
-medians of every window are written out. A window is *slow* when our 2-thread step takes more
-than 1.5x its fastest quartile's median; the summary compares slow and normal windows, so a
-reader sees whether the host took memory bandwidth, clock speed or one of the two cores away.
+step at 2 threads, a 32 MB copy (memory bandwidth) and a small compute-bound loop (one core's
+speed). The medians of every window are written out. A window is *slow* when our 2-thread step
+takes more than 1.5x its fastest quartile's median; the summary compares slow and normal
+windows, so a reader sees whether the host took memory bandwidth, clock speed or one of the two
+cores away.
 """
 
 from __future__ import annotations

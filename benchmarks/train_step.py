@@ -322,17 +322,18 @@ def our_step(spec, x: np.ndarray, y: np.ndarray, s: float, period: int,
     opt = SGD(net, momentum=0.9, weight_decay=5e-4)
     gov = ThreadGovernor(threads()) if adaptive and threads() > 1 else None
 
-    def run() -> None:
-        if gov is None:
-            net.step_loss(x, y)
-            opt.step(0.01)
-            return
-        numba.set_num_threads(gov.threads)
-        t = time.perf_counter()
+    def step() -> None:
         net.step_loss(x, y)
         opt.step(0.01)
+
+    def governed() -> None:
+        numba.set_num_threads(gov.threads)
+        t = time.perf_counter()
+        step()
         gov.record(time.perf_counter() - t)
         numba.set_num_threads(gov.max_threads)
+
+    run = step if gov is None else governed
     run.governor = gov
     return net, run
 

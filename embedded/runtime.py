@@ -8,6 +8,8 @@ Numba already loaded, so the process holds one OpenMP thread pool instead of two
 
 from __future__ import annotations
 
+from statistics import median
+
 import numba
 from numba.np.ufunc import parallel as _parallel
 
@@ -104,7 +106,7 @@ class ThreadGovernor:
             if self._checking:             # a check at 1 thread from max_threads
                 self._checking = False
                 self._next_check = self.check_every
-                if seconds < self.margin * _median(self._full[-self.window:]):
+                if seconds < self.margin * median(self._full[-self.window:]):
                     return self._fall_back([seconds])
                 self.threads = self.max_threads
                 return self.threads
@@ -114,7 +116,7 @@ class ThreadGovernor:
             return self.threads
         if self._fallback:                 # a probe at max_threads
             self._since_probe = 0
-            if seconds <= _median(self._one):
+            if seconds <= median(self._one):
                 self._fallback = False     # recovered: the probe's level is the new normal
                 self._full = [seconds]
                 self._next_check = self.check_every
@@ -125,8 +127,8 @@ class ThreadGovernor:
             return self.threads
         full = self._full = (self._full + [seconds])[-self.history:]
         if len(full) >= 2 * self.window:
-            recent = _median(full[-self.window:])
-            best = _median(sorted(full)[:max(1, len(full) // 4)])
+            recent = median(full[-self.window:])
+            best = median(sorted(full)[:max(1, len(full) // 4)])
             if recent > self.slow * best:
                 self._full = full[:-self.window]   # keep the good history, not the slow run
                 return self._fall_back([])
@@ -135,9 +137,3 @@ class ThreadGovernor:
             self._checking = True
             self.threads = 1
         return self.threads
-
-
-def _median(v: list[float]) -> float:
-    s = sorted(v)
-    m = len(s) // 2
-    return s[m] if len(s) % 2 else 0.5 * (s[m - 1] + s[m])

@@ -306,7 +306,7 @@ def train_local(net: Network, x: np.ndarray, y: np.ndarray, config: TrainConfig,
                 step += 1
                 samples += m
     wall = time.perf_counter() - t_start
-    at_one = int(np.count_nonzero(step_threads[:step] != threads))
+    keep = step_threads[:step] == threads   # the steps at the configured count
     stats = TrainStats(
         steps=step, samples=samples, epochs=samples / n, losses=losses, wall_s=wall,
         samples_per_s=samples / wall if wall > 0 else 0.0,
@@ -314,11 +314,10 @@ def train_local(net: Network, x: np.ndarray, y: np.ndarray, config: TrainConfig,
         act_density={k: float(v[:step].mean()) if step else 1.0 for k, v in adens.items()},
         peak_bytes=(net.memory_bytes() + opt.memory_bytes() + xb_buf.nbytes + yb_buf.nbytes
                     + _shared_workspace_bytes()),
-        steps_at_one_thread=at_one,
+        steps_at_one_thread=step - int(keep.sum()),
     )
     if net.timing and step:
-        # the steps at the configured count (the governor starts there: never none)
-        keep = step_threads[:step] == threads
+        # measured at the configured count only (the governor starts there: never none)
         stats.measurements = _summarise(net, tm[:step][keep], nodes, stats, bs, threads, device)
         med, iqr = Measurement.summarise(step_t[:step][keep])
         stats.measurements.append(Measurement(
